@@ -1,0 +1,60 @@
+# Nestbox: `make help` lists every target. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST := $(BIN)/pytest
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install every program and dev tool (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[envd,hostagent,controlplane,cli,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+system-deps: ## install the Debian packages the VM tier and envd need (root)
+	bash scripts/install-system-deps.sh
+
+proto: install ## regenerate the Connect/protobuf stubs under src/nestbox/protocol/gen
+	bash scripts/gen-proto.sh
+
+fmt: install ## format the code
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+lint: install ## ruff (format check + lint)
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+typecheck: install ## mypy --strict on src/
+	$(BIN)/mypy
+
+test-unit: install ## unit tier: pure Python, seconds
+	$(PYTEST) tests/unit
+
+test-integration: install system-deps ## integration tier: real envd on localhost, real SDKs
+	$(PYTEST) tests/integration --ignore=tests/integration/vm
+
+test-vm: install system-deps ## VM tier: real QEMU microVMs (root; TCG where KVM is not usable)
+	$(PYTEST) tests/integration/vm
+
+test: install system-deps lint typecheck ## everything this machine can run: lint, types, every tier
+	$(PYTEST) tests
+
+check: test ## what CI runs, in CI's order
+
+dev-envd: install ## run envd locally on :49983 (outside a VM: touches nothing on the host)
+	$(BIN)/python -m nestbox.envd --port 49983 --outside-vm
+
+run: install ## start the whole platform on this machine
+	@echo "make run: the control plane and host agent are not built yet (issues 4 and 5)."
+	@echo "What runs today: envd alone, with 'make dev-envd'."
+
+.PHONY: help install system-deps proto fmt lint typecheck test-unit test-integration test-vm test check dev-envd run

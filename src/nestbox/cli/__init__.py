@@ -1,0 +1,1 @@
+"""The `nestbox` command-line client."""

@@ -1,0 +1,1 @@
+"""The control plane: public API, auth, teams, scheduling."""

@@ -1,0 +1,1 @@
+"""envd: the daemon inside every capsule (processes, files, ports, snapshot quiesce)."""

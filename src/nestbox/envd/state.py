@@ -1,0 +1,81 @@
+"""The envd runtime: the one object every handler reaches through `request.app.state.runtime`.
+
+It holds the settings and the mutable defaults `/init` changes (user, workdir, env, identity,
+access token), plus the long-lived subsystems (process registry, watchers, connection tracker,
+port subsystem). Built once in `__main__`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nestbox.envd.conntrack import ConnTracker
+    from nestbox.envd.filesystem.watch import WatcherRegistry
+    from nestbox.envd.ports import PortSubsystem
+    from nestbox.envd.process.registry import ProcessRegistry
+    from nestbox.envd.settings import EnvdSettings
+
+
+@dataclass
+class Defaults:
+    """What new processes and file operations use when a request does not say."""
+
+    user: str = "root"
+    workdir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Identity:
+    capsule_id: str = ""
+    template_id: str = ""
+
+    def env(self) -> dict[str, str]:
+        return {"NESTBOX_CAPSULE_ID": self.capsule_id, "NESTBOX_TEMPLATE_ID": self.template_id}
+
+
+class RestoreFlag:
+    """`needs_restore`: set by `/snapshot/prepare`; `claim()` is true exactly once afterwards.
+
+    A lock, not the event loop, guards it, so the compare-and-set holds even if a handler ever
+    runs in a worker thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+
+    def claim(self) -> bool:
+        with self._lock:
+            was, self._set = self._set, False
+            return was
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+@dataclass
+class Runtime:
+    settings: EnvdSettings
+    in_vm: bool
+    processes: ProcessRegistry
+    watchers: WatcherRegistry
+    tracker: ConnTracker
+    ports: PortSubsystem
+    defaults: Defaults = field(default_factory=Defaults)
+    identity: Identity = field(default_factory=Identity)
+    access_token: str | None = None
+    needs_restore: RestoreFlag = field(default_factory=RestoreFlag)
+    last_init_timestamp: str | None = None
+
+    def base_env(self) -> dict[str, str]:
+        """Environment every new process starts from, before its user's login variables and
+        the request's own `envs`."""
+        return {**self.defaults.env, **self.identity.env()}

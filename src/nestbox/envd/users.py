@@ -1,0 +1,108 @@
+"""Guest users: look-up, login environment, and what paths a user may touch.
+
+envd runs as root in a capsule and acts for a named user (default: `/init`'s `defaultUser`, else
+root). Outside a VM it may run unprivileged; then it can act only as itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nestbox.envd.errors import InvalidArgument, PermissionDenied, UnknownUser
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    shell: str
+    groups: tuple[int, ...]
+
+    def login_env(self) -> dict[str, str]:
+        """The variables a login shell would set for this user."""
+        return {
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "SHELL": self.shell or "/bin/sh",
+            "PATH": DEFAULT_PATH,
+            "LANG": "C.UTF-8",
+        }
+
+
+def lookup_user(name: str) -> User:
+    """The guest user called `name`.
+
+    :raise UnknownUser: no such user.
+    :raise PermissionDenied: envd is not root and `name` is not the user it runs as.
+    """
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UnknownUser(f"user {name!r} does not exist") from None
+    if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
+        raise PermissionDenied(f"envd is not root and cannot act as user {name!r}")
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return User(
+        name=entry.pw_name,
+        uid=entry.pw_uid,
+        gid=entry.pw_gid,
+        home=Path(entry.pw_dir),
+        shell=entry.pw_shell,
+        groups=groups,
+    )
+
+
+def resolve_path(raw: str, user: User, *, cwd: str | None = None) -> Path:
+    """An absolute, normalised path: `~` is the user's home, relative paths start there
+    (or at `cwd`). Symlinks are not resolved.
+
+    :raise InvalidArgument: empty path or one containing NUL.
+    """
+    if not raw or "\x00" in raw:
+        raise InvalidArgument("path must be a non-empty string without NUL bytes")
+    if raw == "~" or raw.startswith("~/"):
+        raw = str(user.home) + raw[1:]
+    path = Path(raw)
+    if not path.is_absolute():
+        path = Path(cwd or user.home) / path
+    return Path(os.path.normpath(path))
+
+
+def may_access(user: User, path: Path, *, write: bool) -> bool:
+    """Whether `user` could read (or write) `path` by the mode bits; root may do anything.
+
+    For a path that does not exist yet, the nearest existing ancestor must be writable.
+    """
+    if user.uid == 0:
+        return True
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+        write = True
+    try:
+        st = probe.stat()
+    except OSError:
+        return False
+    if st.st_uid == user.uid:
+        bits = stat.S_IWUSR if write else stat.S_IRUSR
+    elif st.st_gid in user.groups:
+        bits = stat.S_IWGRP if write else stat.S_IRGRP
+    else:
+        bits = stat.S_IWOTH if write else stat.S_IROTH
+    return bool(st.st_mode & bits)
+
+
+def check_access(user: User, path: Path, *, write: bool) -> None:
+    """:raise PermissionDenied: `user` may not read (or write) `path`."""
+    if not may_access(user, path, write=write):
+        verb = "write" if write else "read"
+        raise PermissionDenied(f"user {user.name!r} may not {verb} {path}")

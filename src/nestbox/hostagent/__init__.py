@@ -1,0 +1,1 @@
+"""The host agent: owns the microVMs (capsules) on one machine."""

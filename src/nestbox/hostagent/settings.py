@@ -1,0 +1,64 @@
+"""The host agent's settings: loaded once in `__main__` from `NESTBOX_AGENT_*` (plus the shared
+`NESTBOX_DIR` and `NESTBOX_IMAGE_CACHE`) and passed down through constructors."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NESTBOX_AGENT_", frozen=True, extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("/var/lib/nestbox"),
+        validation_alias=AliasChoices("NESTBOX_DIR", "data_dir"),
+        description="Nestbox's data directory (images/, templates/, agents/)",
+    )
+    image_cache: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("NESTBOX_IMAGE_CACHE", "image_cache"),
+        description="shared guest-image cache; default <data_dir>/images",
+    )
+    agent_id: str = Field(default="a0", pattern=r"^[a-z0-9]{1,8}$",
+                          description="names and tags every resource this agent makes")
+    listen: str = Field(default="127.0.0.1:9726", description="RPC and port-proxy address")
+    accel: Literal["auto", "kvm", "tcg"] = Field(default="auto", description="QEMU accelerator")
+    qemu_binary: str = Field(default="qemu-system-x86_64", description="QEMU executable")
+    slot_cidr: str = Field(
+        default="10.201.0.0/16",
+        description="host-facing capsule addresses, one per slot; blackholed as a whole",
+    )
+    veth_cidr: str = Field(
+        default="10.200.0.0/16", description="veth /30 links host<->capsule netns, one per slot"
+    )
+    slot_first: int = Field(default=1, ge=1, description="first slot index this agent uses")
+    slot_count: int = Field(default=200, ge=1, le=16000, description="slots this agent may use")
+    tap_rate_mbytes: int = Field(default=200, description="guest egress rate limit, MB/s")
+    tap_burst_mbytes: int = Field(default=100, description="guest egress burst, MB")
+    default_vcpus: int = Field(default=1, ge=1)
+    default_memory_mib: int = Field(default=256, ge=64)
+    log_level: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentSettings:
+        ipaddress.ip_network(self.slot_cidr)
+        ipaddress.ip_network(self.veth_cidr)
+        return self
+
+    @property
+    def images_dir(self) -> Path:
+        return (self.image_cache or self.data_dir / "images").resolve()
+
+    @property
+    def templates_dir(self) -> Path:
+        return (self.data_dir / "templates").resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        """This agent's own state: records, per-capsule disks, snapshots, sockets, logs."""
+        return (self.data_dir / "agents" / self.agent_id).resolve()

@@ -1,0 +1,1 @@
+"""The wire contract shared by the control plane, host agent and envd. No I/O here."""
