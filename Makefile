@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 system-deps: ## install the Debian packages the VM tier and envd need (root)
 	bash scripts/install-system-deps.sh
 
+image: install system-deps ## build (or reuse) the guest image
+	$(BIN)/nestbox-agent image build
+
 proto: install ## regenerate the Connect/protobuf stubs under src/nestbox/protocol/gen
 	bash scripts/gen-proto.sh
 
@@ -53,8 +56,11 @@ check: test ## what CI runs, in CI's order
 dev-envd: install ## run envd locally on :49983 (outside a VM: touches nothing on the host)
 	$(BIN)/python -m nestbox.envd --port 49983 --outside-vm
 
+bench-vm: install system-deps ## VM benchmark: raw QEMU vs Nestbox restore/boot/snapshot/RSS (root)
+	$(BIN)/python bench/bench_vm.py
+
 run: install ## start the whole platform on this machine
 	@echo "make run: the control plane and host agent are not built yet (issues 4 and 5)."
 	@echo "What runs today: envd alone, with 'make dev-envd'."
 
-.PHONY: help install system-deps proto fmt lint typecheck test-unit test-integration test-vm test check dev-envd run
+.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test check dev-envd run bench-vm

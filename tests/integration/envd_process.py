@@ -40,7 +40,10 @@ def run_envd(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [PYTHON, "-m", "nestbox.envd", "--port", str(port), "--outside-vm", *extra],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

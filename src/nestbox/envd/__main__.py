@@ -18,10 +18,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="TCP port (default 49983)")
     parser.add_argument("--host", help="listen address (default '::', IPv4 and IPv6)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--outside-vm", action="store_const", const="local", dest="mode",
-                      help="never touch the machine (clock, RNG, caches)")
-    mode.add_argument("--in-vm", action="store_const", const="vm", dest="mode",
-                      help="act as the daemon of a capsule VM")
+    mode.add_argument(
+        "--outside-vm",
+        action="store_const",
+        const="local",
+        dest="mode",
+        help="never touch the machine (clock, RNG, caches)",
+    )
+    mode.add_argument(
+        "--in-vm",
+        action="store_const",
+        const="vm",
+        dest="mode",
+        help="act as the daemon of a capsule VM",
+    )
     parser.add_argument("--forward-address", help="address to re-expose loopback servers on")
     parser.add_argument("--print-config", action="store_true", help="print settings and exit")
     return parser.parse_args(argv)
@@ -30,8 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_settings(args: argparse.Namespace) -> EnvdSettings:
     overrides = {
         k: v
-        for k, v in {"port": args.port, "host": args.host, "mode": args.mode,
-                     "forward_address": args.forward_address}.items()
+        for k, v in {
+            "port": args.port,
+            "host": args.host,
+            "mode": args.mode,
+            "forward_address": args.forward_address,
+        }.items()
         if v is not None
     }
     return EnvdSettings(**overrides)

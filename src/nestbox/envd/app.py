@@ -50,8 +50,15 @@ class EnvdApp:
                 Route("/files", files.download, methods=["GET"]),
                 Route("/files", files.upload, methods=["POST"]),
             ],
-            middleware=[Middleware(CORSMiddleware, allow_origins=["*"], max_age=7200,
-                                   allow_methods=["*"], allow_headers=["*"])],
+            middleware=[
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=["*"],
+                    max_age=7200,
+                    allow_methods=["*"],
+                    allow_headers=["*"],
+                )
+            ],
             lifespan=self._lifespan,
         )
         self.http.state.runtime = runtime
@@ -106,8 +113,10 @@ async def _deny(send: Send) -> None:
         {
             "type": "http.response.start",
             "status": 401,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -24,8 +24,11 @@ class AgentSettings(BaseSettings):
         validation_alias=AliasChoices("NESTBOX_IMAGE_CACHE", "image_cache"),
         description="shared guest-image cache; default <data_dir>/images",
     )
-    agent_id: str = Field(default="a0", pattern=r"^[a-z0-9]{1,8}$",
-                          description="names and tags every resource this agent makes")
+    agent_id: str = Field(
+        default="a0",
+        pattern=r"^[a-z0-9]{1,8}$",
+        description="names and tags every resource this agent makes",
+    )
     listen: str = Field(default="127.0.0.1:9726", description="RPC and port-proxy address")
     accel: Literal["auto", "kvm", "tcg"] = Field(default="auto", description="QEMU accelerator")
     qemu_binary: str = Field(default="qemu-system-x86_64", description="QEMU executable")

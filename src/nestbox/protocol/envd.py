@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ENVD_PORT = 49983
 ENVD_VERSION = "0.5.7"
-"""The E2B envd version we implement: >= 0.4.0 (no Basic-auth user), >= 0.5.7 (octet-stream uploads)."""
+"""The E2B envd version we implement: >= 0.4.0 (no Basic-auth user), >= 0.5.7 (octet uploads)."""
 
 ACCESS_TOKEN_HEADER = "X-Access-Token"
 

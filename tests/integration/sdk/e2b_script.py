@@ -26,6 +26,9 @@ out["read"] = sbx.files.read(f"{base}/hello.txt")
 out["list"] = sorted(e.name for e in sbx.files.list(base))
 
 handle = sbx.commands.run("sleep 300", background=True)
+# Let the login shell finish its profile before the kill: a root login shell on a developer
+# machine may run tools (pyenv rehash) that leave a lock behind when killed half-way.
+time.sleep(1)
 listed = [p.pid for p in sbx.commands.list()]
 out["bg_listed"] = handle.pid in listed
 out["killed"] = sbx.commands.kill(handle.pid)

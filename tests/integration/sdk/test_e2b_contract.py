@@ -39,9 +39,15 @@ def shape(fd: descriptor_pb2.FileDescriptorProto) -> dict[str, Any]:
         oneofs = [o.name for o in m.oneof_decl]
         return {
             "fields": {
-                f.name: (f.number, f.type, f.label, f.type_name, f.json_name,
-                         oneofs[f.oneof_index] if f.HasField("oneof_index") else None,
-                         f.proto3_optional)
+                f.name: (
+                    f.number,
+                    f.type,
+                    f.label,
+                    f.type_name,
+                    f.json_name,
+                    oneofs[f.oneof_index] if f.HasField("oneof_index") else None,
+                    f.proto3_optional,
+                )
                 for f in m.field
             },
             "nested": {n.name: message(n) for n in m.nested_type},

@@ -26,7 +26,9 @@ def test_e2b_sdk_against_our_envd(tmp_path: Path) -> None:
         proc = subprocess.run(
             [str(python), str(SCRIPT)],
             env={**os.environ, "E2B_DEBUG": "true", "E2B_TEST_DIR": str(work)},
-            capture_output=True, text=True, timeout=90,
+            capture_output=True,
+            text=True,
+            timeout=90,
         )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,151 @@
+"""Who a filesystem request acts for, which path it means, and what to tell the client on failure.
+
+Shared by the Connect service and the `/files` endpoints. The user comes from the `username`
+query parameter (HTTP only), else from `Authorization: Basic base64("user:")` (E2B's SDK sends it
+when the caller passes `user=`), else from `/init`'s default user. Relative paths start at the
+default workdir when one is set, else at the user's home (E2B's `ExpandAndResolve`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from nestbox.envd.errors import (
+    AlreadyExists,
+    EnvdError,
+    InvalidArgument,
+    NotEnoughSpace,
+    NotFound,
+    PermissionDenied,
+    UnknownUser,
+)
+from nestbox.envd.users import User, lookup_user, may_access, resolve_path
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nestbox.envd.state import Runtime
+
+
+def requested_user(
+    runtime: Runtime, *, authorization: str | None, username: str | None = None
+) -> User:
+    """The user a request acts for.
+
+    :raise UnknownUser: no such user, or a malformed `Authorization` header.
+    :raise PermissionDenied: envd is not root and the user is someone else.
+    """
+    name = username or basic_auth_user(authorization) or runtime.defaults.user
+    return lookup_user(name)
+
+
+def basic_auth_user(header: str | None) -> str | None:
+    """The user name in `Authorization: Basic base64("user:")`; None for no or another scheme.
+
+    :raise UnknownUser: the Basic credentials cannot be decoded.
+    """
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise UnknownUser("malformed Basic Authorization header") from None
+    return decoded.partition(":")[0] or None
+
+
+def resolve(runtime: Runtime, user: User, raw: str) -> Path:
+    """The absolute path `raw` means for `user`; empty means the default workdir (or home).
+
+    :raise InvalidArgument: the path contains NUL.
+    """
+    workdir = runtime.defaults.workdir
+    return resolve_path(raw or workdir or "~", user, cwd=workdir)
+
+
+def os_error(err: OSError, path: Path | str) -> EnvdError:
+    """The client-facing error for a failed system call on `path` (no exception text leaks)."""
+    code = err.errno
+    if code == errno.ENOENT:
+        return NotFound(f"{path}: no such file or directory")
+    if code == errno.EEXIST:
+        return AlreadyExists(f"{path} already exists")
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"{path}: permission denied")
+    if code == errno.EROFS:
+        return PermissionDenied(f"{path}: read-only file system")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return NotEnoughSpace("not enough disk space")
+    if code in _INVALID:
+        return InvalidArgument(f"{path}: {_INVALID[code]}")
+    return EnvdError(f"{path}: {os.strerror(code) if code else 'filesystem error'}")
+
+
+_INVALID = {
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EISDIR: "is a directory",
+    errno.ENOTEMPTY: "directory not empty",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EINVAL: "invalid argument",
+    errno.EBUSY: "resource busy",
+}
+
+
+def chown_to(path: Path | int, user: User) -> None:
+    """Give `path` (or an open fd) to `user`. Unprivileged envd acts only as itself: a no-op."""
+    if os.geteuid() != 0:
+        return
+    if isinstance(path, int):
+        os.fchown(path, user.uid, user.gid)
+    else:
+        os.lchown(path, user.uid, user.gid)
+
+
+def ensure_dirs(directory: Path, user: User) -> None:
+    """Create `directory` and its missing parents (0755), each owned by `user`.
+
+    :raise InvalidArgument: a component exists and is not a directory.
+    :raise OSError: creating a component failed.
+    """
+    missing: list[Path] = []
+    probe = directory
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidArgument(f"{probe} is not a directory")
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            if not path.is_dir():  # a concurrent request made a file there
+                raise InvalidArgument(f"{path} is not a directory") from None
+            continue
+        chown_to(path, user)
+
+
+def check_may_unlink(user: User, path: Path) -> None:
+    """Whether `user` may remove or rename `path` out of its directory: the parent must be
+    writable, and a sticky parent (like /tmp) also requires owning the parent or the entry.
+
+    :raise PermissionDenied: the user may not.
+    :raise NotFound: `path` does not exist.
+    """
+    if user.uid == 0:
+        return
+    try:
+        parent = os.stat(path.parent)
+        entry = os.lstat(path)
+    except OSError as err:
+        raise os_error(err, path) from err
+    sticky = parent.st_mode & stat.S_ISVTX and user.uid not in (parent.st_uid, entry.st_uid)
+    if sticky or not may_access(user, path.parent, write=True):
+        raise PermissionDenied(f"user {user.name!r} may not remove {path}")

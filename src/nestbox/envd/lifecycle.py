@@ -1,0 +1,218 @@
+"""envd's plain-HTTP lifecycle endpoints: health, metrics, envs, `/init`, `/snapshot/prepare`,
+and the post-restore recovery both `/health` and `/init` trigger.
+
+Handlers parse, call the runtime's subsystems and `guest.py`, and answer; they hold no state of
+their own beyond two per-app helpers (the init lock and the CPU sampler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+
+from nestbox.envd import guest
+from nestbox.envd.errors import EnvdError, InvalidArgument, UnknownUser
+from nestbox.envd.metrics import CpuSampler, read_metrics
+from nestbox.envd.users import lookup_user
+from nestbox.protocol.envd import ENVD_VERSION, InitRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from starlette.requests import Request
+
+    from nestbox.envd.state import Runtime
+
+log = logging.getLogger(__name__)
+
+NO_STORE = {"Cache-Control": "no-store"}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _per_app(request: Request, name: str, factory: Callable[[], Any]) -> Any:
+    """One `factory()` per application, kept on its state (the event loop is single-threaded,
+    so creating it lazily cannot race)."""
+    state = request.app.state
+    value = getattr(state, name, None)
+    if value is None:
+        value = factory()
+        setattr(state, name, value)
+    return value
+
+
+def error_response(err: EnvdError) -> JSONResponse:
+    body = {"error": {"code": err.http_code, "message": err.message}}
+    return JSONResponse(body, status_code=err.http_status, headers=NO_STORE)
+
+
+async def recover_if_needed(rt: Runtime) -> None:
+    """Post-restore recovery, exactly once after each `/snapshot/prepare`: close the connections
+    frozen into the snapshot, re-enable keep-alive, restart port forwarding."""
+    if not rt.needs_restore.claim():
+        return
+    started = time.monotonic()
+    rt.tracker.restore_after_snapshot()
+    await rt.ports.restart()
+    log.info(
+        "post-restore recovery done",
+        extra={"duration_ms": round((time.monotonic() - started) * 1000, 1)},
+    )
+
+
+async def health(request: Request) -> Response:
+    await recover_if_needed(_runtime(request))
+    return JSONResponse({"version": ENVD_VERSION}, headers=NO_STORE)
+
+
+async def metrics(request: Request) -> Response:
+    sampler: CpuSampler = _per_app(request, "cpu_sampler", CpuSampler)
+    sample = await anyio.to_thread.run_sync(read_metrics, sampler)
+    return JSONResponse(sample.to_json(), headers=NO_STORE)
+
+
+async def envs(request: Request) -> Response:
+    return JSONResponse(_runtime(request).base_env(), headers=NO_STORE)
+
+
+async def init(request: Request) -> Response:
+    """`POST /init` → 204. Applies the host's defaults, token, clock, entropy and identity; an
+    older `timestamp` than the last applied one skips the data updates (E2B). Post-restore
+    recovery runs first, so it happens even when the body is rejected."""
+    rt = _runtime(request)
+    await recover_if_needed(rt)
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody to read it
+    try:
+        req = _parse_init(body)
+        host_ns = _timestamp_ns(req.timestamp)
+        entropy = _entropy(req.entropy)
+        if req.default_user:
+            try:
+                lookup_user(req.default_user)
+            except UnknownUser as err:
+                raise InvalidArgument(err.message) from err
+    except EnvdError as err:
+        return error_response(err)
+
+    machine = guest.GuestMachine(in_vm=rt.in_vm)
+    lock: asyncio.Lock = _per_app(request, "init_lock", asyncio.Lock)
+    async with lock:  # E2B's initLock: two /init calls never interleave their updates
+        if _is_newer(host_ns, rt.last_init_timestamp):
+            _apply_data(rt, req)
+            if host_ns is not None:
+                await anyio.to_thread.run_sync(machine.set_clock, host_ns)
+            await _write_identity(rt)
+        else:
+            log.info("stale /init timestamp %s: data updates skipped", req.timestamp)
+    if entropy:
+        # Even for a stale request: more entropy never hurts, and a restored snapshot needs it.
+        await anyio.to_thread.run_sync(machine.reseed_rng, entropy)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+async def prepare(request: Request) -> Response:
+    """`POST /snapshot/prepare` → 204: quiesce envd before the host freezes the VM.
+
+    The tracker ends keep-alive on this request's own connection too, so the 204 goes out with
+    `Connection: close` and the socket is closed right after it, before the freeze.
+    """
+    rt = _runtime(request)
+    started = time.monotonic()
+    await rt.ports.stop()
+    rt.tracker.prepare_for_snapshot()
+    rt.needs_restore.set()
+    if rt.in_vm:
+        # Before answering: the host freezes the VM as soon as it has the 204.
+        await anyio.to_thread.run_sync(_flush, guest.GuestMachine(in_vm=True))
+    log.info(
+        "snapshot prepared",
+        extra={"duration_ms": round((time.monotonic() - started) * 1000, 1)},
+    )
+    return Response(status_code=204, headers=NO_STORE)
+
+
+def _flush(machine: guest.GuestMachine) -> None:
+    machine.sync()
+    machine.drop_page_cache()
+
+
+def _parse_init(body: bytes) -> InitRequest:
+    if not body.strip():
+        return InitRequest()
+    try:
+        return InitRequest.model_validate_json(body)
+    except ValidationError as err:
+        # Name the fields only: the input may hold the access token.
+        fields = ", ".join(".".join(map(str, e["loc"])) or "body" for e in err.errors())
+        raise InvalidArgument(f"invalid /init body: {fields}") from None
+
+
+def _timestamp_ns(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidArgument("timestamp must be an RFC 3339 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _entropy(raw: str | None) -> bytes:
+    if not raw:
+        return b""
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument("entropy must be base64") from None
+
+
+def _is_newer(host_ns: int | None, last: str | None) -> bool:
+    """E2B's rule: a request without a timestamp always applies; one with a timestamp applies
+    only if it is later than the last applied one."""
+    if host_ns is None or last is None:
+        return True
+    last_ns = _timestamp_ns(last)
+    return last_ns is None or host_ns > last_ns
+
+
+def _apply_data(rt: Runtime, req: InitRequest) -> None:
+    if req.timestamp is not None:
+        rt.last_init_timestamp = req.timestamp
+    if req.env_vars:
+        rt.defaults.env.update(req.env_vars)
+    if req.access_token:
+        rt.access_token = req.access_token
+    if req.default_user:
+        rt.defaults.user = req.default_user
+    if req.default_workdir:
+        rt.defaults.workdir = req.default_workdir
+    if req.capsule_id is not None:
+        rt.identity.capsule_id = req.capsule_id
+    if req.template_id is not None:
+        rt.identity.template_id = req.template_id
+
+
+async def _write_identity(rt: Runtime) -> None:
+    try:
+        await anyio.to_thread.run_sync(guest.write_identity, rt.settings.run_dir, rt.identity)
+    except OSError as err:
+        log.warning("cannot write identity files to %s: %s", rt.settings.run_dir, err)

@@ -1,0 +1,241 @@
+"""Re-expose servers that listen only on the guest's loopback, so the host's port proxy can
+reach them: a scanner reads /proc/net/tcp{,6} every interval and keeps one `socat` per loopback
+listener, bound to the forward address (the guest's eth0 IPv4 in a VM).
+
+The subsystem stops before a snapshot (no socat survives into the memory image) and restarts on
+post-restore recovery. It never touches envd's HTTP connections (that is `conntrack.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TCP_LISTEN = 0x0A  # `st` column of /proc/net/tcp: include/net/tcp_states.h TCP_LISTEN
+LOOPBACK = frozenset(
+    {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+        ipaddress.ip_address("::ffff:127.0.0.1"),
+    }
+)
+"""Exactly these, not all of 127/8: socat's own listeners may sit on another loopback address
+(tests forward to 127.0.0.2) and must never be forwarded again."""
+REAP_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Socket:
+    """One row of /proc/net/tcp or /proc/net/tcp6."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    state: int
+
+
+@dataclass(frozen=True, slots=True)
+class PortStatistics:
+    running: bool
+    forward_address: str | None
+    forwarded: tuple[int, ...]
+    """Ports with a live socat, ascending."""
+
+
+def _decode_address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # The kernel prints the address as 32-bit words in host byte order (little-endian here).
+    raw = bytes.fromhex(hex_addr)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return ipaddress.IPv4Address(words)
+    return ipaddress.IPv6Address(words)
+
+
+def parse_proc_net_tcp(text: str) -> list[Socket]:
+    """Rows of /proc/net/tcp or tcp6 (header skipped; malformed lines ignored)."""
+    sockets = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        local, _, port = fields[1].partition(":")
+        try:
+            sockets.append(Socket(_decode_address(local), int(port, 16), int(fields[3], 16)))
+        except ValueError:
+            continue
+    return sockets
+
+
+def loopback_listeners(sockets: list[Socket], *, ignore: frozenset[int]) -> dict[int, bool]:
+    """`{port: ipv6}` of sockets listening on loopback only; a port with an IPv4 listener is
+    forwarded to IPv4."""
+    found: dict[int, bool] = {}
+    for s in sockets:
+        if s.state != TCP_LISTEN or s.address not in LOOPBACK or s.port in ignore:
+            continue
+        ipv6 = isinstance(s.address, ipaddress.IPv6Address) and s.address.ipv4_mapped is None
+        found[s.port] = found.get(s.port, True) and ipv6
+    return found
+
+
+class PortSubsystem:
+    """Scanner + socat forwarder with an idempotent `start()`/`stop()`.
+
+    With `forward_address=None` forwarding is off and every method is a no-op. The scanner is an
+    asyncio task owned by this object (started by envd's lifespan, stopped by its shutdown and by
+    `/snapshot/prepare`); a lock serialises start/stop so a restart never overlaps a stop.
+    """
+
+    def __init__(
+        self,
+        forward_address: str | None,
+        scan_interval: float,
+        *,
+        ignore_ports: frozenset[int] = frozenset(),
+        proc_net: Path = Path("/proc/net"),
+        socat: str = "socat",
+    ) -> None:
+        if forward_address is not None and ipaddress.ip_address(forward_address) in LOOPBACK:
+            raise ValueError(f"forward address {forward_address} would forward onto itself")
+        self.forward_address = forward_address
+        self.scan_interval = scan_interval
+        self.ignore_ports = ignore_ports
+        self._proc_net = proc_net
+        self._socat = socat
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._socats: dict[int, subprocess.Popen[bytes]] = {}
+        self._dying: list[subprocess.Popen[bytes]] = []
+        self._warned: set[int] = set()
+
+    async def start(self) -> None:
+        """Begin scanning; does nothing if forwarding is off or already running."""
+        if self.forward_address is None:
+            return
+        async with self._lock:
+            if self._task is None:
+                self._task = asyncio.create_task(self._scan_loop(), name="envd-port-scanner")
+                log.info("port forwarding on %s started", self.forward_address)
+
+    async def stop(self) -> None:
+        """Stop the scanner, SIGKILL every socat process group and reap them. Idempotent.
+
+        The scanner only awaits in its sleep (each scan is synchronous), so cancelling it is
+        immediate and can never leave a socat started but unrecorded.
+        """
+        async with self._lock:
+            task, self._task = self._task, None
+            try:
+                if task is not None:
+                    task.cancel()
+                    await asyncio.wait([task])
+            finally:  # even if this stop() is itself cancelled, no socat outlives it
+                for port in list(self._socats):
+                    self._kill(port)
+                self._warned.clear()
+            await self._reap_dying()
+            if task is not None:
+                log.info("port forwarding stopped")
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    def statistics(self) -> PortStatistics:
+        return PortStatistics(
+            running=self._task is not None,
+            forward_address=self.forward_address,
+            forwarded=tuple(sorted(p for p, proc in self._socats.items() if proc.poll() is None)),
+        )
+
+    async def _scan_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self.scan_once()
+                failures = 0
+            except Exception:
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "port scan failed", exc_info=True)
+            await asyncio.sleep(self.scan_interval)
+
+    def scan_once(self) -> None:
+        """Read the listeners and bring the socat set in line with them (synchronous)."""
+        wanted = loopback_listeners(self._read_sockets(), ignore=self.ignore_ports)
+        self._dying = [p for p in self._dying if p.poll() is None]
+        for port, proc in list(self._socats.items()):
+            if port not in wanted:
+                self._kill(port)
+                self._warned.discard(port)
+            elif proc.poll() is not None:
+                del self._socats[port]  # exited by itself; started again below
+                self._warn_once(port, f"socat for port {port} exited with {proc.returncode}")
+        for port, ipv6 in wanted.items():
+            if port not in self._socats:
+                self._spawn(port, ipv6=ipv6)
+
+    def _read_sockets(self) -> list[Socket]:
+        sockets: list[Socket] = []
+        for name in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError):  # tcp6 is absent without IPv6
+                sockets += parse_proc_net_tcp((self._proc_net / name).read_text())
+        return sockets
+
+    def _spawn(self, port: int, *, ipv6: bool) -> None:
+        assert self.forward_address is not None
+        bind = ipaddress.ip_address(self.forward_address)
+        listen = (
+            f"TCP4-LISTEN:{port},bind={bind},reuseaddr,fork"
+            if bind.version == 4
+            else f"TCP6-LISTEN:{port},bind=[{bind}],reuseaddr,fork"
+        )
+        target = f"TCP6:[::1]:{port}" if ipv6 else f"TCP4:127.0.0.1:{port}"
+        try:
+            # Popen directly (as asyncio itself does): the fork/exec is about a millisecond and,
+            # with no await before the process is recorded, a cancelled scan cannot orphan it.
+            proc = subprocess.Popen(
+                [self._socat, listen, target],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: killpg takes its forks too
+            )
+        except OSError as err:
+            self._warn_once(port, f"cannot start socat for port {port}: {err}")
+            return
+        self._socats[port] = proc
+        log.info("forwarding %s:%d to loopback (socat pid %d)", bind, port, proc.pid)
+
+    def _kill(self, port: int) -> None:
+        proc = self._socats.pop(port)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self._dying.append(proc)
+            log.info("stopped forwarding port %d", port)
+
+    async def _reap_dying(self) -> None:
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        while True:
+            self._dying = [p for p in self._dying if p.poll() is None]
+            if not self._dying or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        if self._dying:
+            log.warning("%d socat processes did not exit after SIGKILL", len(self._dying))
+
+    def _warn_once(self, port: int, message: str) -> None:
+        # The guest controls these ports; one warning per port, not one per scan.
+        level = logging.DEBUG if port in self._warned else logging.WARNING
+        self._warned.add(port)
+        log.log(level, "%s", message)

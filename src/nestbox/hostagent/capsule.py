@@ -1,0 +1,219 @@
+"""A capsule as the VM runtime sees it: its state machine, its on-disk record, its live view
+(`Capsule`: the record plus the running VM, if any) and its errors.
+
+    CapsuleError
+    ├── CapsuleNotFound   no capsule with that id on this agent
+    ├── InvalidState      the operation is not allowed in the capsule's current state
+    ├── GuestUnreachable  envd did not answer in time after a boot or restore
+    └── TeardownError     one or more undo steps failed (all of them were still attempted)
+
+State machine (QEMU `Runstate` style: an enum plus the table of legal moves):
+
+    STARTING ──> RUNNING ──> PAUSING ──> PAUSED ──> RESUMING ──> RUNNING
+        │           │  ^         │          │           │
+        │           │  └─────────┘ (save failed: the guest runs on)     └──> PAUSED (restore failed)
+        │           └──> SNAPSHOTTING ──> STOPPED (consumed into a template)
+        └─── any state ──> STOPPING ──> STOPPED
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path  # noqa: TC003 (pydantic needs it at runtime)
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from nestbox.hostagent.envd_client import EnvdClient
+    from nestbox.hostagent.lifecycle import Run, UndoStack
+
+
+class CapsuleState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    SNAPSHOTTING = "snapshotting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+S = CapsuleState
+TRANSITIONS: dict[CapsuleState, frozenset[CapsuleState]] = {
+    S.STARTING: frozenset({S.RUNNING, S.STOPPING}),
+    S.RUNNING: frozenset({S.PAUSING, S.SNAPSHOTTING, S.STOPPING}),
+    S.PAUSING: frozenset({S.PAUSED, S.RUNNING, S.STOPPING}),
+    S.PAUSED: frozenset({S.RESUMING, S.STOPPING}),
+    S.RESUMING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING}),
+    S.SNAPSHOTTING: frozenset({S.STOPPED, S.RUNNING, S.STOPPING}),
+    S.STOPPING: frozenset({S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+
+
+class CapsuleError(Exception):
+    """Root of the capsule lifecycle's errors."""
+
+
+class CapsuleNotFound(CapsuleError):
+    def __init__(self, capsule_id: str) -> None:
+        super().__init__(f"capsule {capsule_id} does not exist")
+        self.capsule_id = capsule_id
+
+
+class InvalidState(CapsuleError):
+    """The capsule is in `current`; the operation needs one of `required`."""
+
+    def __init__(
+        self, capsule_id: str, current: CapsuleState, required: frozenset[CapsuleState]
+    ) -> None:
+        need = ", ".join(sorted(required)) or "nothing"
+        super().__init__(f"capsule {capsule_id} is {current}; needs {need}")
+        self.capsule_id = capsule_id
+        self.current = current
+        self.required = required
+
+
+class GuestUnreachable(CapsuleError):
+    """envd did not answer `/health` (or `/init`) before the deadline."""
+
+    def __init__(self, capsule_id: str, step: str, detail: str = "") -> None:
+        super().__init__(f"capsule {capsule_id}: envd unreachable during {step} {detail}".strip())
+        self.capsule_id = capsule_id
+        self.step = step
+
+
+class TeardownError(CapsuleError):
+    """Undo steps failed; `errors` holds each failure (every step was still attempted)."""
+
+    def __init__(self, what: str, errors: list[BaseException]) -> None:
+        super().__init__(
+            f"{what}: {len(errors)} undo step(s) failed: " + "; ".join(repr(e) for e in errors)
+        )
+        self.what = what
+        self.errors = errors
+
+
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_capsule_id() -> str:
+    """`cl-` + 25 lowercase base36 characters (Wrenn's format)."""
+    return "cl-" + "".join(secrets.choice(_BASE36) for _ in range(25))
+
+
+RamMode = Literal["anonymous", "template", "shared"]
+"""How the running VM's RAM is mapped: anonymous memory; the template's RAM file copy-on-write
+(a clone, until its first pause); or a RAM file of its own mapped shared (a VM whose snapshot
+becomes a template)."""
+
+
+class MachineRecord(BaseModel):
+    """The machine a capsule's snapshot must be restored into (same devices and sizes)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    vcpus: int
+    memory_mib: int
+    image_version: str
+
+
+class CapsuleRecord(BaseModel):
+    """`<state_dir>/capsules/<id>.json`: enough to re-adopt a running VM or resume a paused one
+    after an agent restart."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    template_id: str
+    state: CapsuleState
+    machine: MachineRecord
+    ram: RamMode
+    ram_file: Path | None = None
+    template_dir: Path | None = None
+    """The template version a clone's disk (and RAM, until its first pause) is based on."""
+    dir: Path
+    disk: Path
+    snapshot: Path | None = None
+    """The state file while PAUSED."""
+    slot: int | None = None
+    host_address: str | None = None
+    pid: int | None = None
+    default_user: str = "root"
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def moved_to(self, state: CapsuleState) -> CapsuleRecord:
+        """A copy in `state`. :raise InvalidState: the move is not in `TRANSITIONS`."""
+        if state not in TRANSITIONS[self.state]:
+            raise InvalidState(self.id, self.state, frozenset({state}))
+        return self.model_copy(update={"state": state})
+
+
+class Capsule:
+    """The runtime's live view of one capsule. Mutated only under `lock`."""
+
+    def __init__(self, record: CapsuleRecord, files: UndoStack) -> None:
+        self.record = record
+        self.files = files
+        self.run: Run | None = None
+        # Serialises this capsule's lifecycle verbs (and the exit watcher's clean-up): the
+        # record, `run` and the files change only while it is held.
+        self.lock = anyio.Lock()
+        self.watch: anyio.CancelScope | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def state(self) -> CapsuleState:
+        return self.record.state
+
+    @property
+    def envd(self) -> EnvdClient:
+        """The envd client of the running VM. :raise InvalidState: not running."""
+        if self.run is None:
+            raise InvalidState(self.id, self.state, frozenset({CapsuleState.RUNNING}))
+        return self.run.envd
+
+    @property
+    def pid(self) -> int | None:
+        return self.run.pid if self.run else None
+
+    @property
+    def host_address(self) -> str | None:
+        return self.run.network.host_address if self.run else None
+
+
+def records_dir(state_dir: Path) -> Path:
+    return state_dir / "capsules"
+
+
+def write_record(state_dir: Path, record: CapsuleRecord) -> None:
+    """Atomically replace the record file (write to a temporary name, then rename)."""
+    path = records_dir(state_dir) / f"{record.id}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(record.model_dump_json(indent=2))
+    os.replace(tmp, path)
+
+
+def remove_record(state_dir: Path, capsule_id: str) -> None:
+    (records_dir(state_dir) / f"{capsule_id}.json").unlink(missing_ok=True)
+
+
+def read_records(state_dir: Path) -> list[CapsuleRecord]:
+    """Every record on disk (for re-adoption at start-up)."""
+    base = records_dir(state_dir)
+    if not base.is_dir():
+        return []
+    return [CapsuleRecord.model_validate_json(p.read_bytes()) for p in sorted(base.glob("*.json"))]

@@ -1,0 +1,40 @@
+"""Per-capsule networking: the slot address plan, netns + TAP + veth, firewall, rate limit.
+
+Every command goes through `nestbox.hostagent.system.System`. See `slots` for the plan.
+"""
+
+from nestbox.hostagent.network.setup import (
+    Leftovers,
+    cleanup_leftovers,
+    ensure_blackhole,
+    open_slot_network,
+)
+from nestbox.hostagent.network.slots import (
+    GUEST_IP,
+    GUEST_PREFIX,
+    TAP_IP,
+    TAP_NAME,
+    NoFreeSlot,
+    SlotNetwork,
+    SlotPool,
+    SlotPoolStatistics,
+    check_plan,
+    plan_slot,
+)
+
+__all__ = [
+    "GUEST_IP",
+    "GUEST_PREFIX",
+    "TAP_IP",
+    "TAP_NAME",
+    "Leftovers",
+    "NoFreeSlot",
+    "SlotNetwork",
+    "SlotPool",
+    "SlotPoolStatistics",
+    "check_plan",
+    "cleanup_leftovers",
+    "ensure_blackhole",
+    "open_slot_network",
+    "plan_slot",
+]

@@ -1,0 +1,644 @@
+"""`VmRuntime`: the VM runtime's facade — boot, clone, pause, resume, snapshot, destroy.
+
+It owns the live capsules (a registry keyed by id, one lock per capsule so two verbs on one
+capsule are serialised while different capsules never wait on each other), one exit watcher
+per running VM (in the runtime's task group: a VMM that dies is noticed and its capsule's
+resources removed), and the capsule records on disk. The steps themselves are in `lifecycle`.
+Each verb logs one INFO line with its duration (`duration_ms`).
+
+Open it with `async with VmRuntime.open(settings, system) as rt:`. Leaving the block stops the
+watchers but not the VMs: QEMU runs detached, so an agent restart does not kill capsules.
+
+About 600 lines, one banner per verb group; what is not registry or state bookkeeping already
+lives in `lifecycle` (steps), `capsule` (state machine, records) and `storage`/`vmm`/`network`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from nestbox.hostagent import capsule as cap
+from nestbox.hostagent import lifecycle
+from nestbox.hostagent.capsule import (
+    Capsule,
+    CapsuleError,
+    CapsuleNotFound,
+    CapsuleRecord,
+    CapsuleState,
+    InvalidState,
+    MachineRecord,
+    TeardownError,
+)
+from nestbox.hostagent.envd_client import init_request
+from nestbox.hostagent.image.cmdline import kernel_cmdline
+from nestbox.hostagent.lifecycle import Host, Run, StepHook, Timeouts, no_hook
+from nestbox.hostagent.network import GUEST_IP, GUEST_PREFIX, TAP_IP, SlotPool, ensure_blackhole
+from nestbox.hostagent.storage import templates as tpl
+from nestbox.hostagent.vmm.accel import choose_accel
+from nestbox.hostagent.vmm.base import RamSpec
+from nestbox.hostagent.vmm.qemu import QemuHypervisor
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
+
+    from anyio.abc import TaskGroup
+
+    from nestbox.hostagent.image.layout import GuestImage
+    from nestbox.hostagent.network import SlotNetwork
+    from nestbox.hostagent.settings import AgentSettings
+    from nestbox.hostagent.system import System
+    from nestbox.hostagent.vmm.accel import AccelChoice
+    from nestbox.hostagent.vmm.base import DiskFormat, Hypervisor, VmSpec
+    from nestbox.protocol.envd import InitRequest
+
+log = logging.getLogger(__name__)
+
+S = CapsuleState
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    capsules: int
+    running: int
+    paused: int
+    slots_in_use: int
+    slots_free: int
+
+
+class VmRuntime:
+    """Creates and drives capsule VMs on this host. See the module docstring."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        system: System,
+        task_group: TaskGroup,
+        *,
+        hypervisor: Hypervisor | None = None,
+        accel: AccelChoice | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.settings = settings
+        self.accel = accel or choose_accel(settings.accel)
+        self.hypervisor: Hypervisor = hypervisor or QemuHypervisor(
+            self.accel, binary=settings.qemu_binary
+        )
+        self.slots = SlotPool(settings)
+        self.host = Host(
+            settings=settings,
+            system=system,
+            hypervisor=self.hypervisor,
+            slots=self.slots,
+            timeouts=timeouts or Timeouts(),
+        )
+        self._tg = task_group
+        self._capsules: dict[str, Capsule] = {}
+        self._template_locks: dict[str, anyio.Lock] = {}
+        log.info(
+            "VM runtime: accelerator %s (%s)",
+            self.accel.accel,
+            self.accel.reason,
+            extra={"accel": self.accel.accel},
+        )
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        settings: AgentSettings,
+        system: System,
+        *,
+        hypervisor: Hypervisor | None = None,
+        accel: AccelChoice | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> AsyncIterator[VmRuntime]:
+        """The runtime, with its task group for exit watchers. VMs outlive the block."""
+        for path in (
+            settings.state_dir,
+            cap.records_dir(settings.state_dir),
+            settings.templates_dir,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+        # Before any slot exists: a packet for a slot address without a live route is dropped.
+        await ensure_blackhole(system, settings)
+        body_error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            try:
+                yield cls(settings, system, tg, hypervisor=hypervisor, accel=accel,
+                          timeouts=timeouts)  # fmt: skip
+            except BaseException as err:
+                body_error = err  # re-raised as is, not wrapped in the task group's group
+            tg.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
+
+    # ── queries ─────────────────────────────────────────────────────────────────────────
+
+    def get(self, capsule_id: str) -> Capsule:
+        """:raise CapsuleNotFound:"""
+        try:
+            return self._capsules[capsule_id]
+        except KeyError:
+            raise CapsuleNotFound(capsule_id) from None
+
+    def capsules(self) -> list[Capsule]:
+        return list(self._capsules.values())
+
+    def statistics(self) -> RuntimeStatistics:
+        states = [c.state for c in self._capsules.values()]
+        slots = self.slots.statistics()
+        return RuntimeStatistics(
+            capsules=len(states),
+            running=states.count(S.RUNNING),
+            paused=states.count(S.PAUSED),
+            slots_in_use=slots.in_use,
+            slots_free=slots.free,
+        )
+
+    # ── create ──────────────────────────────────────────────────────────────────────────
+
+    async def boot(
+        self,
+        image: GuestImage,
+        *,
+        template_id: str = "",
+        capsule_id: str | None = None,
+        memory_mib: int | None = None,
+        vcpus: int | None = None,
+        egress: bool = False,
+        ram_shared: bool = False,
+        default_user: str = "root",
+        env_vars: dict[str, str] | None = None,
+        hook: StepHook = no_hook,
+    ) -> Capsule:
+        """Cold-boot a capsule from the guest image; return when envd answered `/init`.
+
+        `ram_shared` puts the RAM in a file of the capsule's own, mapped shared: its snapshot
+        can then become a template whose clones map that file (`snapshot_template`).
+        """
+        cid = capsule_id or cap.new_capsule_id()
+        cdir = self._capsule_dir(cid)
+        cmdline = kernel_cmdline(f"{GUEST_IP}/{GUEST_PREFIX}", TAP_IP, cid, template_id)
+        record = CapsuleRecord(
+            id=cid, template_id=template_id, state=S.STARTING,
+            machine=MachineRecord(kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
+                                  vcpus=vcpus or self.settings.default_vcpus,
+                                  memory_mib=memory_mib or self.settings.default_memory_mib,
+                                  image_version=image.version),
+            ram="shared" if ram_shared else "anonymous",
+            ram_file=cdir / "mem" if ram_shared else None,
+            dir=cdir, disk=cdir / "disk.qcow2", default_user=default_user,
+            env_vars=env_vars or {},
+        )  # fmt: skip
+        ram = RamSpec(file=record.ram_file, share=True) if ram_shared else RamSpec()
+        with self._timed("capsule booted", cid, template_id):
+            return await self._create(
+                record,
+                base=image.rootfs,
+                base_format="raw",
+                ram=ram,
+                restore_from=None,
+                ignore_shared=False,
+                egress=egress,
+                hook=hook,
+            )
+
+    async def clone(
+        self,
+        template_id: str,
+        count: int = 1,
+        *,
+        egress: bool = False,
+        default_user: str | None = None,
+        env_vars: dict[str, str] | None = None,
+        hook: StepHook = no_hook,
+    ) -> list[Capsule]:
+        """Create `count` capsules from a snapshot template, concurrently.
+
+        If any fails, the others are destroyed too and the failures raised (an ExceptionGroup
+        when `count` > 1).
+
+        :raise TemplateNotFound: :raise GuestUnreachable: :raise VmError:
+        """
+        template = tpl.load_template(self.settings.templates_dir, template_id)
+        if template.meta.accel != self.hypervisor.accel:
+            raise CapsuleError(
+                f"template {template_id} was made under {template.meta.accel}, "
+                f"this host runs {self.hypervisor.accel}"
+            )
+        if count == 1:
+            return [await self._clone_one(template, egress, default_user, env_vars, hook)]
+        made: list[Capsule] = []
+
+        async def one() -> None:
+            made.append(await self._clone_one(template, egress, default_user, env_vars, hook))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(one)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for c in made:
+                    with contextlib.suppress(CapsuleError):
+                        await self.destroy(c.id)
+            raise
+        return made
+
+    async def _clone_one(
+        self,
+        template: tpl.Template,
+        egress: bool,
+        default_user: str | None,
+        env_vars: dict[str, str] | None,
+        hook: StepHook,
+    ) -> Capsule:
+        meta = template.meta
+        cid = cap.new_capsule_id()
+        cdir = self._capsule_dir(cid)
+        record = CapsuleRecord(
+            id=cid, template_id=meta.template_id, state=S.STARTING,
+            machine=MachineRecord(kernel=meta.kernel, initrd=meta.initrd, cmdline=meta.cmdline,
+                                  vcpus=meta.vcpus, memory_mib=meta.memory_mib,
+                                  image_version=meta.image_version),
+            ram="template" if meta.ram == "file" else "anonymous",
+            ram_file=template.dir.mem if meta.ram == "file" else None,
+            template_dir=template.dir.root,
+            dir=cdir, disk=cdir / "disk.qcow2",
+            default_user=default_user or meta.default_user,
+            env_vars={**meta.default_env, **(env_vars or {})},
+        )  # fmt: skip
+        ram = RamSpec(file=template.dir.mem, share=False) if meta.ram == "file" else RamSpec()
+        with self._timed("capsule cloned", cid, meta.template_id):
+            return await self._create(
+                record,
+                base=template.dir.disk,
+                base_format="qcow2",
+                ram=ram,
+                restore_from=template.dir.state,
+                ignore_shared=meta.ram == "file",
+                egress=egress,
+                hook=hook,
+            )
+
+    async def _create(
+        self,
+        record: CapsuleRecord,
+        *,
+        base: Path,
+        base_format: DiskFormat,
+        ram: RamSpec,
+        restore_from: Path | None,
+        ignore_shared: bool,
+        egress: bool,
+        hook: StepHook,
+    ) -> Capsule:
+        incoming = restore_from is not None
+
+        def spec_for(network: SlotNetwork) -> VmSpec:
+            return lifecycle.machine_spec(
+                record, self._run_dir(record.id), network, ram=ram, incoming=incoming
+            )
+
+        run, files = await lifecycle.create(
+            self.host, record, base=base, base_format=base_format, spec_for=spec_for,
+            restore_from=restore_from, ignore_shared=ignore_shared,
+            init=self._init_for(record), egress=egress, hook=hook,
+        )  # fmt: skip
+        capsule = Capsule(record, files)
+        capsule.run = run
+        self._capsules[record.id] = capsule
+        self._set_running(capsule, run)
+        return capsule
+
+    async def wait_envd_ready(self, capsule_id: str) -> None:
+        """Block until the capsule's envd answers `/health` (the caller sets the deadline)."""
+        capsule = self.get(capsule_id)
+        with self._timed("envd ready", capsule_id, capsule.record.template_id):
+            await capsule.envd.wait_ready()
+
+    # ── pause / resume ──────────────────────────────────────────────────────────────────
+
+    async def pause(self, capsule_id: str) -> None:
+        """Snapshot a RUNNING capsule to its directory, then stop its VMM and free its slot.
+
+        :raise InvalidState: :raise MigrationFailed: (the guest then runs on)
+        """
+        capsule = self.get(capsule_id)
+        async with capsule.lock:
+            run = self._require_run(capsule, S.RUNNING)
+            with self._timed("capsule paused", capsule_id, capsule.record.template_id):
+                self._move(capsule, S.PAUSING)
+                self._stop_watch(capsule)
+                snapshot = capsule.record.dir / "snapshot.state"
+                try:
+                    await lifecycle.prepare_snapshot(self.host, run)
+                    await lifecycle.save(self.host, run, snapshot, ignore_shared=False)
+                except BaseException:
+                    snapshot.unlink(missing_ok=True)
+                    self._set_running(capsule, run)
+                    raise
+                capsule.run = None
+                # A paused capsule's RAM is all in its snapshot: it resumes into anonymous RAM.
+                self._move(
+                    capsule,
+                    S.PAUSED,
+                    snapshot=snapshot,
+                    slot=None,
+                    host_address=None,
+                    pid=None,
+                    ram="anonymous",
+                    ram_file=None,
+                )
+                await lifecycle.unwind(run.stack, self.host.timeouts.teardown)
+
+    async def resume(
+        self, capsule_id: str, *, egress: bool = False, hook: StepHook = no_hook
+    ) -> None:
+        """Restore a PAUSED capsule into a fresh slot; return when envd answered `/init`.
+
+        :raise InvalidState: :raise GuestUnreachable: (the capsule stays PAUSED)
+        """
+        capsule = self.get(capsule_id)
+        async with capsule.lock:
+            record = capsule.record
+            if record.state != S.PAUSED or record.snapshot is None:
+                raise InvalidState(capsule_id, record.state, frozenset({S.PAUSED}))
+            snapshot = record.snapshot
+            with self._timed("capsule resumed", capsule_id, record.template_id):
+                self._move(capsule, S.RESUMING)
+                try:
+                    run = await self._restore_run(record, snapshot, egress, hook)
+                except BaseException:
+                    self._move(capsule, S.PAUSED)
+                    raise
+                self._set_running(capsule, run, snapshot=None)
+                snapshot.unlink(missing_ok=True)
+
+    async def _restore_run(
+        self, record: CapsuleRecord, snapshot: Path, egress: bool, hook: StepHook
+    ) -> Run:
+        def spec_for(network: SlotNetwork) -> VmSpec:
+            return lifecycle.machine_spec(
+                record, self._run_dir(record.id), network, ram=RamSpec(), incoming=True
+            )
+
+        run = await lifecycle.open_run(
+            self.host,
+            spec_for,
+            egress=egress,
+            restore_from=snapshot,
+            ignore_shared=False,
+            hook=hook,
+        )
+        try:
+            await lifecycle.wait_guest(
+                self.host,
+                run,
+                record,
+                ready_within=self.host.timeouts.envd_ready,
+                init=self._init_for(record),
+                hook=hook,
+            )
+        except BaseException:
+            await lifecycle.unwind_after_failure(run.stack, self.host.timeouts.teardown)
+            raise
+        return run
+
+    # ── templates ───────────────────────────────────────────────────────────────────────
+
+    async def snapshot_template(
+        self, capsule_id: str, template_id: str, *, source: str | None = None
+    ) -> tpl.Template:
+        """Turn a RUNNING capsule into the snapshot template `template_id` (replacing an older
+        one). The capsule is consumed: its VM stops and its files move into the template.
+
+        RAM: a capsule booted with `ram_shared` hands over its RAM file (tiny state file,
+        x-ignore-shared); any other capsule's RAM goes into the state file. Disk: an overlay
+        directly on the raw image moves as is; a deeper chain is flattened onto the raw image.
+        """
+        capsule = self.get(capsule_id)
+        async with self._template_lock(template_id), capsule.lock:
+            run = self._require_run(capsule, S.RUNNING)
+            with self._timed("template snapshotted", capsule_id, template_id):
+                self._move(capsule, S.SNAPSHOTTING)
+                self._stop_watch(capsule)
+                shared = capsule.record.ram == "shared"
+                staging: tpl.TemplateDir | None = None
+                try:
+                    staging = tpl.make_staging(self.settings.templates_dir, template_id)
+                    await lifecycle.prepare_snapshot(self.host, run)
+                    result = await lifecycle.save(
+                        self.host, run, staging.state, ignore_shared=shared
+                    )
+                except BaseException:
+                    if staging is not None:
+                        with anyio.CancelScope(shield=True):
+                            await _remove_tree(staging.root)
+                    self._set_running(capsule, run)
+                    raise
+                try:
+                    capsule.run = None
+                    await lifecycle.unwind(run.stack, self.host.timeouts.teardown)
+                    await lifecycle.freeze_into_template(capsule.record, staging)
+                    meta = lifecycle.template_meta(
+                        capsule.record, template_id, source=source or capsule_id,
+                        ram="file" if shared else "state", state_bytes=result.state_bytes,
+                        accel=self.accel.accel,
+                    )  # fmt: skip
+                    template = await tpl.publish(staging, self.settings.templates_dir, meta)
+                    await tpl.prune(
+                        self.settings.templates_dir, template_id, self._versions_in_use()
+                    )
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await _remove_tree(staging.root)
+                        await self._discard(capsule)
+        return template
+
+    async def build_template(self, image: GuestImage, template_id: str = "minimal") -> tpl.Template:
+        """Boot the image once, wait for envd, snapshot it as `template_id` (RAM in a file)."""
+        started = time.monotonic()
+        capsule = await self.boot(image, template_id=template_id, ram_shared=True)
+        try:
+            template = await self.snapshot_template(
+                capsule.id, template_id, source=f"image:{image.version}"
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(CapsuleError):
+                await self.destroy(capsule.id)
+            raise
+        log.info(
+            "template built", extra={"template_id": template_id, "duration_ms": _ms_since(started)}
+        )
+        return template
+
+    async def ensure_template(
+        self, image: GuestImage, template_id: str = "minimal"
+    ) -> tpl.Template:
+        """The template if it matches this image, accelerator and machine size; else build it."""
+        async with self._template_lock(f"ensure {template_id}"):
+            try:
+                t = tpl.load_template(self.settings.templates_dir, template_id)
+                if (
+                    t.meta.image_version == image.version
+                    and t.meta.accel == self.accel.accel
+                    and t.meta.memory_mib == self.settings.default_memory_mib
+                    and t.meta.vcpus == self.settings.default_vcpus
+                ):
+                    return t
+            except tpl.TemplateNotFound:
+                pass
+            return await self.build_template(image, template_id)
+
+    # ── destroy ─────────────────────────────────────────────────────────────────────────
+
+    async def destroy(self, capsule_id: str) -> None:
+        """Kill the VMM, remove the slot network, disk, snapshot and record.
+
+        :raise CapsuleNotFound: :raise TeardownError: (every step was still attempted)
+        """
+        capsule = self.get(capsule_id)
+        async with capsule.lock:
+            if capsule.state == S.STOPPED:
+                return
+            with self._timed("capsule destroyed", capsule_id, capsule.record.template_id):
+                self._move(capsule, S.STOPPING)
+                self._stop_watch(capsule)
+                await self._discard(capsule)
+
+    async def destroy_all(self) -> None:
+        """Destroy every capsule (tests, doctor); failures are logged, not raised."""
+        for c in self.capsules():
+            try:
+                await self.destroy(c.id)
+            except CapsuleError as err:
+                log.error("destroy %s: %s", c.id, err)
+
+    async def _discard(self, capsule: Capsule) -> None:
+        """Unwind the run (if any) and the files; forget the capsule. Lock held."""
+        errors: list[BaseException] = []
+        run, capsule.run = capsule.run, None
+        for stack in ([run.stack] if run else []) + [capsule.files]:
+            try:
+                await lifecycle.unwind(stack, self.host.timeouts.teardown)
+            except TeardownError as err:
+                errors.extend(err.errors)
+        capsule.record = capsule.record.model_copy(update={"state": S.STOPPED})
+        self._capsules.pop(capsule.id, None)
+        if errors:
+            raise TeardownError(f"capsule {capsule.id}", errors)
+
+    # ── exit watching ───────────────────────────────────────────────────────────────────
+
+    def _set_running(self, capsule: Capsule, run: Run, **changes: object) -> None:
+        capsule.run = run
+        self._move(
+            capsule,
+            S.RUNNING,
+            slot=run.network.slot,
+            host_address=run.network.host_address,
+            pid=run.pid,
+            **changes,
+        )
+        scope = anyio.CancelScope()
+        capsule.watch = scope
+        self._tg.start_soon(self._watch, capsule, run, scope)
+
+    def _stop_watch(self, capsule: Capsule) -> None:
+        if capsule.watch is not None:
+            capsule.watch.cancel()
+            capsule.watch = None
+
+    async def _watch(self, capsule: Capsule, run: Run, scope: anyio.CancelScope) -> None:
+        with scope:
+            code = await run.vm.process.wait_exit()
+        if scope.cancel_called:
+            return
+        async with capsule.lock:
+            if capsule.run is not run:
+                return
+            log.warning(
+                "capsule VM exited unexpectedly (code %s); removing the capsule",
+                code,
+                extra={"capsule_id": capsule.id, "pid": run.pid},
+            )
+            self._move(capsule, S.STOPPING)
+            try:
+                await self._discard(capsule)
+            except TeardownError as err:
+                log.error("%s", err)
+
+    # ── helpers ─────────────────────────────────────────────────────────────────────────
+
+    def _move(self, capsule: Capsule, state: CapsuleState, **changes: object) -> None:
+        record = capsule.record
+        if state != record.state:
+            record = record.moved_to(state)
+            log.debug(
+                "capsule %s %s -> %s",
+                capsule.id,
+                capsule.record.state,
+                state,
+                extra={"capsule_id": capsule.id},
+            )
+        capsule.record = record.model_copy(update=changes)
+        cap.write_record(self.settings.state_dir, capsule.record)
+
+    def _require_run(self, capsule: Capsule, state: CapsuleState) -> Run:
+        if capsule.state != state or capsule.run is None:
+            raise InvalidState(capsule.id, capsule.state, frozenset({state}))
+        return capsule.run
+
+    def _init_for(self, record: CapsuleRecord) -> Callable[[], InitRequest]:
+        """The `/init` body, built when it is sent (its timestamp must be *now*)."""
+        return lambda: init_request(
+            capsule_id=record.id,
+            template_id=record.template_id,
+            default_user=record.default_user,
+            env_vars=record.env_vars,
+        )
+
+    def _capsule_dir(self, capsule_id: str) -> Path:
+        return cap.records_dir(self.settings.state_dir) / capsule_id
+
+    def _run_dir(self, capsule_id: str) -> Path:
+        return self._capsule_dir(capsule_id) / "run"
+
+    def _versions_in_use(self) -> set[Path]:
+        """Template versions some capsule of this agent (live or only on disk) is based on."""
+        records = [c.record for c in self._capsules.values()]
+        records += cap.read_records(self.settings.state_dir)
+        return {r.template_dir for r in records if r.template_dir is not None}
+
+    def _template_lock(self, template_id: str) -> anyio.Lock:
+        return self._template_locks.setdefault(template_id, anyio.Lock())
+
+    @contextlib.contextmanager
+    def _timed(self, what: str, capsule_id: str, template_id: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        log.info(
+            what,
+            extra={
+                "capsule_id": capsule_id,
+                "template_id": template_id,
+                "duration_ms": _ms_since(started),
+            },
+        )
+
+
+def _ms_since(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+async def _remove_tree(path: Path) -> None:
+    await anyio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))

@@ -1,0 +1,1 @@
+"""Capsule and template storage: qcow2 overlays (`cow`) and the template directory (`templates`)."""

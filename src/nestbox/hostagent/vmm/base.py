@@ -1,0 +1,187 @@
+"""The hypervisor seam: what the capsule lifecycle needs from a VMM, whichever one runs it.
+
+`VmSpec` says what to run, `VmHandle` is one running VMM process, and `Hypervisor` is the
+Protocol a driver (`qemu.QemuHypervisor` today, Firecracker on bare-metal KVM hosts later)
+implements. Errors raised by drivers are the `VmError` tree below:
+
+    VmError
+    ├── VmLaunchError      the VMM process did not start or died before its API answered
+    ├── VmExited           the VMM process is gone while an operation needed it
+    ├── QmpError           the VMM's API answered a command with an error
+    ├── MigrationFailed    a snapshot (save) or restore did not complete
+    └── SocketPathTooLong  a unix socket path exceeds the kernel's 107-byte limit
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nestbox.hostagent.vmm.process import VmProcess
+    from nestbox.hostagent.vmm.qmp import QmpClient
+
+Accel = Literal["kvm", "tcg"]
+DiskFormat = Literal["raw", "qcow2"]
+
+UNIX_PATH_MAX = 107
+"""`sun_path` holds 108 bytes including the terminating NUL."""
+
+
+class VmError(Exception):
+    """Root of the VMM driver's errors."""
+
+
+class VmLaunchError(VmError):
+    """The VMM process did not start, or exited before its API socket answered."""
+
+    def __init__(
+        self, message: str, *, command: list[str], exit_code: int | None, output_tail: str
+    ) -> None:
+        super().__init__(f"{message} (exit code {exit_code}): {output_tail[-800:]}")
+        self.command = command
+        self.exit_code = exit_code
+        self.output_tail = output_tail
+
+
+class VmExited(VmError):
+    """The VMM process exited while an operation still needed it."""
+
+    def __init__(self, pid: int, exit_code: int | None, output_tail: str = "") -> None:
+        super().__init__(f"VMM process {pid} exited (code {exit_code}) {output_tail[-800:]}")
+        self.pid = pid
+        self.exit_code = exit_code
+        self.output_tail = output_tail
+
+
+class QmpError(VmError):
+    """QMP answered a command with `{"error": ...}`."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP {command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class MigrationFailed(VmError):
+    """An outgoing (snapshot) or incoming (restore) migration ended in a state other than done."""
+
+    def __init__(self, direction: Literal["save", "restore"], status: str, detail: str) -> None:
+        super().__init__(f"{direction} failed: status {status}: {detail}")
+        self.direction = direction
+        self.status = status
+        self.detail = detail
+
+
+class SocketPathTooLong(VmError):
+    """A unix socket path is too long for `sun_path`; use a shorter data directory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"unix socket path has {len(str(path))} bytes (max {UNIX_PATH_MAX}): {path}"
+        )
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class RamSpec:
+    """Where guest RAM lives.
+
+    `file=None`: anonymous host memory. Otherwise a memory-backend-file on `file`: `share=True`
+    (MAP_SHARED) makes the file *be* the RAM, as the VM that creates a template does;
+    `share=False` (MAP_PRIVATE) maps it copy-on-write, as clones do, so the file never changes.
+    """
+
+    file: Path | None = None
+    share: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """Everything needed to start one VMM process. Restoring a snapshot needs the same spec
+    (devices, memory size, kernel) as the VM that was saved, plus `incoming=True`."""
+
+    name: str
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    disk: Path
+    disk_format: DiskFormat
+    run_dir: Path
+    """Holds the QMP socket, pid file, serial log and the VMM's own output."""
+    vcpus: int = 1
+    memory_mib: int = 256
+    ram: RamSpec = field(default_factory=RamSpec)
+    netns: str | None = None
+    tap: str | None = None
+    mac: str = "02:fc:00:00:00:01"
+    incoming: bool = False
+    """Start paused, waiting for `Hypervisor.restore`."""
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "vmm.pid"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def output_log(self) -> Path:
+        return self.run_dir / "vmm.log"
+
+
+@dataclass(slots=True)
+class VmHandle:
+    """One running VMM process and its API connection."""
+
+    spec: VmSpec
+    process: VmProcess
+    qmp: QmpClient
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    """What `Hypervisor.save` wrote."""
+
+    state_file: Path
+    state_bytes: int
+    ram_bytes: int
+    """RAM bytes the migration stream carried (about 0 when the RAM stayed in a shared file)."""
+
+
+class Hypervisor(Protocol):
+    """A VMM driver. The caller sets deadlines (`anyio.fail_after`) around every call."""
+
+    @property
+    def accel(self) -> Accel: ...
+
+    async def start(self, spec: VmSpec) -> VmHandle:
+        """Launch the VMM and return once its API answers (the guest runs unless
+        `spec.incoming`). :raise VmLaunchError:"""
+        ...
+
+    async def restore(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> None:
+        """Load `state_file` into a VM started with `incoming=True`, then run it.
+        :raise MigrationFailed: :raise VmExited:"""
+        ...
+
+    async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:
+        """Stop the guest and write its device state (and RAM, unless `ignore_shared` and the
+        RAM is a shared file) to `state_file`. The VM stays stopped. :raise MigrationFailed:"""
+        ...
+
+    async def kill(self, vm: VmHandle) -> int | None:
+        """Kill the VMM process, wait for it to exit, return its exit status."""
+        ...

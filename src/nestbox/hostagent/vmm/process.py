@@ -1,0 +1,154 @@
+"""VMM processes: launch detached, watch for exit through a pidfd, kill by pidfd.
+
+A VMM is started in its own session (`start_new_session=True`), so a Ctrl-C or a crash of the
+agent does not take the guests down with it, and it is *not* an asyncio subprocess: asyncio
+kills its children when their transport is closed, which is exactly what must not happen.
+Exit is observed through a pidfd (Linux >= 5.3), which works for our own children and for
+processes adopted from an earlier agent run alike, and signals go through the same pidfd, so a
+recycled pid can never be hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+from typing import TYPE_CHECKING
+
+import anyio
+
+from nestbox.hostagent.vmm.base import VmLaunchError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TAIL_BYTES = 4096
+
+
+class VmProcess:
+    """One VMM process. `popen` is set when this agent started it (then it can reap it and
+    learn its exit status), None when it was adopted by pid."""
+
+    def __init__(
+        self,
+        pid: int,
+        command: list[str],
+        output_log: Path,
+        popen: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.pid = pid
+        self.command = command
+        self.output_log = output_log
+        self._popen = popen
+        self._exit_code: int | None = None
+        self._gone = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._gone = True
+
+    @classmethod
+    def adopt(cls, pid: int, command: list[str], output_log: Path) -> VmProcess:
+        """Watch a VMM that an earlier agent run started (no exit status will be known)."""
+        return cls(pid, command, output_log)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    def is_running(self) -> bool:
+        """Instant check: the process has not exited (a zombie counts as exited)."""
+        if self._gone or self._pidfd is None:
+            return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        if readable:
+            self._reap()
+            return False
+        return True
+
+    async def wait_exit(self) -> int | None:
+        """Block until the process exits; return its exit status when it was our child.
+
+        Any number of tasks may wait at once: each waits on its own duplicate of the pidfd,
+        because the event loop allows one reader per file descriptor.
+        """
+        if self._gone or self._pidfd is None:
+            return self._exit_code
+        fd = os.dup(self._pidfd)
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        self._reap()
+        return self._exit_code
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Signal the process through its pidfd; a no-op once it has exited."""
+        if self._gone or self._pidfd is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def kill(self) -> int | None:
+        """SIGKILL and wait for the exit. QEMU holds no state worth a graceful `quit` once
+        its snapshot is written, and `quit` costs 1-2 s more."""
+        self.send_signal(signal.SIGKILL)
+        return await self.wait_exit()
+
+    def output_tail(self) -> str:
+        """The last few KiB the VMM wrote to stdout/stderr, for error messages."""
+        try:
+            with self.output_log.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - TAIL_BYTES))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Release the pidfd (the process itself is left alone)."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _reap(self) -> None:
+        if self._gone:
+            return
+        if self._popen is not None:
+            self._exit_code = self._popen.poll()
+            if self._exit_code is None:  # pidfd readable means exited; poll() must succeed
+                self._exit_code = self._popen.wait()
+        self._gone = True
+        self.close()
+
+
+def launch(command: list[str], *, output_log: Path) -> VmProcess:
+    """Start `command` detached (own session, stdin closed, output appended to `output_log`).
+
+    Deliberately synchronous: fork+exec takes milliseconds, and doing it in a worker thread
+    would let a cancellation land after the process exists but before anyone owns it.
+
+    :raise VmLaunchError: the executable could not be started.
+    """
+    try:
+        with output_log.open("ab") as out:
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except OSError as err:
+        raise VmLaunchError(
+            "cannot start the VMM", command=command, exit_code=None, output_tail=str(err)
+        ) from err
+    log.debug("VMM started", extra={"pid": popen.pid})
+    return VmProcess(popen.pid, command, output_log, popen)

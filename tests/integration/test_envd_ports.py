@@ -1,0 +1,153 @@
+"""Loopback port forwarding with a real envd, real socat and a real HTTP server: forwarded on
+127.0.0.2 (loopback range, so nothing leaves the machine), stopped by /snapshot/prepare,
+back after /init's recovery, gone with its listener and with envd."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+from tests.integration.envd_process import EnvdProcess, run_envd
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+
+FORWARD = "127.0.0.2"
+SCAN = {"NESTBOX_ENVD_PORT_SCAN_INTERVAL_S": "0.2"}
+
+
+class Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from loopback"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def loopback_server() -> Iterator[int]:
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def forwarded(port: int) -> bool:
+    try:
+        r = httpx.get(f"http://{FORWARD}:{port}/", timeout=2)
+    except httpx.TransportError:
+        return False
+    return r.status_code == 200 and r.text == "hello from loopback"
+
+
+def refused(port: int) -> bool:
+    try:
+        httpx.get(f"http://{FORWARD}:{port}/", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def socats(envd: EnvdProcess, *, forks: bool = False) -> list[psutil.Process]:
+    """envd's live socat children; with `forks`, also the per-connection forks under them."""
+    found = []
+    for c in psutil.Process(envd.pid).children(recursive=forks):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if c.name() == "socat" and c.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found.append(c)
+    return found
+
+
+def in_groups(pgids: list[int]) -> list[int]:
+    """Pids of live processes in any of these process groups (socat and its forks)."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) in pgids and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+    return found
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> float:
+    """Seconds it took for `cond` to hold; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_forward_prepare_recover(tmp_path: Path) -> None:
+    with (
+        run_envd(tmp_path, "--forward-address", FORWARD, env=SCAN) as envd,
+        loopback_server() as port,
+    ):
+        took = wait_until(lambda: forwarded(port))
+        print(f"forwarded after {took:.2f} s")
+        assert [p.cmdline()[1:] for p in socats(envd)] == [
+            [f"TCP4-LISTEN:{port},bind={FORWARD},reuseaddr,fork", f"TCP4:127.0.0.1:{port}"]
+        ]
+
+        groups = [p.pid for p in socats(envd)]
+        assert in_groups(groups) != []
+
+        assert httpx.post(f"{envd.url}/snapshot/prepare").status_code == 204
+        assert refused(port), "forwarding must stop before prepare answers"
+        assert socats(envd, forks=True) == []
+        assert in_groups(groups) == [], "no socat or fork of one survives the prepare"
+        time.sleep(0.6)  # three scan periods: the scanner is stopped, nothing comes back
+        assert refused(port)
+        assert socats(envd, forks=True) == []
+
+        assert httpx.post(f"{envd.url}/init", json={}).status_code == 204
+        took = wait_until(lambda: forwarded(port))
+        print(f"forwarded again {took:.2f} s after /init")
+        assert len(socats(envd)) == 1
+
+
+def test_listener_gone_means_socat_gone_and_envd_leaves_none(tmp_path: Path) -> None:
+    with run_envd(tmp_path, "--forward-address", FORWARD, env=SCAN) as envd:
+        with loopback_server() as port:
+            wait_until(lambda: forwarded(port))
+        wait_until(lambda: socats(envd, forks=True) == [])
+        assert refused(port)
+
+        with loopback_server() as port2:
+            wait_until(lambda: forwarded(port2))
+            pids = [p.pid for p in socats(envd, forks=True)]
+            envd.proc.terminate()  # SIGTERM: lifespan shutdown stops forwarding
+            envd.proc.wait(10)
+            assert not any(psutil.pid_exists(pid) for pid in pids)
+            assert refused(port2)
+
+
+def test_forwarding_is_off_by_default_outside_a_vm(envd: EnvdProcess) -> None:
+    with loopback_server() as port:
+        time.sleep(1.5)  # longer than the default scan interval
+        assert refused(port)
+        assert socats(envd, forks=True) == []

@@ -1,0 +1,207 @@
+"""Fixtures for the VM runtime tests (root, real QEMU; TCG on machines whose /dev/kvm is PVM).
+
+Cold boots stay out of the hot path: the session builds the `minimal` snapshot template once
+(one cold boot, seconds under TCG) in its own temporary NESTBOX_DIR, and every test creates its
+capsules as clones of it (a third of a second each). The guest image comes from the shared
+image cache (`$NESTBOX_IMAGE_CACHE`, default /var/lib/nestbox/images), which
+`tests/integration/vm/test_image.py` or `nestbox-agent image build` fills; these tests never
+build it (the build downloads packages). `NESTBOX_TEST_GUEST_DIR` points the tests at another
+directory holding vmlinux, initramfs.cpio.gz and rootfs.ext4 (for debugging a guest change).
+
+Slots use test-only ranges (10.233/16 for veths, 10.234/16 for capsule addresses), blackholed
+while the tests run and un-blackholed after, and an agent id unique to the session, so nothing
+here can touch a real agent's capsules. `leftovers()` lists everything of ours on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from nestbox.hostagent.image.cache import find_image
+from nestbox.hostagent.image.layout import GuestImage
+from nestbox.hostagent.runtime import VmRuntime
+from nestbox.hostagent.settings import AgentSettings
+from nestbox.hostagent.system import RealSystem
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from nestbox.hostagent.storage.templates import Template
+
+SLOT_CIDR, VETH_CIDR = "10.234.0.0/16", "10.233.0.0/16"
+AGENT_ID = "v" + secrets.token_hex(3)
+
+
+def vm_skip_reason() -> str | None:
+    """Why QEMU microVMs cannot run here at all, or None."""
+    if os.geteuid() != 0:
+        return "needs root: network namespaces, TAP devices and iptables rules per capsule"
+    for tool in ("qemu-system-x86_64", "qemu-img", "ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (run 'make system-deps')"
+    probe = f"nbvm-probe-{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "`ip netns add` fails on this machine"
+    subprocess.run(["ip", "netns", "del", probe], check=True)
+    return None
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """What the session's one cold boot saw, before it became the template."""
+
+    capsule_id: str
+    boot_ms: int
+    uname: str
+
+
+@pytest.fixture(scope="session")
+def vm_settings() -> Iterator[AgentSettings]:
+    reason = vm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # A short path: QMP sockets live under it and unix socket paths max out at 107 bytes.
+    data_dir = Path(tempfile.mkdtemp(prefix="nbvm-", dir="/tmp"))
+    existing = sh("ip", "route", "show", "type", "blackhole")
+    settings = AgentSettings(
+        data_dir=data_dir,
+        image_cache=AgentSettings().images_dir,
+        agent_id=AGENT_ID,
+        slot_cidr=SLOT_CIDR,
+        veth_cidr=VETH_CIDR,
+        slot_first=1,
+        slot_count=40,
+        accel="auto",
+    )
+    try:
+        yield settings
+    finally:
+        _kill_our_qemus(data_dir)
+        from nestbox.hostagent.network import cleanup_leftovers
+
+        anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
+        shutil.rmtree(data_dir, ignore_errors=True)
+        for cidr in (SLOT_CIDR, VETH_CIDR):
+            if cidr not in existing:
+                subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def guest_image(vm_settings: AgentSettings) -> GuestImage:
+    override = os.environ.get("NESTBOX_TEST_GUEST_DIR")
+    if override:
+        d = Path(override)
+        return GuestImage(
+            "test-" + d.name, d / "vmlinux", d / "initramfs.cpio.gz", d / "rootfs.ext4"
+        )
+    image = find_image(vm_settings)
+    if image is None:
+        pytest.fail(
+            f"no guest image for the current sources in {vm_settings.images_dir}: "
+            "run 'nestbox-agent image build' (or the image tests) first"
+        )
+    return image
+
+
+@pytest.fixture(scope="session")
+def minimal_template(
+    vm_settings: AgentSettings, guest_image: GuestImage
+) -> tuple[Template, BootInfo]:
+    """The session's `minimal` template: one cold boot, `uname -a` through envd, snapshot."""
+
+    async def build() -> tuple[Template, BootInfo]:
+        async with VmRuntime.open(vm_settings, RealSystem()) as rt:
+            try:
+                started = anyio.current_time()
+                capsule = await rt.boot(guest_image, template_id="minimal", ram_shared=True)
+                boot_ms = round((anyio.current_time() - started) * 1000)
+                uname = await capsule.envd.run("uname", "-a")
+                assert uname.exit_code == 0, uname
+                template = await rt.snapshot_template(capsule.id, "minimal")
+            finally:
+                await rt.destroy_all()
+        info = BootInfo(capsule.id, boot_ms, uname.stdout.decode())
+        return template, info
+
+    return anyio.run(build)
+
+
+@pytest.fixture
+def vm(vm_settings: AgentSettings, minimal_template: tuple[Template, BootInfo]) -> AgentSettings:
+    """The session's settings, once the `minimal` template exists: `open_runtime(vm)`."""
+    return vm_settings
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: AgentSettings) -> AsyncIterator[VmRuntime]:
+    """A runtime for one test; afterwards every capsule is gone and nothing of ours is left.
+
+    A context manager in the test's own task, not a fixture: the runtime's task group must be
+    entered and left by the same task, which async fixtures do not guarantee.
+    """
+    before = leftovers(settings)
+    async with VmRuntime.open(settings, RealSystem()) as rt:
+        try:
+            yield rt
+        finally:
+            await rt.destroy_all()
+    assert leftovers(settings) == before
+
+
+def leftovers(settings: AgentSettings) -> dict[str, list[str]]:
+    """Everything on the host this session's capsules could have left: netns, links, routes,
+    iptables rules, capsule files and QEMU processes."""
+    agent = settings.agent_id
+    rules = [ln for ln in sh("iptables-save").splitlines() if f"nestbox:{agent}:" in ln]
+    capsules = settings.state_dir / "capsules"
+    return {
+        "netns": [ln for ln in sh("ip", "netns", "list").splitlines()
+                  if ln.startswith(f"nbx-{agent}-")],
+        "links": [ln.split(":")[1].strip() for ln in sh("ip", "-o", "link").splitlines()
+                  if f"nbh{agent}x" in ln],
+        "routes": [ln for ln in sh("ip", "route").splitlines()
+                   if ln.startswith(("10.233.", "10.234.")) and "blackhole" not in ln],
+        "rules": sorted(rules),
+        "files": sorted(str(p) for p in capsules.rglob("*")) if capsules.exists() else [],
+        "processes": [str(pid) for pid in qemu_pids(settings.data_dir)],
+    }  # fmt: skip
+
+
+def qemu_pids(data_dir: Path) -> list[int]:
+    """QEMU processes whose command line mentions `data_dir` (ours, and only ours)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            cmdline
+            and b"qemu-system" in cmdline[0]
+            and str(data_dir).encode() in b" ".join(cmdline)
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_our_qemus(data_dir: Path) -> None:
+    for pid in qemu_pids(data_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)

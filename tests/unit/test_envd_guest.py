@@ -1,0 +1,91 @@
+"""guest.py: outside a VM nothing touches the machine; inside, the right syscalls are made."""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, cast
+
+from nestbox.envd import guest
+from nestbox.envd.guest import RNDADDENTROPY, RNDRESEEDCRNG, GuestMachine
+from nestbox.envd.metrics import parse_cpu_times, parse_meminfo
+from nestbox.envd.state import Identity
+from tests.fakes.guest import FakeSyscalls
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+FAR_FUTURE_NS = (time.time_ns() // 10**9 + 3600) * 10**9
+
+
+def test_outside_a_vm_every_function_is_a_no_op() -> None:
+    machine = GuestMachine(in_vm=False, syscalls=FakeSyscalls(refuse=True))
+    assert machine.set_clock(FAR_FUTURE_NS) is False
+    assert machine.reseed_rng(b"\x01" * 32) is False
+    machine.sync()
+    machine.drop_page_cache()
+    assert machine.kernel_params() == {}
+    assert machine.forward_address({"nestbox.guest_ip": "10.0.0.2"}) is None
+
+
+def test_in_a_vm_the_rng_gets_the_entropy_then_a_forced_reseed() -> None:
+    fake = FakeSyscalls()
+    assert GuestMachine(in_vm=True, syscalls=fake).reseed_rng(b"\xaa" * 40)
+    (add, reseed) = fake.calls
+    assert add[0] == "rng_ioctl"
+    request, info = cast("tuple[int, bytes]", add[1])
+    assert request == RNDADDENTROPY
+    assert struct.unpack("ii", info[:8]) == (40 * 8, 40)
+    assert info[8:] == b"\xaa" * 40
+    assert reseed == ("rng_ioctl", (RNDRESEEDCRNG, None))
+
+
+def test_in_a_vm_the_clock_is_stepped_only_when_far_off() -> None:
+    fake = FakeSyscalls()
+    machine = GuestMachine(in_vm=True, syscalls=fake)
+    assert machine.set_clock(time.time_ns()) is False  # within tolerance
+    assert fake.calls == []
+    assert machine.set_clock(FAR_FUTURE_NS) is True
+    assert fake.calls == [("clock_settime_ns", FAR_FUTURE_NS)]
+
+
+def test_in_a_vm_prepare_flushes_then_drops_the_page_cache_only() -> None:
+    fake = FakeSyscalls()
+    machine = GuestMachine(in_vm=True, syscalls=fake)
+    machine.sync()
+    machine.drop_page_cache()
+    assert fake.calls == [("sync", None), ("write_text", ("/proc/sys/vm/drop_caches", "1"))]
+
+
+def test_kernel_command_line_gives_identity_and_forward_address() -> None:
+    cmdline = (
+        "console=ttyS0 root=/dev/vda nestbox.capsule_id=cl-abc "
+        "nestbox.template_id=minimal nestbox.guest_ip=10.11.0.2 quiet\n"
+    )
+    fake = FakeSyscalls(files={"/proc/cmdline": cmdline}, interfaces={"eth0": "10.99.0.2"})
+    machine = GuestMachine(in_vm=True, syscalls=fake)
+    params = machine.kernel_params()
+    identity = Identity()
+    guest.identity_from_params(params, identity)
+    assert identity == Identity(capsule_id="cl-abc", template_id="minimal")
+    assert machine.forward_address(params) == "10.11.0.2"
+    assert machine.forward_address({}) == "10.99.0.2"  # no parameter: eth0's address
+    assert machine.forward_address({"nestbox.guest_ip": "169.254.0.21/30"}) == "169.254.0.21"
+
+
+def test_identity_files_are_written_in_both_modes(tmp_path: Path) -> None:
+    guest.write_identity(tmp_path / "run", Identity(capsule_id="cl-1", template_id="t-1"))
+    assert (tmp_path / "run" / "NESTBOX_CAPSULE_ID").read_text() == "cl-1"
+    assert (tmp_path / "run" / "NESTBOX_TEMPLATE_ID").read_text() == "t-1"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "NESTBOX_CAPSULE_ID",
+        "NESTBOX_TEMPLATE_ID",
+    ]
+
+
+def test_metrics_parsers() -> None:
+    stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\n"
+    times = parse_cpu_times(stat)
+    assert (times.busy, times.total) == (150, 1000)
+    total, used = parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 600 kB\n")
+    assert (total, used) == (1000 * 1024, 400 * 1024)
