@@ -45,10 +45,10 @@ test-unit: install ## unit tier: pure Python, seconds
 test-integration: install system-deps ## integration tier: real envd on localhost, real SDKs
 	$(PYTEST) tests/integration --ignore=tests/integration/vm
 
-test-vm: install system-deps ## VM tier: real QEMU microVMs (root; TCG where KVM is not usable)
+test-vm: install system-deps image ## VM tier: real QEMU microVMs (root; TCG where KVM is not usable)
 	$(PYTEST) tests/integration/vm
 
-test: install system-deps lint typecheck ## everything this machine can run: lint, types, every tier
+test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier
 	$(PYTEST) tests
 
 check: test ## what CI runs, in CI's order

@@ -1,7 +1,7 @@
 """`nestbox-agent` (`python -m nestbox.hostagent`): parse arguments, load settings once, run.
 
-Subcommands are registered by `hostagent/cli/*` modules; with no subcommand the agent server
-runs (not built yet).
+Subcommands are registered by `hostagent/cli/*` modules; with no subcommand (or `serve`) the
+agent server runs (`cli/serve.py`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import json
 import sys
 
 from nestbox.common.logging import configure
-from nestbox.hostagent.cli import doctor, image
+from nestbox.hostagent.cli import doctor, image, serve
 from nestbox.hostagent.settings import AgentSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestbox-agent", description=__doc__)
     parser.add_argument("--print-config", action="store_true", help="print settings and exit")
+    serve.add_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve.add_parser(subparsers)
     image.add_parser(subparsers)
     doctor.add_parser(subparsers)
     return parser
@@ -33,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     configure(settings.log_level)
     if args.command is None:
-        # ── the agent server: start it here (hostagent/app.py) when it exists.
-        parser.error("the agent server is not built yet; commands: image")
+        sys.exit(serve.run(args, settings))
     sys.exit(args.func(args, settings))
 
 

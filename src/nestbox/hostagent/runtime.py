@@ -101,6 +101,8 @@ class VmRuntime:
         )
         self._tg = task_group
         self._capsules: dict[str, Capsule] = {}
+        self.on_vm_exit: Callable[[str, int | None], None] | None = None
+        """Called (capsule id, exit code) after a VM that exited on its own was cleaned up."""
         self._template_locks: dict[str, anyio.Lock] = {}
         log.info(
             "VM runtime: accelerator %s (%s)",
@@ -216,12 +218,14 @@ class VmRuntime:
         template_id: str,
         count: int = 1,
         *,
+        capsule_id: str | None = None,
         egress: bool = False,
         default_user: str | None = None,
         env_vars: dict[str, str] | None = None,
         hook: StepHook = no_hook,
     ) -> list[Capsule]:
-        """Create `count` capsules from a snapshot template, concurrently.
+        """Create `count` capsules from a snapshot template, concurrently (`capsule_id`
+        names the capsule when `count` is 1).
 
         If any fails, the others are destroyed too and the failures raised (an ExceptionGroup
         when `count` > 1).
@@ -235,7 +239,9 @@ class VmRuntime:
                 f"this host runs {self.hypervisor.accel}"
             )
         if count == 1:
-            return [await self._clone_one(template, egress, default_user, env_vars, hook)]
+            return [
+                await self._clone_one(template, egress, default_user, env_vars, hook, capsule_id)
+            ]
         made: list[Capsule] = []
 
         async def one() -> None:
@@ -260,9 +266,10 @@ class VmRuntime:
         default_user: str | None,
         env_vars: dict[str, str] | None,
         hook: StepHook,
+        capsule_id: str | None = None,
     ) -> Capsule:
         meta = template.meta
-        cid = cap.new_capsule_id()
+        cid = capsule_id or cap.new_capsule_id()
         cdir = self._capsule_dir(cid)
         record = CapsuleRecord(
             id=cid, template_id=meta.template_id, state=S.STARTING,
@@ -361,18 +368,29 @@ class VmRuntime:
                 await lifecycle.unwind(run.stack, self.host.timeouts.teardown)
 
     async def resume(
-        self, capsule_id: str, *, egress: bool = False, hook: StepHook = no_hook
+        self,
+        capsule_id: str,
+        *,
+        egress: bool = False,
+        default_user: str | None = None,
+        env_vars: dict[str, str] | None = None,
+        hook: StepHook = no_hook,
     ) -> None:
-        """Restore a PAUSED capsule into a fresh slot; return when envd answered `/init`.
+        """Restore a PAUSED capsule into a fresh slot; return when envd answered `/init`
+        (which carries `default_user` / `env_vars` when given, and they are kept).
 
         :raise InvalidState: :raise GuestUnreachable: (the capsule stays PAUSED)
         """
         capsule = self.get(capsule_id)
         async with capsule.lock:
             record = capsule.record
-            if record.state != S.PAUSED or record.snapshot is None:
-                raise InvalidState(capsule_id, record.state, frozenset({S.PAUSED}))
             snapshot = record.snapshot
+            if record.state != S.PAUSED or snapshot is None:
+                raise InvalidState(capsule_id, record.state, frozenset({S.PAUSED}))
+            if default_user or env_vars:
+                update: dict[str, object] = {"default_user": default_user or record.default_user}
+                update["env_vars"] = {**record.env_vars, **(env_vars or {})}
+                record = capsule.record = record.model_copy(update=update)
             with self._timed("capsule resumed", capsule_id, record.template_id):
                 self._move(capsule, S.RESUMING)
                 try:
@@ -499,6 +517,13 @@ class VmRuntime:
                 pass
             return await self.build_template(image, template_id)
 
+    def adopt(self, capsule: Capsule) -> None:
+        """Register a capsule an earlier agent run left (`hostagent/recovery.py` rebuilds its
+        run and files); a running one gets its exit watcher."""
+        self._capsules[capsule.id] = capsule
+        if capsule.run is not None:
+            self._set_running(capsule, capsule.run)
+
     # ── destroy ─────────────────────────────────────────────────────────────────────────
 
     async def destroy(self, capsule_id: str) -> None:
@@ -576,6 +601,8 @@ class VmRuntime:
                 await self._discard(capsule)
             except TeardownError as err:
                 log.error("%s", err)
+        if self.on_vm_exit is not None:
+            self.on_vm_exit(capsule.id, code)
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────
 

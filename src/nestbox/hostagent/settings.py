@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,34 @@ class AgentSettings(BaseSettings):
     default_vcpus: int = Field(default=1, ge=1)
     default_memory_mib: int = Field(default=256, ge=64)
     log_level: str = Field(default="INFO")
+    # ── the agent service (RPC, proxy, background loops) ──
+    cp_url: str = Field(default="", description="control plane URL; empty = run unregistered")
+    registration_token: SecretStr | None = Field(
+        default=None, description="one-time token for the first registration (or --register)"
+    )
+    address: str = Field(
+        default="", description="host:port where the control plane reaches this agent"
+    )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="RPC secret of an unregistered agent; default: <state_dir>/agent-secret",
+    )
+    heartbeat_interval_s: float = Field(default=30.0, gt=0, description="heartbeats to the CP")
+    reap_interval_s: float = Field(default=2.0, gt=0, description="idle reaper period")
+    drain_timeout_s: float = Field(
+        default=2.0, ge=0, description="how long a pause waits for proxied requests"
+    )
+    metrics_interval_s: float = Field(default=1.0, gt=0, description="VM metrics sampling")
+    pause_concurrency: int = Field(default=4, ge=1, description="pauses at once (shutdown)")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request head must arrive within this"
+    )
+    keepalive_idle_s: float = Field(
+        default=620.0, gt=0, description="idle keep-alive connections close after this"
+    )
+    shutdown_timeout_s: float = Field(
+        default=120.0, gt=0, description="SIGTERM: pausing every capsule must end within this"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:

@@ -38,8 +38,12 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
     from nestbox.hostagent.storage.templates import Template
+    from tests.integration.vm.agent_process import AgentProcess
 
 SLOT_CIDR, VETH_CIDR = "10.234.0.0/16", "10.233.0.0/16"
+SLOT_FIRST = int(os.environ.get("NESTBOX_TEST_SLOT_FIRST", "1"))
+"""Slots 1-40 go to the runtime tests, 41-70 to the agent process; two sessions running at
+once on one machine need different values (e.g. 1001 for the second)."""
 AGENT_ID = "v" + secrets.token_hex(3)
 
 
@@ -84,7 +88,7 @@ def vm_settings() -> Iterator[AgentSettings]:
         agent_id=AGENT_ID,
         slot_cidr=SLOT_CIDR,
         veth_cidr=VETH_CIDR,
-        slot_first=1,
+        slot_first=SLOT_FIRST,
         slot_count=40,
         accel="auto",
     )
@@ -174,8 +178,8 @@ def leftovers(settings: AgentSettings) -> dict[str, list[str]]:
                   if ln.startswith(f"nbx-{agent}-")],
         "links": [ln.split(":")[1].strip() for ln in sh("ip", "-o", "link").splitlines()
                   if f"nbh{agent}x" in ln],
-        "routes": [ln for ln in sh("ip", "route").splitlines()
-                   if ln.startswith(("10.233.", "10.234.")) and "blackhole" not in ln],
+        # Only this agent's routes: other agents (other test modules) may run at the same time.
+        "routes": [ln for ln in sh("ip", "route").splitlines() if f"nbh{agent}x" in ln],
         "rules": sorted(rules),
         "files": sorted(str(p) for p in capsules.rglob("*")) if capsules.exists() else [],
         "processes": [str(pid) for pid in qemu_pids(settings.data_dir)],
@@ -205,3 +209,32 @@ def _kill_our_qemus(data_dir: Path) -> None:
     for pid in qemu_pids(data_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
+
+
+@pytest.fixture(scope="module")
+def agent(
+    vm_settings: AgentSettings, minimal_template: tuple[Template, BootInfo]
+) -> Iterator[AgentProcess]:
+    """A real agent process for one test module, on the session's data directory (so the
+    `minimal` template is there) with its own agent id and 30 slots of its own. Afterwards the agent
+    is stopped and everything it made is removed, even if a test failed half-way."""
+    from tests.integration.vm.agent_process import AgentProcess
+
+    agent = AgentProcess.make(vm_settings, slot_first=SLOT_FIRST + 40, slot_count=30)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.kill()
+        remove_agent_leftovers(agent.settings)
+
+
+def remove_agent_leftovers(settings: AgentSettings) -> None:
+    """Kill the agent's QEMUs and remove its network and state directory."""
+    from nestbox.hostagent.network import cleanup_leftovers
+
+    for pid in qemu_pids(settings.state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
+    shutil.rmtree(settings.state_dir, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""Calls into a running capsule's envd on behalf of RPCs: one-shot calls and relayed streams.
+
+Both count as activity (the idle reaper's clock) and are registered with the capsule, so a
+pause can cut them once the VM has stopped (their sockets are dead then; the caller gets
+`unavailable`) instead of leaving them to hang until a TCP keepalive gives up.
+
+A relayed stream (exec stream, PTY, process connect, file download) is read from envd by a
+*pump* task that the manager's task group owns; the RPC handler, an async generator, only
+receives from a small bounded channel. So no cancel scope or task group ever spans a `yield`
+of the handler, and backpressure still flows end to end: a slow RPC client blocks the
+handler, the channel fills, the pump stops reading, envd's own bounded buffer decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+
+from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, InvalidState
+from nestbox.hostagent.envdconn.events import aclose_quietly
+from nestbox.hostagent.errors import CapsuleFailed, StreamInterrupted
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
+
+    from anyio.abc import TaskGroup
+    from anyio.streams.memory import MemoryObjectSendStream
+
+    from nestbox.hostagent.envdconn import CapsuleEnvd
+    from nestbox.hostagent.managed import ManagedCapsule
+    from nestbox.hostagent.runtime import VmRuntime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RELAY_QUEUE = 16
+"""Items between a pump and its RPC handler (envdconn already buffers 256 events)."""
+
+
+class GuestCalls:
+    """The guest-call half of `CapsuleManager`."""
+
+    runtime: VmRuntime
+    _tg: TaskGroup
+    _entries: dict[str, ManagedCapsule]
+
+    def _guest(self, capsule_id: str) -> tuple[ManagedCapsule, CapsuleEnvd]:
+        """The capsule and its envd client. :raise CapsuleNotFound: :raise CapsuleFailed:
+        :raise InvalidState: it is not running."""
+        entry = self._entries.get(capsule_id)
+        if entry is None:
+            raise CapsuleNotFound(capsule_id)
+        if entry.error is not None:
+            raise CapsuleFailed(f"capsule {capsule_id} failed: {entry.error}")
+        try:
+            state = self.runtime.get(capsule_id).state
+        except CapsuleNotFound:
+            state = CapsuleState.STARTING if entry.creating else CapsuleState.STOPPED
+        if state != CapsuleState.RUNNING or entry.envd is None:
+            raise InvalidState(capsule_id, state, frozenset({CapsuleState.RUNNING}))
+        return entry, entry.envd
+
+    def touch(self, capsule_id: str) -> None:
+        """PingCapsule: count as activity. :raise InvalidState: not running."""
+        entry, _ = self._guest(capsule_id)
+        entry.touch()
+
+    async def call(self, capsule_id: str, fn: Callable[[CapsuleEnvd], Awaitable[T]]) -> T:
+        """`fn(envd)` for a running capsule, as activity, cut by a pause.
+
+        :raise CapsuleNotFound, InvalidState, CapsuleFailed, StreamInterrupted, EnvdCallError:
+        """
+        entry, envd = self._guest(capsule_id)
+        entry.touch()
+        try:
+            with entry.call_scope():
+                return await fn(envd)
+        finally:
+            entry.touch()
+        raise StreamInterrupted(f"capsule {capsule_id}: the call was cut")
+
+    async def relay(
+        self, capsule_id: str, source: Callable[[CapsuleEnvd], AsyncIterator[T]]
+    ) -> AsyncIterator[T]:
+        """The items of `source(envd)`, read by a pump task (see the module docstring).
+
+        Raises what the source raised (`EnvdCallError`...), or `StreamInterrupted` when a
+        pause or destroy cut it. Closing this generator stops the pump.
+        """
+        entry, envd = self._guest(capsule_id)
+        entry.touch()
+        send, receive = anyio.create_memory_object_stream[T | Exception](RELAY_QUEUE)
+        scope = anyio.CancelScope()
+        entry.add_call(scope)
+        self._tg.start_soon(_pump, entry, scope, source(envd), send)
+        try:
+            with receive:
+                async for item in receive:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+        finally:
+            scope.cancel()
+            entry.remove_call(scope)
+
+
+async def _pump(
+    entry: ManagedCapsule,
+    scope: anyio.CancelScope,
+    items: AsyncIterator[T],
+    send: MemoryObjectSendStream[T | Exception],
+) -> None:
+    """Move `items` into `send` until they end, the receiver leaves or `scope` is cancelled.
+    Never raises: whatever went wrong goes to the receiver."""
+    gone = (anyio.BrokenResourceError, anyio.ClosedResourceError)
+    with send:
+        try:
+            with scope:
+                try:
+                    async for item in items:
+                        entry.touch()
+                        await send.send(item)
+                finally:
+                    await aclose_quietly(items)
+        except gone:
+            return
+        except Exception as err:
+            with contextlib.suppress(*gone):
+                await send.send(err)
+            return
+        if scope.cancelled_caught:
+            with contextlib.suppress(*gone):
+                cut = f"capsule {entry.id} was paused or stopped; the stream ended"
+                await send.send(StreamInterrupted(cut))
+
+
+async def events_of(cm: AbstractAsyncContextManager[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """An async context manager yielding an iterator (envdconn's event streams) as a plain
+    async iterator, for `relay`."""
+    async with cm as stream:
+        async for item in stream:
+            yield item

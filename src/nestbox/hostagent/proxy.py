@@ -1,0 +1,393 @@
+"""The agent's port proxy: an ASGI app serving `/proxy/{capsule_id}/{port}/...` from
+`http://<capsule address>:{port}/...` (the seed's `internal/hostagent/proxy.go`).
+
+- Own HTTP/1.1 pools, one per capsule+port+address (at most 20 idle connections each, idle
+  120 s), never shared with envd traffic; cached until the capsule is destroyed (`evict`) or
+  its address changes. Bodies stream both ways, bytes untouched (no decompression).
+- Connecting retries 3 times, 100 ms then 200 ms apart: envd's socat forwarder for a port
+  starts up to a second after the guest program listens.
+- The upstream path is the request path after the prefix, concatenated, never joined, so a
+  trailing slash survives (`/proxy/x/8000/dir/` -> `/dir/`; `/proxy/x/8000` -> `/`).
+- `Location` answers are rewritten back under the prefix; WebSockets are relayed (`proxyws`).
+- Errors are `ErrorBody` JSON: 404 unknown capsule, 503 draining or not running, 502 when
+  nothing listens on the port. The control plane's `X-Agent-Token` never reaches a capsule.
+
+Mount it by dispatching every path under `/proxy/` to it unchanged (it reads `raw_path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from nestbox.hostagent.proxytrack import TargetNotFound, TargetUnavailable
+from nestbox.hostagent.proxyws import reject_websocket, relay_websocket
+from nestbox.protocol.errors import ErrorBody, ErrorCode
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+    from starlette.types import Receive, Scope, Send
+
+    from nestbox.hostagent.proxytrack import CapsuleTargets, Lease
+
+log = logging.getLogger(__name__)
+
+_ROUTE = re.compile(
+    rb"^/proxy/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,63})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?$"
+)
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "expect"}
+)  # fmt: skip
+"""Headers about one connection, never forwarded (plus those `Connection` names)."""
+_NOT_UPSTREAM = HOP_BY_HOP | {"host", AGENT_TOKEN_HEADER.lower()}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    max_idle_per_target: int = 20
+    max_connections_per_target: int = 100
+    idle_timeout_s: float = 120.0
+    connect_timeout_s: float = 30.0
+    dial_attempts: int = 3
+    dial_backoff_s: float = 0.1
+    """Sleep `backoff * attempt` after each failed connect but the last: 100 ms, 200 ms."""
+    ws_max_message: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    capsule_id: str
+    port: int
+    rest: str
+    """The upstream path: what follows `/proxy/{id}/{port}`, or `/`."""
+    query: str
+
+    @property
+    def prefix(self) -> str:
+        return f"/proxy/{self.capsule_id}/{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatistics:
+    cached_targets: int
+
+
+class ProxyError(Exception):
+    """An answer the proxy gives itself instead of the capsule's."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def parse_route(raw_path: bytes, query: bytes) -> Route:
+    """:raise ProxyError: not a `/proxy/{id}/{port}[/...]` path, or a port out of range."""
+    match = _ROUTE.match(raw_path)
+    if match is None:
+        raise ProxyError(404, ErrorCode.NOT_FOUND, "not a /proxy/{capsule_id}/{port}/ path")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ProxyError(400, ErrorCode.INVALID_REQUEST, f"port {port} is out of range")
+    rest = (match["rest"] or b"/").decode("latin-1")
+    return Route(match["id"].decode(), port, rest, query.decode("latin-1"))
+
+
+def host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def rewrite_location(location: str, route: Route, target: str) -> str:
+    """Put a redirect back under `/proxy/{id}/{port}`: root-relative paths, and absolute URLs
+    that point at the capsule's internal address; anything else is left alone."""
+    if location.startswith("/") and not location.startswith("//"):
+        return route.prefix + location
+    parts = urlsplit(location)
+    if parts.netloc == target or (parts.scheme and parts.netloc + ":80" == target):
+        path = parts.path or "/"
+        return route.prefix + urlunsplit(("", "", path, parts.query, ""))
+    return location
+
+
+class DialRetry(httpx.AsyncBaseTransport):
+    """Retries a request whose connection could not be made (nothing was sent yet)."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        *,
+        attempts: int,
+        backoff_s: float,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self._inner, self._attempts, self._backoff_s, self._sleep = (
+            inner,
+            attempts,
+            backoff_s,
+            sleep,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, self._attempts):
+            try:
+                return await self._inner.handle_async_request(request)
+            except httpx.ConnectError:
+                await self._sleep(self._backoff_s * attempt)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class PortProxy:
+    """The ASGI app. `targets` finds capsules; `transport` (tests) replaces the network."""
+
+    def __init__(
+        self,
+        targets: CapsuleTargets,
+        settings: ProxySettings | None = None,
+        *,
+        transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self._targets = targets
+        self._settings = settings or ProxySettings()
+        self._transport = transport
+        self._sleep = sleep
+        # "{capsule_id}/{port}/{address}" -> that target's client. The address is in the key
+        # so that a capsule that comes back elsewhere misses; `evict` drops a capsule's keys.
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send, self.aclose)
+            return
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        try:
+            route = parse_route(raw_path, query)
+            lease = self._acquire(route.capsule_id)
+        except ProxyError as err:
+            await _refuse(scope, send, err)
+            return
+        try:
+            if kind == "websocket":
+                await self._websocket(scope, receive, send, route, lease.address)
+            else:
+                await self._http(scope, receive, send, route, lease.address)
+        finally:
+            lease.release()
+
+    async def evict(self, capsule_id: str) -> None:
+        """Forget (and close) every cached target of a capsule: call it when the capsule is
+        destroyed or moves. Requests still streaming through them are cut."""
+        await self._drop(lambda key: key.startswith(f"{capsule_id}/"))
+
+    async def aclose(self) -> None:
+        await self._drop(lambda key: True)
+
+    def statistics(self) -> ProxyStatistics:
+        return ProxyStatistics(cached_targets=len(self._clients))
+
+    def _acquire(self, capsule_id: str) -> Lease:
+        try:
+            return self._targets.acquire(capsule_id)
+        except TargetNotFound:
+            raise ProxyError(404, ErrorCode.NOT_FOUND, f"capsule {capsule_id} not found") from None
+        except TargetUnavailable as err:
+            message = f"capsule {capsule_id} is not available: {err}"
+            raise ProxyError(503, ErrorCode.UNAVAILABLE, message) from None
+
+    async def _client(self, route: Route, address: str) -> httpx.AsyncClient:
+        key = f"{route.capsule_id}/{route.port}/{address}"
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = self._new_client()  # no await since the get
+            stale = f"{route.capsule_id}/{route.port}/"
+            await self._drop(lambda k: k.startswith(stale) and k != key)
+        return client
+
+    def _new_client(self) -> httpx.AsyncClient:
+        s = self._settings
+        inner = self._transport() if self._transport else httpx.AsyncHTTPTransport(
+            http1=True, http2=False, verify=False, trust_env=False,
+            limits=httpx.Limits(max_connections=s.max_connections_per_target,
+                                max_keepalive_connections=s.max_idle_per_target,
+                                keepalive_expiry=s.idle_timeout_s),
+        )  # fmt: skip
+        transport = DialRetry(
+            inner, attempts=s.dial_attempts, backoff_s=s.dial_backoff_s, sleep=self._sleep
+        )
+        timeout = httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s)
+        return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
+
+    async def _drop(self, matches: Callable[[str], bool]) -> None:
+        gone = [self._clients.pop(k) for k in [k for k in self._clients if matches(k)]]
+        for client in gone:
+            await client.aclose()
+
+    async def _http(
+        self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
+    ) -> None:
+        client = await self._client(route, address)
+        target = host_port(address, route.port)
+        body = _RequestBody(receive, _headers(scope))
+        request = httpx.Request(
+            str(scope["method"]),
+            f"http://{target}{route.rest}" + (f"?{route.query}" if route.query else ""),
+            headers=_upstream_headers(scope),
+            content=body.stream() if body.present else None,
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.ConnectError:
+            message = f"proxy error: nothing listens on port {route.port} in capsule "
+            await _answer(send, 502, ErrorCode.UNAVAILABLE, message + route.capsule_id)
+            return
+        except _ClientGone:
+            return
+        except httpx.HTTPError as err:
+            log.info("proxy to %s failed: %s", target, err, extra={"capsule_id": route.capsule_id})
+            await _answer(send, 502, ErrorCode.UNAVAILABLE, f"proxy error: {type(err).__name__}")
+            return
+        try:
+            await _relay_response(send, receive, response, body, route, target)
+        finally:
+            await response.aclose()
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
+    ) -> None:
+        target = host_port(address, route.port)
+        url = f"ws://{target}{route.rest}" + (f"?{route.query}" if route.query else "")
+        await relay_websocket(
+            scope, receive, send, url,
+            headers=_upstream_headers(scope, websocket=True),
+            nothing_listens=f"proxy error: nothing listens on port {route.port} in capsule "
+            f"{route.capsule_id}",
+            attempts=self._settings.dial_attempts,
+            backoff_s=self._settings.dial_backoff_s,
+            max_message=self._settings.ws_max_message,
+            sleep=self._sleep,
+        )  # fmt: skip
+
+
+# ---- request and response plumbing ----------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The downstream client went away while we read its request body."""
+
+
+class _RequestBody:
+    """The downstream request body as an async iterator; remembers whether it was all read."""
+
+    def __init__(self, receive: Receive, headers: list[tuple[str, str]]) -> None:
+        self._receive = receive
+        names = {k for k, _ in headers}
+        self.present = "content-length" in names or "transfer-encoding" in names
+        self.complete = not self.present
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.complete = True
+                return
+
+
+async def _relay_response(
+    send: Send,
+    receive: Receive,
+    response: httpx.Response,
+    body: _RequestBody,
+    route: Route,
+    target: str,
+) -> None:
+    """Stream the upstream answer down; stop as soon as the downstream client disconnects
+    (uvicorn would otherwise swallow our sends and we would read the upstream forever)."""
+    headers = []
+    for name, value in _forwardable(response.headers.multi_items()):
+        if name == "location":
+            value = rewrite_location(value, route, target)
+        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    async with anyio.create_task_group() as tg:
+        if body.complete:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as err:  # the capsule broke the answer off: end ours
+            log.debug("upstream %s broke off: %s", target, err)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        tg.cancel_scope.cancel()
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+
+
+def _forwardable(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Without hop-by-hop headers, including any the `Connection` header names."""
+    items = [(k.lower(), v) for k, v in items]
+    named = {token.strip().lower() for k, v in items if k == "connection" for token in v.split(",")}
+    return [(k, v) for k, v in items if k not in HOP_BY_HOP and k not in named]
+
+
+def _upstream_headers(scope: Scope, *, websocket: bool = False) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in _forwardable(_headers(scope)) if k not in _NOT_UPSTREAM]
+    if websocket:  # the websocket client makes its own handshake headers
+        headers = [(k, v) for k, v in headers if not k.startswith("sec-websocket-")]
+    client = scope.get("client")
+    if isinstance(client, (list, tuple)) and client:
+        forwarded = [v for k, v in headers if k == "x-forwarded-for"]
+        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
+        headers.append(("x-forwarded-for", ", ".join([*forwarded, str(client[0])])))
+    return headers
+
+
+async def _answer(send: Send, status: int, code: ErrorCode, message: str) -> None:
+    body = ErrorBody.of(code, message).model_dump_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _refuse(scope: Scope, send: Send, err: ProxyError) -> None:
+    if scope["type"] == "websocket":
+        await reject_websocket(scope, send, err.status, err.code, err.message)
+    else:
+        await _answer(send, err.status, err.code, err.message)
+
+
+async def _lifespan(receive: Receive, send: Send, shutdown: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

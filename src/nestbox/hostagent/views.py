@@ -1,0 +1,194 @@
+"""Agent values -> `hostagent.v1` messages, and errors -> Connect errors (`ErrorMapper`).
+
+The only module besides `api.py` that knows the generated message classes. Error mapping
+follows the table at the top of `proto/hostagent/v1/hostagent.proto`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from protobuf import Oneof
+
+from nestbox.hostagent.envdconn import Ended, Event, Output, Started
+from nestbox.hostagent.envdconn.errors import DeadlineExceeded
+from nestbox.hostagent.errors import classify
+from nestbox.protocol.errors import ErrorCode
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from connectrpc.request import RequestContext
+
+    Ctx = RequestContext[Any, Any]
+
+    from nestbox.hostagent.envdconn import FileEntry
+    from nestbox.hostagent.managed import CapsuleView
+    from nestbox.hostagent.metrics import MetricPoint
+    from nestbox.hostagent.storage.templates import Template
+
+log = logging.getLogger(__name__)
+
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+CONNECT_CODES: dict[ErrorCode, Code] = {
+    ErrorCode.INVALID_REQUEST: Code.INVALID_ARGUMENT,
+    ErrorCode.UNAUTHORIZED: Code.UNAUTHENTICATED,
+    ErrorCode.FORBIDDEN: Code.PERMISSION_DENIED,
+    ErrorCode.NOT_FOUND: Code.NOT_FOUND,
+    ErrorCode.CONFLICT: Code.ALREADY_EXISTS,
+    ErrorCode.INVALID_STATE: Code.FAILED_PRECONDITION,
+    ErrorCode.TOO_LARGE: Code.RESOURCE_EXHAUSTED,
+    ErrorCode.NOT_ENOUGH_SPACE: Code.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: Code.UNAVAILABLE,
+    ErrorCode.HOST_UNAVAILABLE: Code.UNAVAILABLE,
+    ErrorCode.INTERNAL: Code.INTERNAL,
+}
+STATES: dict[str, pb.CapsuleState] = {
+    "starting": pb.CapsuleState.STARTING,
+    "running": pb.CapsuleState.RUNNING,
+    "pausing": pb.CapsuleState.PAUSING,
+    "paused": pb.CapsuleState.PAUSED,
+    "resuming": pb.CapsuleState.RESUMING,
+    "snapshotting": pb.CapsuleState.SNAPSHOTTING,
+    "stopping": pb.CapsuleState.STOPPING,
+    "stopped": pb.CapsuleState.STOPPED,
+    "error": pb.CapsuleState.ERROR,
+}
+
+
+# ── errors ───────────────────────────────────────────────────────────────────────────────
+
+
+def connect_error(err: Exception, method: str) -> ConnectError:
+    """The Connect error for `err`, with an `ErrorInfo` detail holding the stable code."""
+    code, message = classify(err)
+    if code == ErrorCode.INTERNAL:
+        log.error("%s failed: %r", method, err)
+        log.debug("%s failed", method, exc_info=err)
+    connect_code = Code.DEADLINE_EXCEEDED if isinstance(err, DeadlineExceeded) else None
+    return ConnectError(
+        connect_code or CONNECT_CODES.get(code, Code.INTERNAL),
+        message,
+        details=[pb.ErrorInfo(code=code.value)],
+    )
+
+
+class ErrorMapper:
+    """A Connect interceptor for every kind of method: domain errors leave as Connect errors
+    with their stable code; cancellation and Connect errors pass untouched."""
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, Ctx], Awaitable[RES]],
+        request: REQ,
+        ctx: Ctx,
+        /,
+    ) -> RES:
+        try:
+            return await call_next(request, ctx)
+        except ConnectError:
+            raise
+        except Exception as err:
+            raise connect_error(err, ctx.method.name) from err
+
+    async def intercept_client_stream(
+        self,
+        call_next: Callable[[AsyncIterator[REQ], Ctx], Awaitable[RES]],
+        request: AsyncIterator[REQ],
+        ctx: Ctx,
+        /,
+    ) -> RES:
+        try:
+            return await call_next(request, ctx)
+        except ConnectError:
+            raise
+        except Exception as err:
+            raise connect_error(err, ctx.method.name) from err
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[REQ, Ctx], AsyncIterator[RES]],
+        request: REQ,
+        ctx: Ctx,
+        /,
+    ) -> AsyncIterator[RES]:
+        try:
+            async for item in call_next(request, ctx):
+                yield item
+        except ConnectError:
+            raise
+        except Exception as err:
+            raise connect_error(err, ctx.method.name) from err
+
+
+# ── values ───────────────────────────────────────────────────────────────────────────────
+
+
+def capsule(view: CapsuleView) -> pb.Capsule:
+    return pb.Capsule(
+        capsule_id=view.capsule_id,
+        state=STATES.get(str(view.state), pb.CapsuleState.UNSPECIFIED),
+        template_id=view.template_id,
+        team_id=view.meta.team_id,
+        vcpus=view.vcpus,
+        memory_mb=view.memory_mib,
+        idle_timeout_sec=view.meta.idle_timeout_s,
+        host_ip=view.host_address or "",
+        guest_ip="169.254.0.21" if view.host_address else "",
+        egress=view.meta.egress,
+        created_at_unix_ms=view.meta.created_at_unix_ms,
+        last_active_at_unix_ms=view.last_active_unix_ms,
+        error=view.error or "",
+        metadata=view.metadata,
+    )
+
+
+def process_event(event: Event) -> pb.ProcessEvent:
+    """One envd event as a `ProcessEvent`."""
+    if isinstance(event, Started):
+        started: Oneof[Literal["started"], pb.ProcessEvent.Started] = Oneof(
+            "started", pb.ProcessEvent.Started(pid=event.pid, tag=event.tag or "")
+        )
+        return pb.ProcessEvent(event=started)
+    if isinstance(event, Output):
+        data: Oneof[Literal["stdout", "stderr", "pty"], bytes] = Oneof(event.stream, event.data)
+        return pb.ProcessEvent(event=data)  # type: ignore[arg-type]  # a union of 3 literals
+    assert isinstance(event, Ended)
+    exited: Oneof[Literal["exited"], pb.ProcessEvent.Exited] = Oneof(
+        "exited",
+        pb.ProcessEvent.Exited(
+            exit_code=event.exit_code, exited=event.exited, status=event.status,
+            error=event.error or "",
+        ),
+    )  # fmt: skip
+    return pb.ProcessEvent(event=exited)
+
+
+def file_entry(entry: FileEntry) -> pb.FileEntry:
+    return pb.FileEntry(
+        name=entry.name, path=entry.path, type=entry.type, size=entry.size, mode=entry.mode,
+        permissions=entry.permissions, owner=entry.owner, group=entry.group,
+        modified_at=entry.modified_at, symlink_target=entry.symlink_target,
+    )  # fmt: skip
+
+
+def metric_point(point: MetricPoint) -> pb.MetricPoint:
+    return pb.MetricPoint(
+        ts_unix_ms=point.ts_unix_ms, cpu_pct=point.cpu_pct, mem_bytes=point.mem_bytes,
+        disk_bytes=point.disk_bytes,
+    )  # fmt: skip
+
+
+def template(t: Template) -> pb.Template:
+    meta = t.meta
+    return pb.Template(
+        template_id=meta.template_id, vcpus=meta.vcpus, memory_mb=meta.memory_mib,
+        default_user=meta.default_user, default_env=dict(meta.default_env),
+        created_at_unix_ms=int(meta.created_at.timestamp() * 1000), source=meta.source,
+    )  # fmt: skip

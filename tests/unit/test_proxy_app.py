@@ -1,0 +1,203 @@
+"""The port proxy's ASGI app with the network replaced: httpx's `ASGITransport` downstream,
+`MockTransport` as the capsule, a recording fake sleep for the dial backoff."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from nestbox.hostagent.proxy import PortProxy
+from tests.fakes.targets import FakeTargets
+
+Answer = tuple[int, dict[str, str], bytes]
+Handler = Callable[[httpx.Request], Answer]
+Build = Callable[["Upstream"], tuple[PortProxy, httpx.AsyncClient]]
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that is streamed, as a real connection's is (not pre-read)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data
+
+
+class Upstream:
+    """The capsule: records requests, answers with `handler`, refuses `refusals` connects."""
+
+    def __init__(self, handler: Handler, refusals: int = 0) -> None:
+        self.handler = handler
+        self.refusals = refusals
+        self.requests: list[httpx.Request] = []
+        self.transports = 0
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        self.transports += 1
+        return httpx.MockTransport(self._handle)
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise httpx.ConnectError("connection refused", request=request)
+        request.read()
+        self.requests.append(request)
+        status, headers, body = self.handler(request)
+        return httpx.Response(status, headers=headers, stream=Body(body))
+
+
+@pytest.fixture
+def targets() -> FakeTargets:
+    return FakeTargets({"cl-a": "10.201.0.5"})
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+def make_client(proxy: PortProxy) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy, client=("192.0.2.7", 1234)),
+        base_url="http://agent",
+    )
+
+
+@pytest.fixture
+async def setup(targets: FakeTargets, sleeps: list[float]) -> AsyncIterator[Build]:
+    made: list[tuple[PortProxy, httpx.AsyncClient]] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    def build(upstream: Upstream) -> tuple[PortProxy, httpx.AsyncClient]:
+        proxy = PortProxy(targets, transport=upstream.transport, sleep=fake_sleep)
+        pair = (proxy, make_client(proxy))
+        made.append(pair)
+        return pair
+
+    yield build
+    for proxy, client in made:
+        await client.aclose()
+        await proxy.aclose()
+
+
+async def test_request_is_forwarded_with_path_query_and_headers(setup: Build) -> None:
+    upstream = Upstream(lambda r: (201, {"X-Up": "1"}, b"made"))
+    _, client = setup(upstream)
+    response = await client.post(
+        "/proxy/cl-a/8000/api/items/?page=2",
+        content=b"payload",
+        headers={
+            "X-Agent-Token": "secret",
+            "Authorization": "Bearer user",
+            "X-Forwarded-For": "1.2.3.4",
+        },
+    )
+    assert (response.status_code, response.content) == (201, b"made")
+    assert response.headers["x-up"] == "1"
+    sent = upstream.requests[0]
+    assert str(sent.url) == "http://10.201.0.5:8000/api/items/?page=2"
+    assert sent.headers["host"] == "10.201.0.5:8000"
+    assert sent.content == b"payload"
+    assert "x-agent-token" not in sent.headers  # the CP's credential never reaches a capsule
+    assert sent.headers["authorization"] == "Bearer user"  # the user's does
+    assert sent.headers["x-forwarded-for"] == "1.2.3.4, 192.0.2.7"
+    # nothing else is added or dropped: the proxy sets no Accept-Encoding or User-Agent of its own
+    dropped = ("x-agent-token", "host", "connection")
+    downstream = {k for k in response.request.headers if k not in dropped}
+    assert set(sent.headers) == downstream | {"host"}
+
+
+async def test_bytes_pass_through_undecoded(setup: Build) -> None:
+    import gzip
+
+    packed = gzip.compress(b"hello " * 100)
+    upstream = Upstream(lambda r: (200, {"Content-Encoding": "gzip"}, packed))
+    _, client = setup(upstream)
+    async with client.stream("GET", "/proxy/cl-a/8000/") as response:
+        raw = b"".join([c async for c in response.aiter_raw()])
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == packed
+
+
+async def test_location_is_rewritten(setup: Build) -> None:
+    upstream = Upstream(lambda r: (301, {"Location": "/dir/"}, b""))
+    _, client = setup(upstream)
+    response = await client.get("/proxy/cl-a/8000/dir")
+    assert response.headers["location"] == "/proxy/cl-a/8000/dir/"
+
+
+async def test_unknown_capsule_is_404(setup: Build) -> None:
+    _, client = setup(Upstream(lambda r: (200, {}, b"")))
+    response = await client.get("/proxy/cl-nope/8000/")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_paused_or_draining_capsule_is_503(setup: Build, targets: FakeTargets) -> None:
+    _, client = setup(Upstream(lambda r: (200, {}, b"")))
+    await targets.tracker("cl-a").drain(timeout_s=0)
+    response = await client.get("/proxy/cl-a/8000/")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    targets.tracker("cl-a").reset()
+    targets.paused.add("cl-a")
+    assert (await client.get("/proxy/cl-a/8000/")).status_code == 503
+    targets.paused.clear()
+    assert (await client.get("/proxy/cl-a/8000/")).status_code == 200
+    assert targets.tracker("cl-a").statistics().active == 0  # every lease was released
+
+
+async def test_dial_retry_backs_off_linearly(setup: Build, sleeps: list[float]) -> None:
+    upstream = Upstream(lambda r: (200, {}, b"late"), refusals=2)
+    _, client = setup(upstream)
+    response = await client.get("/proxy/cl-a/8000/")
+    assert response.content == b"late"
+    assert sleeps == [0.1, 0.2]
+
+
+async def test_nothing_listening_is_502_after_three_attempts(
+    setup: Build, sleeps: list[float]
+) -> None:
+    upstream = Upstream(lambda r: (200, {}, b""), refusals=99)
+    _, client = setup(upstream)
+    response = await client.get("/proxy/cl-a/8000/")
+    assert response.status_code == 502
+    assert response.json() == {
+        "error": {
+            "code": "unavailable",
+            "message": "proxy error: nothing listens on port 8000 in capsule cl-a",
+        }
+    }
+    assert sleeps == [0.1, 0.2]  # no sleep after the last attempt
+    assert upstream.refusals == 96
+
+
+async def test_targets_are_cached_per_address_and_evicted(
+    setup: Build, targets: FakeTargets
+) -> None:
+    upstream = Upstream(lambda r: (200, {}, b""))
+    proxy, client = setup(upstream)
+    await client.get("/proxy/cl-a/8000/")
+    await client.get("/proxy/cl-a/8000/x")
+    await client.get("/proxy/cl-a/9000/")
+    assert proxy.statistics().cached_targets == 2
+    assert upstream.transports == 2
+    targets.addresses["cl-a"] = "10.201.0.9"  # resumed elsewhere: the old one is dropped
+    await client.get("/proxy/cl-a/8000/")
+    assert str(upstream.requests[-1].url) == "http://10.201.0.9:8000/"
+    assert proxy.statistics().cached_targets == 2
+    await proxy.evict("cl-a")
+    assert proxy.statistics().cached_targets == 0
+
+
+async def test_bad_port_is_400(setup: Build) -> None:
+    _, client = setup(Upstream(lambda r: (200, {}, b"")))
+    response = await client.get("/proxy/cl-a/70000/")
+    assert response.status_code == 400
+    assert json.loads(response.content)["error"]["code"] == "invalid_request"
