@@ -53,6 +53,9 @@ test: install system-deps lint typecheck image ## everything this machine can ru
 
 check: test ## what CI runs, in CI's order
 
+dev-cp: install ## run the control plane on 127.0.0.1:9725 with its data in .cache/dev-cp
+	NESTBOX_DIR=$(CURDIR)/.cache/dev-cp $(BIN)/nestbox-cp
+
 dev-envd: install ## run envd locally on :49983 (outside a VM: touches nothing on the host)
 	$(BIN)/python -m nestbox.envd --port 49983 --outside-vm
 
@@ -63,4 +66,4 @@ run: install ## start the whole platform on this machine
 	@echo "make run: the control plane and host agent are not built yet (issues 4 and 5)."
 	@echo "What runs today: envd alone, with 'make dev-envd'."
 
-.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test check dev-envd run bench-vm
+.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test check dev-cp dev-envd run bench-vm

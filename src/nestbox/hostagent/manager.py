@@ -396,7 +396,11 @@ class CapsuleManager(GuestCalls):
                     log.error("pause failed: %s", err, extra={"capsule_id": cid})
                     failed.append(cid)
                     if destroy_failed:
-                        await self._destroy_quietly(cid)
+                        try:
+                            await self.destroy(cid)
+                        except Exception as destroy_err:
+                            log.error("destroy after a failed pause: %s", destroy_err,
+                                      extra={"capsule_id": cid})  # fmt: skip
 
         running = [cid for cid in list(self._entries) if self.state(cid) == S.RUNNING]
         async with anyio.create_task_group() as tg:

@@ -16,7 +16,7 @@ from protobuf import Oneof
 from nestbox.hostagent.envdconn import Ended, Event, Output, Started
 from nestbox.hostagent.envdconn.errors import DeadlineExceeded
 from nestbox.hostagent.errors import classify
-from nestbox.protocol.errors import ErrorCode
+from nestbox.protocol.errors import HTTP_STATUS, ErrorCode
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ REQ = TypeVar("REQ")
 RES = TypeVar("RES")
 
 CONNECT_CODES: dict[ErrorCode, Code] = {
+    # The codes the agent answers with (the proto's table); others go by HTTP status.
     ErrorCode.INVALID_REQUEST: Code.INVALID_ARGUMENT,
     ErrorCode.UNAUTHORIZED: Code.UNAUTHENTICATED,
     ErrorCode.FORBIDDEN: Code.PERMISSION_DENIED,
@@ -49,6 +50,11 @@ CONNECT_CODES: dict[ErrorCode, Code] = {
     ErrorCode.HOST_UNAVAILABLE: Code.UNAVAILABLE,
     ErrorCode.INTERNAL: Code.INTERNAL,
 }
+BY_HTTP_STATUS: dict[int, Code] = {
+    400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED,
+    404: Code.NOT_FOUND, 409: Code.FAILED_PRECONDITION, 413: Code.RESOURCE_EXHAUSTED,
+    503: Code.UNAVAILABLE, 507: Code.RESOURCE_EXHAUSTED,
+}  # fmt: skip
 STATES: dict[str, pb.CapsuleState] = {
     "starting": pb.CapsuleState.STARTING,
     "running": pb.CapsuleState.RUNNING,
@@ -71,12 +77,15 @@ def connect_error(err: Exception, method: str) -> ConnectError:
     if code == ErrorCode.INTERNAL:
         log.error("%s failed: %r", method, err)
         log.debug("%s failed", method, exc_info=err)
-    connect_code = Code.DEADLINE_EXCEEDED if isinstance(err, DeadlineExceeded) else None
-    return ConnectError(
-        connect_code or CONNECT_CODES.get(code, Code.INTERNAL),
-        message,
-        details=[pb.ErrorInfo(code=code.value)],
-    )
+    connect = Code.DEADLINE_EXCEEDED if isinstance(err, DeadlineExceeded) else connect_code(code)
+    return ConnectError(connect, message, details=[pb.ErrorInfo(code=code.value)])
+
+
+def connect_code(code: ErrorCode) -> Code:
+    """The Connect code for `code` (by its HTTP status for codes the table does not name)."""
+    if code in CONNECT_CODES:
+        return CONNECT_CODES[code]
+    return BY_HTTP_STATUS.get(HTTP_STATUS.get(code, 500), Code.INTERNAL)
 
 
 class ErrorMapper:

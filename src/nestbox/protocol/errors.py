@@ -24,6 +24,10 @@ class ErrorCode(StrEnum):
     NOT_ENOUGH_SPACE = "not_enough_space"
     UNAVAILABLE = "unavailable"
     HOST_UNAVAILABLE = "host_unavailable"
+    HOST_HAS_CAPSULES = "host_has_capsules"
+    """A host still runs capsules; the body also lists them in a top-level `capsule_ids`."""
+    AGENT_ERROR = "agent_error"
+    """A host agent failed an operation the control plane asked of it."""
     INTERNAL = "internal_error"
 
 
@@ -38,6 +42,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_ENOUGH_SPACE: 507,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.HOST_UNAVAILABLE: 503,
+    ErrorCode.HOST_HAS_CAPSULES: 409,
+    ErrorCode.AGENT_ERROR: 502,
     ErrorCode.INTERNAL: 500,
 }
 

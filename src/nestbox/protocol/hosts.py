@@ -13,12 +13,21 @@ Credentials, one per direction:
   strips the header before anything reaches a capsule.
 Errors are `ErrorBody` (`protocol.errors`): a bad or used registration token is 401
 `unauthorized`; an unknown host 404 `not_found`.
+
+Managing hosts (public API, platform admins; a BYOC host also its team's admins):
+
+    POST   /v1/hosts                 HostCreate -> 201 HostCreatedView (one-time token)
+    GET    /v1/hosts                            -> [HostView]
+    GET    /v1/hosts/{id}                       -> HostView
+    DELETE /v1/hosts/{id}[?force=true]          -> 204 (409 host_has_capsules unless force)
+    POST   /v1/hosts/{id}/token                 -> 201 HostTokenView (a new one-time token)
 """
 
 from __future__ import annotations
 
 from datetime import datetime  # noqa: TC003 (pydantic resolves annotations at runtime)
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +50,13 @@ class HostStatus(StrEnum):
     """Takes no new capsules; running ones stay."""
     UNREACHABLE = "unreachable"
     """No heartbeat for the monitor's grace period (Wrenn: 90 s)."""
+
+
+class HostType(StrEnum):
+    REGULAR = "regular"
+    """Takes any team's capsules."""
+    BYOC = "byoc"
+    """A team's own machine: takes only that team's capsules."""
 
 
 class HostRegisterRequest(BaseModel):
@@ -67,6 +83,37 @@ class HostView(BaseModel):
     memory_mb: int = 0
     disk_gb: int = 0
     last_heartbeat_at: datetime | None = None
+    type: HostType = HostType.REGULAR
+    team_id: str | None = None
+    provider: str = ""
+    availability_zone: str = ""
+    created_at: datetime | None = None
+    load: dict[str, Any] | None = Field(default=None, description="the last heartbeat's figures")
+    capsules: int = Field(default=0, description="capsules placed on it and not destroyed")
+
+
+class HostCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: HostType = HostType.REGULAR
+    team_id: str | None = Field(default=None, description="byoc: the team (default: yours)")
+    provider: str = Field(default="", max_length=64)
+    availability_zone: str = Field(default="", max_length=64)
+
+
+class HostTokenView(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    registration_token: str = Field(description="for `nestbox-agent --register`; shown once")
+    expires_at: datetime
+
+
+class HostCreatedView(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: HostView
+    registration_token: str = Field(description="for `nestbox-agent --register`; shown once")
+    expires_at: datetime
 
 
 class HostRegisterResponse(BaseModel):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 READ_MAX = 200 * 1024 * 1024
+HEADER_TIMEOUT_S = 3.0
+"""The agents under test wait 3 s (not 10) for a request head, so the test of it is quick."""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class AgentProcess:
             "NESTBOX_AGENT_SECRET": self.secret,
             "NESTBOX_AGENT_ACCEL": s.accel,
             "NESTBOX_AGENT_REAP_INTERVAL_S": "0.5",
+            "NESTBOX_AGENT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             "NESTBOX_AGENT_LOG_LEVEL": "INFO",
         })  # fmt: skip
         env.update(self.extra_env)
@@ -153,7 +157,9 @@ class Rpc:
         return call
 
     async def create(self, **fields: Any) -> pb.Capsule:
-        response = await self.create_capsule(pb.CreateCapsuleRequest(**fields))
+        response: pb.CreateCapsuleResponse = await self.create_capsule(
+            pb.CreateCapsuleRequest(**fields)
+        )
         assert response.capsule is not None
         return response.capsule
 
@@ -185,3 +191,17 @@ def agent_leftovers(settings: AgentSettings) -> dict[str, list[str]]:
     left["routes"] = [r for r in left["routes"] if veth in r]
     left["processes"] = [str(pid) for pid in qemu_pids(settings.state_dir)]
     return left
+
+
+def reset_agent(agent: AgentProcess) -> None:
+    """After a test, pass or fail: the agent runs and holds no capsule (so one failing test
+    leaves nothing to the next)."""
+    if agent.proc is None or agent.proc.poll() is not None:
+        agent.start()
+
+    async def destroy_all() -> None:
+        async with agent.connect() as rpc:
+            for capsule_id in await rpc.capsules():
+                await rpc.destroy_capsule(pb.DestroyCapsuleRequest(capsule_id=capsule_id))
+
+    anyio.run(destroy_all)

@@ -47,6 +47,18 @@ once on one machine need different values (e.g. 1001 for the second)."""
 AGENT_ID = "v" + secrets.token_hex(3)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The image tests first: they (re)build the guest image every other VM test boots, and
+    `test_agent_*` would otherwise sort before them."""
+    here = Path(__file__).parent
+    vm = [i for i, item in enumerate(items) if item.path.parent == here]
+    if vm:
+        ours = [items[i] for i in vm]
+        ours.sort(key=lambda item: item.path.name != "test_image.py")  # stable
+        for i, item in zip(vm, ours, strict=True):
+            items[i] = item
+
+
 def vm_skip_reason() -> str | None:
     """Why QEMU microVMs cannot run here at all, or None."""
     if os.geteuid() != 0:

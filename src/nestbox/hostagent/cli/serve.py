@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace, settings: AgentSettings) -> int:
         print(f"nestbox-agent: not registered; RPCs need the secret from {auth.source}",
               file=sys.stderr)  # fmt: skip
     app = AgentApp(settings, auth, credentials=creds)
+    # uvicorn handles SIGTERM while it serves (graceful stop, then the lifespan pauses the
+    # capsules) and re-raises it afterwards: this handler turns that into exit status 0.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         asyncio.run(serve(app, settings))
     except KeyboardInterrupt:
@@ -74,6 +78,10 @@ def run(args: argparse.Namespace, settings: AgentSettings) -> int:
         print(f"nestbox-agent: {err!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _credentials(args: argparse.Namespace, settings: AgentSettings) -> HostCredentials | None:

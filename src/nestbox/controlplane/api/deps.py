@@ -1,0 +1,121 @@
+"""What handlers need from a request: the services, the authenticated principal, a validated
+body, and a JSON answer. Also the authentication used by `Endpoint` and by WebSocket handlers.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from nestbox.controlplane.errors import InvalidRequest, TooLarge, Unauthorized
+from nestbox.controlplane.services.auth import Credentials
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from starlette.requests import HTTPConnection, Request
+
+    from nestbox.controlplane.services.container import Services
+    from nestbox.controlplane.services.principal import Principal
+
+M = TypeVar("M", bound=BaseModel)
+
+API_KEY_HEADER = "X-API-Key"
+MAX_JSON_BODY = 1024 * 1024
+MAX_ERRORS_SHOWN = 5
+
+
+def services(conn: HTTPConnection) -> Services:
+    return cast("Services", conn.app.state.services)
+
+
+def principal(request: Request) -> Principal:
+    """The principal `Endpoint` authenticated. :raise Unauthorized: a public endpoint asked."""
+    found = getattr(request.state, "principal", None)
+    if found is None:
+        raise Unauthorized()
+    return cast("Principal", found)
+
+
+def credentials(conn: HTTPConnection) -> Credentials:
+    """`X-API-Key` and `Authorization: Bearer …` of a request or WebSocket handshake."""
+    bearer = None
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        bearer = token.strip()
+    return Credentials(api_key=conn.headers.get(API_KEY_HEADER) or None, bearer=bearer)
+
+
+async def authenticate(conn: HTTPConnection) -> Principal:
+    """The principal behind a request or WebSocket handshake. :raise Unauthorized:"""
+    return await services(conn).auth.authenticate(credentials(conn))
+
+
+def require_session(found: Principal) -> None:
+    if not found.is_session:
+        raise Unauthorized("this needs a user session (Authorization: Bearer), not an API key")
+
+
+async def body(request: Request, model: type[M]) -> M:
+    """The JSON body validated as `model`; an empty body counts as `{}`.
+    :raise InvalidRequest: not JSON, or not valid. :raise TooLarge: over 1 MiB."""
+    raw = await _read_limited(request, MAX_JSON_BODY)
+    try:
+        data: Any = jsonlib.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise InvalidRequest("the body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise InvalidRequest(validation_message(err)) from None
+
+
+def validation_message(err: ValidationError) -> str:
+    """pydantic's errors as one line for the client (field: problem; …), without the input."""
+    parts = []
+    for e in err.errors(include_url=False, include_input=False)[:MAX_ERRORS_SHOWN]:
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    more = err.error_count() - MAX_ERRORS_SHOWN
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def query_int(request: Request, name: str, default: int, *, lo: int, hi: int) -> int:
+    """An integer query parameter within [lo, hi]. :raise InvalidRequest:"""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def json(content: BaseModel | Sequence[BaseModel], status: int = 200) -> JSONResponse:
+    """A view (or a list of views) as the JSON answer."""
+    if isinstance(content, BaseModel):
+        return JSONResponse(content.model_dump(mode="json"), status_code=status)
+    return JSONResponse([v.model_dump(mode="json") for v in content], status_code=status)
+
+
+def no_content() -> Response:
+    return Response(status_code=204)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"the body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,83 @@
+"""`Endpoint` and `Router`: how a route module declares its routes, once, for both Starlette and
+the OpenAPI document.
+
+An `Endpoint` names its method, path, auth level, request model and response type; its Starlette
+route authenticates the request first (the principal lands in `request.state.principal`), so a
+handler never sees an unauthenticated request it did not ask for. Routes that the OpenAPI
+document cannot describe (WebSockets, mounts) go into `Router.routes` as plain Starlette routes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import BaseRoute, Route
+
+from nestbox.controlplane.api import deps
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+class Auth(Enum):
+    PUBLIC = "public"
+    """No credentials."""
+    TEAM = "team"
+    """An API key (`X-API-Key`) or a user session (`Authorization: Bearer`)."""
+    SESSION = "session"
+    """A user session only (JWT)."""
+    ADMIN = "admin"
+    """Either credential, of a platform admin."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: Auth = Auth.TEAM
+    body: type[BaseModel] | None = None
+    response: Any = None
+    """A pydantic model, `list[Model]`, or None for an empty answer."""
+    status: int = 200
+    description: str = ""
+    query: Sequence[tuple[str, str]] = ()
+    """(name, description) of the query parameters, for the document."""
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"{(\w+)(?::\w+)?}", self.path)
+
+    def route(self) -> Route:
+        return Route(self.path, self._endpoint, methods=[self.method], name=self.handler.__name__)
+
+    async def _endpoint(self, request: Request) -> Response:
+        if self.auth is not Auth.PUBLIC:
+            principal = await deps.authenticate(request)
+            if self.auth is Auth.SESSION:
+                deps.require_session(principal)
+            elif self.auth is Auth.ADMIN:
+                principal.require_admin()
+            request.state.principal = principal
+        return await self.handler(request)
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """What one API module contributes: documented endpoints and undocumented raw routes."""
+
+    tag: str
+    endpoints: Sequence[Endpoint] = ()
+    routes: Sequence[BaseRoute] = field(default_factory=list)
+
+    def starlette_routes(self) -> list[BaseRoute]:
+        return [e.route() for e in self.endpoints] + list(self.routes)

@@ -1,0 +1,107 @@
+"""Wiring only: the Starlette app, its routers, its lifespan (database, migrations, services, a
+task group for background loops) and the error handler.
+
+To add routes: write `api/<resource>.py` exporting `router = Router(...)` and append it to
+`ROUTERS`. To add a background loop: write `async def loop(services, *, task_status=
+TASK_STATUS_IGNORED)` that calls `task_status.started()` once it is ready, then loops until
+cancelled, and append it to `BACKGROUND`. Loops run in the lifespan's task group and stop with
+the app; a loop that raises takes the app down (loudly) rather than dying unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from starlette.applications import Starlette
+
+from nestbox.controlplane.api import admin, api_keys, auth, docs, teams
+from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
+from nestbox.controlplane.api.openapi import build_openapi
+from nestbox.controlplane.db import Database
+from nestbox.controlplane.services.container import Services, build_services
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Coroutine, Sequence
+
+    from anyio.abc import TaskStatus
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from nestbox.controlplane.api.routing import Router
+    from nestbox.controlplane.settings import CPSettings
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundLoop(Protocol):
+    """A long-running task of the control plane (host monitor, reconciler, …)."""
+
+    __name__: str
+
+    def __call__(
+        self, services: Services, *, task_status: TaskStatus[None] = ...
+    ) -> Coroutine[Any, Any, None]: ...
+
+
+ROUTERS: tuple[Router, ...] = (
+    auth.router,
+    api_keys.router,
+    teams.router,
+    admin.router,
+    docs.router,
+)
+BACKGROUND: tuple[BackgroundLoop, ...] = ()
+
+
+def create_app(
+    settings: CPSettings,
+    *,
+    routers: Sequence[Router] = ROUTERS,
+    background: Sequence[BackgroundLoop] = BACKGROUND,
+) -> Starlette:
+    """The control plane's ASGI app. Nothing is opened until its lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        try:
+            await db.migrate()
+            services = build_services(settings, db)
+            app.state.services = services
+            async with anyio.create_task_group() as tg:
+                for loop in background:
+                    await tg.start(loop, services, name=loop.__name__)
+                log.info("control plane ready", extra={"db": db.dialect})
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            await db.aclose()
+
+    routes = [route for router in routers for route in router.starlette_routes()]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.openapi = build_openapi(routers)
+    app.add_middleware(StripApiPrefix)
+    return app
+
+
+class StripApiPrefix:
+    """Serve every route under `/api` too: the `wrenn` SDK's default base URL ends in `/api`
+    (its public deployment's reverse proxy strips it), so both base URLs work here."""
+
+    PREFIX = "/api"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path: str = scope["path"]
+            if path == self.PREFIX or path.startswith(self.PREFIX + "/"):
+                scope = dict(scope)
+                scope["path"] = path[len(self.PREFIX) :] or "/"
+                raw = scope.get("raw_path")
+                if isinstance(raw, bytes) and raw.startswith(self.PREFIX.encode()):
+                    scope["raw_path"] = raw[len(self.PREFIX) :] or b"/"
+        await self.app(scope, receive, send)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the control plane database (applied at start by `Database.migrate`)."""

@@ -1,0 +1,296 @@
+"""Capsule lifecycle: create (placement, then the agent clones the template), list, get,
+pause, resume, ping, destroy.
+
+Each verb records its intent in the database first (`pending`, `pausing`, `resuming`), then
+asks the host agent, then records the outcome; the agent call and the outcome are shielded
+from cancellation, so a client that hangs up never leaves a row that disagrees with its host.
+Verbs on one capsule are serialised (`KeyedLocks`); the reconciler never touches a capsule in
+a transitional status, and updates only rows unchanged since it read them.
+
+Destroy hides the capsule at once (`destroyed`): a GET afterwards is 404, whatever its host
+said. A destroy its host could not carry out is retried by the reconciler when the host
+answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from nestbox.controlplane.agent_client import AgentCallError
+from nestbox.controlplane.db.capsules import DESTROYED, Committed
+from nestbox.controlplane.errors import HostUnavailable, InvalidState, NotFound
+from nestbox.controlplane.scheduling import Candidate, Demand
+from nestbox.controlplane.services.locks import KeyedLocks
+from nestbox.controlplane.services.views import (
+    DEFAULT_DISK_MB,
+    capsule_view,
+    from_unix_ms,
+    status_of,
+)
+from nestbox.protocol.capsules import CapsuleStatus
+from nestbox.protocol.errors import ErrorCode
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from nestbox.protocol.ids import new_capsule_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from nestbox.controlplane.db import Database, Tx
+    from nestbox.controlplane.db.audit import AuditEvent
+    from nestbox.controlplane.db.capsules import Capsule
+    from nestbox.controlplane.db.hosts import Host
+    from nestbox.controlplane.db.templates import Template
+    from nestbox.controlplane.scheduling import Placement
+    from nestbox.controlplane.services.principal import Principal
+    from nestbox.controlplane.services.targets import Targets
+    from nestbox.protocol.capsules import CapsuleCreate, CapsuleView
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VCPUS = 1
+DEFAULT_MEMORY_MB = 512
+MIN_IDLE_TIMEOUT_S = 60
+"""Positive idle timeouts below this are raised to it (the SDK documents the clamp)."""
+AGENT_METADATA = ("agent_version", "accel", "image_version", "envd_version")
+
+
+def agent_template_id(template: Template) -> str:
+    """The template's name on its host: platform templates by name (every agent has
+    `minimal`), a team's snapshots by their unique id (two teams may use one name)."""
+    return template.name if template.platform else template.id
+
+
+def running_values(capsule: pb.Capsule, now: datetime) -> dict[str, Any]:
+    """Row values for a capsule the agent just started or resumed."""
+    return {
+        "status": status_of(capsule.state).value, "host_ip": capsule.host_ip,
+        "guest_ip": capsule.guest_ip, "last_active_at": from_unix_ms(
+            capsule.last_active_at_unix_ms) or now,
+    }  # fmt: skip
+
+
+class CapsuleService:
+    def __init__(
+        self,
+        db: Database,
+        targets: Targets,
+        placement: Placement,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._targets = targets
+        self._placement = placement
+        self._clock = clock
+        self.locks = KeyedLocks()
+
+    # ── reads ──
+
+    async def list_for(self, principal: Principal) -> list[CapsuleView]:
+        async with self._db.transaction() as tx:
+            return [capsule_view(c) for c in await tx.capsules.list_team(principal.team_id)]
+
+    async def get(self, principal: Principal, capsule_id: str) -> CapsuleView:
+        capsule, _ = await self._targets.find(principal, capsule_id)
+        return capsule_view(capsule)
+
+    # ── create ──
+
+    async def create(self, principal: Principal, req: CapsuleCreate) -> CapsuleView:
+        """Place and start a capsule from `req.template`.
+
+        :raise NotFound: no such template. :raise HostUnavailable: no host can take it.
+        :raise AgentCallError: the host refused or failed (the capsule is then gone).
+        """
+        async with self._db.transaction() as tx:
+            template = await tx.templates.find(principal.team_id, req.template)
+            if template is None:
+                raise NotFound("template", req.template)
+            demand = Demand(
+                vcpus=template.vcpus or req.vcpus or DEFAULT_VCPUS,
+                memory_mb=template.memory_mb or req.memory_mb or DEFAULT_MEMORY_MB,
+                disk_mb=DEFAULT_DISK_MB,
+            )
+            host = await self._place(tx, principal, template, demand)
+            timeout = req.timeout_sec and max(req.timeout_sec, MIN_IDLE_TIMEOUT_S)
+            capsule = await tx.capsules.create(
+                new_capsule_id(), team_id=principal.team_id, host_id=host.id,
+                template=template.name, template_id=template.id, vcpus=demand.vcpus,
+                memory_mb=demand.memory_mb, disk_mb=demand.disk_mb, timeout_sec=timeout,
+                metadata=dict(req.metadata or {}),
+            )  # fmt: skip
+        request = pb.CreateCapsuleRequest(
+            template=agent_template_id(template), vcpus=demand.vcpus, memory_mb=demand.memory_mb,
+            disk_mb=demand.disk_mb, idle_timeout_sec=timeout, default_user=template.default_user,
+            default_env=dict(template.default_env), capsule_id=capsule.id,
+            team_id=principal.team_id,
+        )  # fmt: skip
+        with anyio.CancelScope(shield=True):
+            view = await self._start(principal, capsule, host, request)
+        return view
+
+    async def _place(
+        self, tx: Tx, principal: Principal, template: Template, demand: Demand
+    ) -> Host:
+        hosts = [h for h in await tx.hosts.with_status("online")
+                 if h.team_id in (None, principal.team_id)]  # fmt: skip
+        if template.host_id is not None:
+            # A team's snapshot lives on the host that took it.
+            hosts = [h for h in hosts if h.id == template.host_id]
+            if not hosts:
+                raise HostUnavailable(f"the host holding template {template.name} is not online")
+        committed = await tx.capsules.committed()
+        candidates = [candidate(h, committed.get(h.id)) for h in hosts]
+        chosen = self._placement.choose(demand, candidates)
+        return next(h for h in hosts if h.id == chosen.host_id)
+
+    async def _start(
+        self, principal: Principal, capsule: Capsule, host: Host, request: pb.CreateCapsuleRequest
+    ) -> CapsuleView:
+        event = principal.audit("capsule.create", "capsule", capsule.id, host_id=host.id,
+                                template=capsule.template)  # fmt: skip
+        try:
+            started = await self._targets.agent(host).create_capsule(request)
+        except (AgentCallError, HostUnavailable) as err:
+            await self._forget_failed(capsule, host)
+            failed = replace(event, status="error", metadata={**event.metadata, "error": err.code})
+            async with self._db.transaction() as tx:
+                await tx.audit.record(failed)
+            raise
+        now = self._clock()
+        system = {k: v for k, v in started.metadata.items() if k in AGENT_METADATA}
+        metadata = {**capsule.metadata, **system}
+        async with self._db.transaction() as tx:
+            await tx.capsules.update(
+                capsule.id, vcpus=started.vcpus or capsule.vcpus,
+                memory_mb=started.memory_mb or capsule.memory_mb, started_at=now,
+                metadata=metadata, **running_values(started, now),
+            )  # fmt: skip
+            await tx.audit.record(event)
+            fresh = await tx.capsules.get(capsule.id)
+        assert fresh is not None
+        log.info("capsule created", extra={"capsule_id": capsule.id, "host_id": host.id})
+        return capsule_view(fresh)
+
+    async def _forget_failed(self, capsule: Capsule, host: Host) -> None:
+        """A create failed: make sure the agent has nothing left, hide the row."""
+        try:
+            with anyio.fail_after(30):
+                await self._targets.agent(host).destroy_capsule(capsule.id)
+        except (AgentCallError, HostUnavailable, TimeoutError) as err:
+            log.debug("cleanup after a failed create: %s", err, extra={"capsule_id": capsule.id})
+        async with self._db.transaction() as tx:
+            await tx.capsules.update(capsule.id, status=DESTROYED)
+
+    # ── pause, resume, ping ──
+
+    async def pause(self, principal: Principal, capsule_id: str) -> CapsuleView:
+        """:raise InvalidState: not running. :raise AgentCallError:"""
+        async with self.locks.hold(capsule_id):
+            target = await self._targets.target(principal, capsule_id)
+            self._require(target.capsule, CapsuleStatus.RUNNING)
+            async with self._db.transaction() as tx:
+                await tx.capsules.update(capsule_id, status=CapsuleStatus.PAUSING.value)
+            with anyio.CancelScope(shield=True):
+                try:
+                    paused = await target.agent.pause_capsule(capsule_id)
+                except AgentCallError:
+                    await self._set(capsule_id, status=CapsuleStatus.RUNNING.value)
+                    raise
+                audit = principal.audit("capsule.pause", "capsule", capsule_id)
+                status = status_of(paused.state).value
+                await self._set(capsule_id, status=status, host_ip="", audit=audit)
+        return await self.get(principal, capsule_id)
+
+    async def resume(self, principal: Principal, capsule_id: str) -> CapsuleView:
+        """:raise InvalidState: not paused. :raise AgentCallError:"""
+        async with self.locks.hold(capsule_id):
+            target = await self._targets.target(principal, capsule_id)
+            self._require(target.capsule, CapsuleStatus.PAUSED)
+            async with self._db.transaction() as tx:
+                template = (await tx.templates.find(principal.team_id, target.capsule.template)
+                            if target.capsule.template_id else None)  # fmt: skip
+                await tx.capsules.update(capsule_id, status=CapsuleStatus.RESUMING.value)
+            request = pb.ResumeCapsuleRequest(
+                capsule_id=capsule_id,
+                default_user=template.default_user if template else "",
+                default_env=dict(template.default_env) if template else {},
+            )
+            with anyio.CancelScope(shield=True):
+                try:
+                    resumed = await target.agent.resume_capsule(request)
+                except AgentCallError:
+                    await self._set(capsule_id, status=CapsuleStatus.PAUSED.value)
+                    raise
+                audit = principal.audit("capsule.resume", "capsule", capsule_id)
+                await self._set(capsule_id, **running_values(resumed, self._clock()), audit=audit)
+        return await self.get(principal, capsule_id)
+
+    async def ping(self, principal: Principal, capsule_id: str) -> None:
+        """Reset the idle timer. :raise InvalidState: not running."""
+        target = await self._targets.running(principal, capsule_id)
+        await target.agent.ping_capsule(capsule_id)
+        await self._set(capsule_id, last_active_at=self._clock())
+
+    # ── destroy ──
+
+    async def destroy(self, principal: Principal, capsule_id: str) -> None:
+        """Destroy the capsule on its host and hide it. :raise NotFound:"""
+        async with self.locks.hold(capsule_id):
+            _, host = await self._targets.find(principal, capsule_id)
+            audit = principal.audit("capsule.destroy", "capsule", capsule_id)
+            with anyio.CancelScope(shield=True):
+                if host is not None:
+                    await self._destroy_on(host, capsule_id)
+                await self._set(capsule_id, status=DESTROYED, host_ip="", audit=audit)
+        log.info("capsule destroyed", extra={"capsule_id": capsule_id})
+
+    async def _destroy_on(self, host: Host, capsule_id: str) -> None:
+        try:
+            await self._targets.agent(host).destroy_capsule(capsule_id)
+        except AgentCallError as err:
+            if err.code is not ErrorCode.NOT_FOUND:
+                # The row is hidden anyway; the reconciler destroys it once the host answers.
+                log.warning("host %s did not destroy %s: %s", host.id, capsule_id, err.message,
+                            extra={"capsule_id": capsule_id, "host_id": host.id})  # fmt: skip
+        except HostUnavailable:
+            pass
+
+    # ── helpers ──
+
+    @staticmethod
+    def _require(capsule: Capsule, status: CapsuleStatus) -> None:
+        if capsule.status != status:
+            raise InvalidState(f"capsule {capsule.id}", capsule.status, [status.value])
+
+    async def _set(
+        self, capsule_id: str, *, audit: AuditEvent | None = None, **values: Any
+    ) -> None:
+        async with self._db.transaction() as tx:
+            await tx.capsules.update(capsule_id, **values)
+            if audit is not None:
+                await tx.audit.record(audit)
+
+
+def candidate(host: Host, committed: Committed | None) -> Candidate:
+    """A placement candidate from a host's registration, its last heartbeat and what the
+    database placed on it."""
+    load = host.load
+    held = committed or Committed()
+    return Candidate(
+        host_id=host.id,
+        cpu_cores=int(load.get("cpu_cores") or host.cpu_cores or 1),
+        memory_total_mb=int(load.get("memory_total_mb") or host.memory_mb),
+        memory_available_mb=int(load.get("memory_available_mb") or host.memory_mb),
+        disk_total_mb=int(float(load.get("disk_total_gb") or host.disk_gb) * 1024),
+        disk_free_mb=int(float(load.get("disk_free_gb") or host.disk_gb) * 1024),
+        cpu_used_pct=float(load.get("cpu_used_pct") or 0.0),
+        committed_vcpus=held.vcpus,
+        committed_memory_mb=held.memory_mb,
+        capsules=held.capsules,
+    )

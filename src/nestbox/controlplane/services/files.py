@@ -1,0 +1,107 @@
+"""A capsule's files, through its host agent: buffered read/write (at most 100 MiB), streamed
+read/write (no limit, constant memory: chunks pass straight through), list, mkdir, remove,
+stat and move. The capsule must be running."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Literal
+
+from protobuf import Oneof
+
+from nestbox.controlplane.errors import TooLarge
+from nestbox.controlplane.services.views import file_entry_view
+from nestbox.protocol.files import MAX_BUFFERED_FILE, EntryListView, EntryView
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from nestbox.controlplane.services.principal import Principal
+    from nestbox.controlplane.services.targets import Targets
+
+
+class FileService:
+    def __init__(self, targets: Targets) -> None:
+        self._targets = targets
+
+    async def running(self, principal: Principal, capsule_id: str) -> None:
+        """:raise NotFound: :raise InvalidState: not running (checked before an upload)."""
+        await self._targets.running(principal, capsule_id)
+
+    async def read(self, principal: Principal, capsule_id: str, path: str) -> bytes:
+        """:raise NotFound: no such file (or capsule). :raise TooLarge: over 100 MiB."""
+        target = await self._targets.running(principal, capsule_id)
+        return await target.agent.read_file(capsule_id, path)
+
+    async def write(self, principal: Principal, capsule_id: str, path: str, data: bytes) -> None:
+        """Replace (or create, with its parents) the file. :raise TooLarge: over 100 MiB."""
+        if len(data) > MAX_BUFFERED_FILE:
+            raise TooLarge(f"the file is larger than {MAX_BUFFERED_FILE} bytes; "
+                           "use files/stream/write")  # fmt: skip
+        target = await self._targets.running(principal, capsule_id)
+        await target.agent.write_file(capsule_id, path, data)
+
+    async def open_read(
+        self, principal: Principal, capsule_id: str, path: str
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive. The first chunk is fetched before this returns,
+        so a missing file raises here (`NotFound`), before any answer has started."""
+        target = await self._targets.running(principal, capsule_id)
+        source = target.agent.read_file_stream(capsule_id, path)
+        first = await anext(source, b"")
+        return _prepend(first, source)
+
+    async def write_stream(
+        self, principal: Principal, capsule_id: str, path: str, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """Stream `chunks` into the file (replaced when complete); the bytes written."""
+        target = await self._targets.running(principal, capsule_id)
+
+        async def messages() -> AsyncIterator[pb.WriteFileStreamRequest]:
+            meta = pb.WriteFileMeta(capsule_id=capsule_id, path=path)
+            yield pb.WriteFileStreamRequest(message=Oneof[Literal["meta"], pb.WriteFileMeta](
+                "meta", meta))  # fmt: skip
+            async for chunk in chunks:
+                if chunk:
+                    yield pb.WriteFileStreamRequest(
+                        message=Oneof[Literal["chunk"], bytes]("chunk", chunk)
+                    )
+
+        done = await target.agent.write_file_stream(messages())
+        return done.bytes_written
+
+    async def list_dir(
+        self, principal: Principal, capsule_id: str, path: str, depth: int
+    ) -> EntryListView:
+        target = await self._targets.running(principal, capsule_id)
+        entries = await target.agent.list_dir(capsule_id, path, max(depth, 1))
+        return EntryListView(entries=[file_entry_view(e) for e in entries])
+
+    async def make_dir(self, principal: Principal, capsule_id: str, path: str) -> EntryView:
+        """:raise Conflict: the path exists (from the agent: `conflict`)."""
+        target = await self._targets.running(principal, capsule_id)
+        return EntryView(entry=file_entry_view(await target.agent.make_dir(capsule_id, path)))
+
+    async def remove(self, principal: Principal, capsule_id: str, path: str) -> None:
+        target = await self._targets.running(principal, capsule_id)
+        await target.agent.remove_path(capsule_id, path)
+
+    async def stat(self, principal: Principal, capsule_id: str, path: str) -> EntryView:
+        target = await self._targets.running(principal, capsule_id)
+        return EntryView(entry=file_entry_view(await target.agent.stat(capsule_id, path)))
+
+    async def move(
+        self, principal: Principal, capsule_id: str, source: str, destination: str
+    ) -> EntryView:
+        target = await self._targets.running(principal, capsule_id)
+        moved = await target.agent.move(capsule_id, source, destination)
+        return EntryView(entry=file_entry_view(moved))
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async with aclosing(rest):  # type: ignore[type-var]  # an async generator
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk

@@ -1,0 +1,144 @@
+"""Capsules, commands and processes on the public API (Wrenn's surface, as the official `wrenn`
+0.3.0 SDK sends and reads it; sdk-request-map §2.3 and §2.5). Paths:
+
+    POST   /v1/capsules                         CapsuleCreate   -> 201 CapsuleView
+    GET    /v1/capsules                                         -> [CapsuleView]
+    GET    /v1/capsules/{id}                                    -> CapsuleView
+    DELETE /v1/capsules/{id}                                    -> 204
+    POST   /v1/capsules/{id}/pause | /resume                    -> CapsuleView
+    POST   /v1/capsules/{id}/ping                               -> 204
+    POST   /v1/capsules/{id}/exec               ExecCreate      -> ExecResultView
+                                                   (background: 202 BackgroundView)
+    GET    /v1/capsules/{id}/processes                          -> ProcessListView
+    DELETE /v1/capsules/{id}/processes/{pid or tag}[?signal=]   -> 204
+    WS     /v1/capsules/{id}/exec/stream, /processes/{sel}/stream, /pty
+
+`status` only ever takes the SDK's twelve values, and every timestamp is timezone-aware: the
+SDK's pydantic models reject anything else. Wire names others fixed keep their spelling
+(`sandbox_id`, `timeout_sec`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime  # noqa: TC003 (pydantic resolves annotations at runtime)
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Template and snapshot names (Wrenn's `validate.SafeName`): no slashes, no leading dot."""
+DEFAULT_TEMPLATE = "minimal"
+MAX_TAG = 64
+
+TemplateName = Annotated[str, Field(pattern=SAFE_NAME)]
+
+
+class CapsuleStatus(StrEnum):
+    """The SDK's `Status` enum, all of it (any other value crashes the SDK)."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    SNAPSHOTTING = "snapshotting"
+    RESUMING = "resuming"
+    STOPPING = "stopping"
+    HIBERNATED = "hibernated"
+    STOPPED = "stopped"
+    """Gone without being destroyed (its VM vanished from its host)."""
+    MISSING = "missing"
+    """Its host stopped sending heartbeats; back to what the host says when they return."""
+    ERROR = "error"
+    """Its VM died; destroy it to forget it."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# ── lifecycle ──
+
+
+class CapsuleCreate(_Request):
+    """`POST /v1/capsules`. A snapshot template fixes the machine: the capsule then gets the
+    template's vCPUs and memory whatever is asked (as in Wrenn); the answer says what it got."""
+
+    template: TemplateName = DEFAULT_TEMPLATE
+    vcpus: int | None = Field(default=None, ge=1, le=64)
+    memory_mb: int | None = Field(default=None, ge=128, le=262144)
+    timeout_sec: int = Field(
+        default=0, ge=0, le=30 * 86400, description="idle auto-pause after this; 0 = never"
+    )
+    metadata: dict[str, str] | None = Field(default=None, max_length=20)
+
+
+class CapsuleView(_View):
+    id: str
+    status: CapsuleStatus
+    template: str
+    vcpus: int
+    memory_mb: int
+    timeout_sec: int
+    disk_size_mb: int
+    host_id: str | None = None
+    guest_ip: str = ""
+    host_ip: str = ""
+    created_at: datetime
+    started_at: datetime | None = None
+    last_active_at: datetime | None = None
+    last_updated: datetime
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+# ── commands and processes ──
+
+
+class ExecCreate(_Request):
+    """`POST /v1/capsules/{id}/exec`. The SDK sends `{"cmd": "/bin/sh", "args": ["-c", …]}`;
+    `envs` and `cwd` apply in the foreground too (the SDK's git helpers rely on it)."""
+
+    cmd: str = Field(min_length=1, max_length=4096)
+    args: list[str] = Field(default_factory=list, max_length=4096)
+    background: bool = False
+    timeout_sec: int | None = Field(
+        default=None, ge=1, le=86400, description="foreground only; default 30"
+    )
+    envs: dict[str, str] | None = None
+    cwd: str | None = Field(default=None, max_length=4096)
+    tag: str | None = Field(default=None, min_length=1, max_length=MAX_TAG)
+
+
+class ExecResultView(_View):
+    sandbox_id: str
+    cmd: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: int
+    encoding: Literal["utf-8", "base64"] = Field(
+        description="base64 when the output is not valid UTF-8 (both streams are then encoded)"
+    )
+
+
+class BackgroundView(_View):
+    sandbox_id: str
+    cmd: str
+    pid: int
+    tag: str
+
+
+class ProcessView(_View):
+    pid: int
+    tag: str | None
+    cmd: str
+    args: list[str]
+
+
+class ProcessListView(_View):
+    processes: list[ProcessView]

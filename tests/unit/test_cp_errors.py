@@ -1,0 +1,62 @@
+"""Every error code has a status, and the one handler answers `{"error": {"code", "message"}}`
+(the `wrenn` SDK maps exceptions by code)."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
+from nestbox.controlplane.errors import HostHasCapsules, InvalidState, NotFound
+from nestbox.protocol.errors import HTTP_STATUS, ErrorCode
+
+SDK_CODES = {"invalid_request", "unauthorized", "forbidden", "not_found", "invalid_state",
+             "conflict", "host_has_capsules", "host_unavailable", "agent_error",
+             "internal_error"}  # fmt: skip
+
+
+def test_every_code_has_a_status() -> None:
+    assert set(HTTP_STATUS) == set(ErrorCode)
+    assert {c.value for c in ErrorCode} >= SDK_CODES
+
+
+async def test_the_handler() -> None:
+    async def missing(request: Request) -> Response:
+        raise NotFound("capsule", "cl-1")
+
+    async def busy(request: Request) -> Response:
+        raise HostHasCapsules("host-1", ["cl-1", "cl-2"])
+
+    async def state(request: Request) -> Response:
+        raise InvalidState("capsule cl-1", "paused", ["running"])
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("/secret/path leaked")
+
+    app = Starlette(
+        routes=[Route("/missing", missing), Route("/busy", busy), Route("/state", state),
+                Route("/boom", boom)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )  # fmt: skip
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/missing")
+        assert (r.status_code, r.json()) == (
+            404, {"error": {"code": "not_found", "message": "capsule cl-1 does not exist"}}
+        )  # fmt: skip
+        r = await client.get("/busy")
+        assert r.status_code == 409
+        assert r.json()["capsule_ids"] == r.json()["sandbox_ids"] == ["cl-1", "cl-2"]
+        r = await client.get("/state")
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "invalid_state")
+        r = await client.get("/boom")
+        assert r.status_code == 500
+        assert r.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+        r = await client.get("/nowhere")
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+        r = await client.post("/missing")
+        assert r.status_code == 405
+        assert r.json()["error"]["code"] == "invalid_request"
