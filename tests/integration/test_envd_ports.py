@@ -72,12 +72,18 @@ def refused(port: int) -> bool:
     return False
 
 
-def socats(envd: EnvdProcess, *, forks: bool = False) -> list[psutil.Process]:
-    """envd's live socat children; with `forks`, also the per-connection forks under them."""
+def socats(
+    envd: EnvdProcess, *, forks: bool = False, port: int | None = None
+) -> list[psutil.Process]:
+    """envd's live socat children; with `forks`, also the per-connection forks under them; with
+    `port`, only those forwarding that port (other loopback servers on a shared host are
+    forwarded too, as they would be in a guest)."""
     found = []
     for c in psutil.Process(envd.pid).children(recursive=forks):
         with contextlib.suppress(psutil.NoSuchProcess):
-            if c.name() == "socat" and c.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            if c.name() != "socat" or c.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                continue
+            if port is None or f"TCP4-LISTEN:{port}," in " ".join(c.cmdline()):
                 found.append(c)
     return found
 
@@ -109,11 +115,11 @@ def test_forward_prepare_recover(tmp_path: Path) -> None:
     ):
         took = wait_until(lambda: forwarded(port))
         print(f"forwarded after {took:.2f} s")
-        assert [p.cmdline()[1:] for p in socats(envd)] == [
+        assert [p.cmdline()[1:] for p in socats(envd, port=port)] == [
             [f"TCP4-LISTEN:{port},bind={FORWARD},reuseaddr,fork", f"TCP4:127.0.0.1:{port}"]
         ]
 
-        groups = [p.pid for p in socats(envd)]
+        groups = [p.pid for p in socats(envd, port=port)]
         assert in_groups(groups) != []
 
         assert httpx.post(f"{envd.url}/snapshot/prepare").status_code == 204
@@ -127,14 +133,14 @@ def test_forward_prepare_recover(tmp_path: Path) -> None:
         assert httpx.post(f"{envd.url}/init", json={}).status_code == 204
         took = wait_until(lambda: forwarded(port))
         print(f"forwarded again {took:.2f} s after /init")
-        assert len(socats(envd)) == 1
+        assert len(socats(envd, port=port)) == 1
 
 
 def test_listener_gone_means_socat_gone_and_envd_leaves_none(tmp_path: Path) -> None:
     with run_envd(tmp_path, "--forward-address", FORWARD, env=SCAN) as envd:
         with loopback_server() as port:
             wait_until(lambda: forwarded(port))
-        wait_until(lambda: socats(envd, forks=True) == [])
+        wait_until(lambda: socats(envd, forks=True, port=port) == [])
         assert refused(port)
 
         with loopback_server() as port2:
@@ -150,4 +156,4 @@ def test_forwarding_is_off_by_default_outside_a_vm(envd: EnvdProcess) -> None:
     with loopback_server() as port:
         time.sleep(1.5)  # longer than the default scan interval
         assert refused(port)
-        assert socats(envd, forks=True) == []
+        assert socats(envd, forks=True) == []  # none at all: not even for other servers
