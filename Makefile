@@ -62,8 +62,7 @@ dev-envd: install ## run envd locally on :49983 (outside a VM: touches nothing o
 bench-vm: install system-deps ## VM benchmark: raw QEMU vs Nestbox restore/boot/snapshot/RSS (root)
 	$(BIN)/python bench/bench_vm.py
 
-run: install ## start the whole platform on this machine
-	@echo "make run: the control plane and host agent are not built yet (issues 4 and 5)."
-	@echo "What runs today: envd alone, with 'make dev-envd'."
+run: install system-deps image ## start the control plane (127.0.0.1:9725) and a host agent; Ctrl-C stops both (root)
+	$(BIN)/python scripts/run.py
 
 .PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test check dev-cp dev-envd run bench-vm

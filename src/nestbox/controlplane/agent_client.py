@@ -49,6 +49,9 @@ EXEC_GRACE_S = 15.0
 """A foreground exec may take its own timeout plus this before the call itself gives up."""
 
 
+_CODES = frozenset(code.value for code in ErrorCode)
+
+
 class AgentCallError(ControlPlaneError):
     """A host agent call failed; `code` is the agent's code, or `host_unavailable` /
     `agent_error` when the failure was the agent's or the network's, not the request's."""
@@ -63,7 +66,7 @@ def map_error(err: ConnectError, host_id: str) -> AgentCallError:
     """The public error for a failed agent call: the agent's `ErrorInfo.code` unchanged."""
     for detail in err.details:
         info = detail.value(pb.ErrorInfo)
-        if isinstance(info, pb.ErrorInfo) and info.code in ErrorCode.__members__.values():
+        if isinstance(info, pb.ErrorInfo) and info.code in _CODES:
             return AgentCallError(ErrorCode(info.code), err.message, host_id=host_id)
     if err.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
         log.warning("host %s: %s", host_id, err.message, extra={"host_id": host_id})

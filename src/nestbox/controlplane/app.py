@@ -17,10 +17,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from starlette.applications import Starlette
 
-from nestbox.controlplane.api import admin, api_keys, auth, docs, teams
+from nestbox.controlplane import loops
+from nestbox.controlplane.api import (
+    admin,
+    api_keys,
+    auth,
+    capsules,
+    docs,
+    files,
+    hosts,
+    processes,
+    pty,
+    snapshots,
+    streams,
+    teams,
+)
 from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
 from nestbox.controlplane.api.openapi import build_openapi
 from nestbox.controlplane.db import Database
+from nestbox.controlplane.portproxy import PortProxy
 from nestbox.controlplane.services.container import Services, build_services
 
 if TYPE_CHECKING:
@@ -50,9 +65,20 @@ ROUTERS: tuple[Router, ...] = (
     api_keys.router,
     teams.router,
     admin.router,
+    capsules.router,
+    processes.router,
+    streams.router,
+    pty.router,
+    files.router,
+    snapshots.router,
+    hosts.router,
     docs.router,
 )
-BACKGROUND: tuple[BackgroundLoop, ...] = ()
+BACKGROUND: tuple[BackgroundLoop, ...] = (
+    loops.agent_connections,
+    loops.host_monitor,
+    loops.reconciler,
+)
 
 
 def create_app(
@@ -83,6 +109,7 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.openapi = build_openapi(routers)
     app.add_middleware(StripApiPrefix)
+    app.add_middleware(PortProxy)  # outermost: `{port}-{capsule}.` hosts never reach the API
     return app
 
 

@@ -11,6 +11,7 @@ with code 4000 + the HTTP status (e.g. 4404).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -134,7 +135,5 @@ async def send_bytes(ws: WebSocket, data: bytes) -> bool:
 
 async def close(ws: WebSocket, code: int = 1000, reason: str = "") -> None:
     if ws.application_state is WebSocketState.CONNECTED:
-        try:
+        with contextlib.suppress(RuntimeError, OSError):
             await ws.close(code=code, reason=reason)
-        except (RuntimeError, OSError):
-            pass

@@ -141,6 +141,15 @@ class CapsuleRepo:
             query = query.where(CapsuleRow.status.in_(tuple(statuses)))
         return [_record(r) for r in await self._s.scalars(query.order_by(CapsuleRow.id))]
 
+    async def count_on_host(self, host_id: str) -> dict[str, int]:
+        """How many of the host's capsules are in each status."""
+        rows = await self._s.execute(
+            select(CapsuleRow.status, func.count())
+            .where(CapsuleRow.host_id == host_id)
+            .group_by(CapsuleRow.status)
+        )
+        return {str(status): int(n) for status, n in rows.all()}
+
     async def committed(self) -> dict[str, Committed]:
         """Per host: what its capsules that hold resources add up to."""
         rows = await self._s.execute(

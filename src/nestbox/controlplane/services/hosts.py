@@ -81,14 +81,14 @@ class HostService:
         *,
         secret: bytes,
         registration_ttl_s: int,
-        on_host_back: Callable[[str], None] = lambda host_id: None,
+        on_drift: Callable[[str], None] = lambda host_id: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._agents = agents
         self._secret = secret
         self._registration_ttl = timedelta(seconds=registration_ttl_s)
-        self._on_host_back = on_host_back
+        self._on_drift = on_drift
         self._clock = clock
 
     # ── management ──
@@ -227,10 +227,16 @@ class HostService:
             host = await tx.hosts.get(host_id)
             if before == HostStatus.UNREACHABLE:
                 await tx.audit.record(_host_event("host.up", host_id))
+            counts = await tx.capsules.count_on_host(host_id)
         assert host is not None
         if before == HostStatus.UNREACHABLE:
             log.info("host %s is back", host_id, extra={"host_id": host_id})
-            self._on_host_back(host_id)
+        drift = (counts.get(CapsuleStatus.RUNNING, 0), counts.get(CapsuleStatus.PAUSED, 0)) != (
+            load.capsules_running, load.capsules_paused)  # fmt: skip
+        if before == HostStatus.UNREACHABLE or drift:
+            # The host's counts disagree with ours (it paused capsules as it stopped, its
+            # idle reaper paused one, a VM died…): reconcile now, not at the next interval.
+            self._on_drift(host_id)
         return HeartbeatResponse(status=HostStatus(host.status))
 
     def host_token(self, host_id: str) -> str:

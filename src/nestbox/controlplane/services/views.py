@@ -57,7 +57,7 @@ def file_entry_view(e: pb.FileEntry) -> FileEntryView:
     return FileEntryView(
         name=e.name, path=e.path, type=e.type if e.type in FILE_TYPES else None,  # type: ignore[arg-type]  # narrowed by the set
         size=e.size, mode=e.mode, permissions=e.permissions, owner=e.owner, group=e.group,
-        modified_at=e.modified_at, symlink_target=e.symlink_target,
+        modified_at=e.modified_at, symlink_target=e.symlink_target or None,
     )  # fmt: skip
 
 

@@ -1,0 +1,283 @@
+"""The public port proxy: a capsule's TCP port on the web, in two forms,
+
+    http://{port}-{capsule_id}.{proxy_domain}/path    (the SDK's `get_url(port)`)
+    http://{control plane}/proxy/{capsule_id}/{port}/path
+
+both forwarded to the owning agent's `/proxy/{capsule_id}/{port}/path` (Wrenn's
+`handler_sandbox_proxy.go`; the seed's checklist (b)):
+
+- No credentials (as upstream): the capsule id is the capability. The caller's `X-API-Key` is
+  never forwarded (a capsule runs untrusted code); `Authorization` is, for the capsule's app.
+- A dedicated HTTP/1.1 pool (httpx, 20 idle connections per agent, 120 s idle), never the RPC
+  pools of `agent_client.py`; no proxy from the environment; bodies stream both ways as is.
+- The upstream path is built by concatenation, never joined, so a trailing slash survives
+  (python's http.server and Jupyter redirect-loop otherwise).
+- The agent puts `Location` answers under `/proxy/{id}/{port}`; for the subdomain form that
+  prefix is stripped back out.
+- Targets (capsule -> agent address and token) are cached 120 s and evicted when the agent
+  cannot be reached (502). 404 unknown capsule, 409 not running, 503 no agent address.
+- WebSockets pass through (`portproxy_ws.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import httpx
+
+from nestbox.controlplane.api.errors import error_response
+from nestbox.controlplane.portproxy_ws import reject_websocket, relay_websocket
+from nestbox.protocol.capsules import CapsuleStatus
+from nestbox.protocol.errors import ErrorCode
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from nestbox.controlplane.services.container import Services
+
+log = logging.getLogger(__name__)
+
+HOST_FORM = re.compile(r"^(?P<port>[0-9]{1,5})-(?P<id>cl-[0-9a-z]{1,40})\.")
+PATH_FORM = re.compile(rb"^/proxy/(?P<id>cl-[0-9a-z]{1,40})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?$")
+CACHE_TTL_S = 120.0
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "x-api-key",
+    AGENT_TOKEN_HEADER.lower(),
+})  # fmt: skip
+"""Never forwarded: per-connection headers, the caller's API key, a forged agent token."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRoute:
+    capsule_id: str
+    port: int
+    rest: str
+    """What follows the prefix: the capsule-side path, always starting with `/`."""
+    subdomain: bool
+
+    @property
+    def agent_path(self) -> str:
+        return f"/proxy/{self.capsule_id}/{self.port}" + self.rest
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyTarget:
+    host_id: str
+    address: str
+    token: str
+    expires: float
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def match(scope: Scope) -> ProxyRoute | None:
+    """The proxy route of a request, or None if it is the API's."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    raw = raw.split(b"?", 1)[0]
+    host = _header(scope, b"host")
+    m = HOST_FORM.match(host)
+    if m is not None:
+        rest = raw.decode("latin-1") or "/"
+        return ProxyRoute(m["id"], int(m["port"]), rest, subdomain=True)
+    p = PATH_FORM.match(raw)
+    if p is not None:
+        rest = (p["rest"] or b"/").decode("latin-1")
+        return ProxyRoute(p["id"].decode(), int(p["port"]), rest, subdomain=False)
+    return None
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers") or []:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def strip_location(location: str, route: ProxyRoute) -> str:
+    """The agent's `Location`, back in the subdomain form's terms."""
+    prefix = f"/proxy/{route.capsule_id}/{route.port}"
+    if location == prefix or location.startswith(prefix + "/") or location.startswith(prefix + "?"):
+        stripped = location[len(prefix) :]
+        return stripped if stripped.startswith("/") else "/" + stripped
+    return location
+
+
+class PortProxy:
+    """ASGI middleware: proxy routes go to the capsule's agent, the rest to `app`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cache: dict[str, ProxyTarget] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            transport = httpx.AsyncHTTPTransport(
+                http1=True, http2=False, retries=0,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100,
+                                    keepalive_expiry=120.0),
+            )  # fmt: skip
+            self._client = httpx.AsyncClient(
+                transport=transport, trust_env=False, follow_redirects=False,
+                timeout=httpx.Timeout(None, connect=30.0),
+            )  # fmt: skip
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def evict(self, capsule_id: str) -> None:
+        self._cache.pop(capsule_id, None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                await self.aclose()  # the app has shut down
+            return
+        route = match(scope) if scope["type"] in ("http", "websocket") else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            target = await self._target(scope, route)
+        except ProxyError as err:
+            await self._refuse(scope, send, err, receive)
+            return
+        if scope["type"] == "websocket":
+            await relay_websocket(scope, receive, send, self._ws_url(target, route, scope),
+                                  headers=self._headers(scope, target, websocket=True))  # fmt: skip
+            return
+        await self._forward(scope, receive, send, route, target)
+
+    async def _target(self, scope: Scope, route: ProxyRoute) -> ProxyTarget:
+        if not 1 <= route.port <= 65535:
+            raise ProxyError(400, ErrorCode.INVALID_REQUEST, f"port {route.port} is out of range")
+        now = time.monotonic()
+        cached = self._cache.get(route.capsule_id)
+        if cached is not None and cached.expires > now:
+            return cached
+        services = cast("Services", scope["app"].state.services)
+        async with services.db.transaction() as tx:
+            capsule = await tx.capsules.get(route.capsule_id)
+            if capsule is None or capsule.status == "destroyed":
+                raise ProxyError(404, ErrorCode.NOT_FOUND, f"capsule {route.capsule_id} does "
+                                                           "not exist")  # fmt: skip
+            if capsule.status != CapsuleStatus.RUNNING:
+                raise ProxyError(409, ErrorCode.INVALID_STATE,
+                                 f"capsule {route.capsule_id} is {capsule.status}")  # fmt: skip
+            host = await tx.hosts.get(capsule.host_id) if capsule.host_id else None
+        if host is None or not host.address or not host.agent_token:
+            raise ProxyError(503, ErrorCode.HOST_UNAVAILABLE, "the capsule's host is unavailable")
+        target = ProxyTarget(host.id, host.address, host.agent_token, now + CACHE_TTL_S)
+        self._cache[route.capsule_id] = target
+        return target
+
+    def _headers(
+        self, scope: Scope, target: ProxyTarget, *, websocket: bool = False
+    ) -> list[tuple[str, str]]:
+        skip = HOP_BY_HOP | ({"sec-websocket-key", "sec-websocket-version",
+                              "sec-websocket-extensions", "sec-websocket-protocol"}
+                             if websocket else set())  # fmt: skip
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope.get("headers") or []
+            if k.decode("latin-1").lower() not in skip
+        ]
+        host = _header(scope, b"host")
+        if host:
+            headers.append(("X-Forwarded-Host", host))
+        headers.append((AGENT_TOKEN_HEADER, target.token))
+        return headers
+
+    @staticmethod
+    def _query(scope: Scope) -> str:
+        query = scope.get("query_string") or b""
+        return "?" + query.decode("latin-1") if query else ""
+
+    def _ws_url(self, target: ProxyTarget, route: ProxyRoute, scope: Scope) -> str:
+        return f"ws://{target.address}{route.agent_path}{self._query(scope)}"
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, route: ProxyRoute, target: ProxyTarget
+    ) -> None:
+        url = f"http://{target.address}{route.agent_path}{self._query(scope)}"
+        request = self._http().build_request(
+            scope["method"], url, headers=self._headers(scope, target),
+            content=_body(receive) if _has_body(scope) else None,
+        )  # fmt: skip
+        try:
+            response = await self._http().send(request, stream=True)
+        except httpx.HTTPError as err:
+            self.evict(route.capsule_id)
+            log.warning("proxy to %s failed: %r", target.host_id, err)
+            failed = ProxyError(502, ErrorCode.AGENT_ERROR, f"proxy error: {type(err).__name__}")
+            await self._refuse(scope, send, failed, _no_receive)
+            return
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": self._answer_headers(response, route)})  # fmt: skip
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as err:
+            log.debug("proxied body from %s broke off: %r", target.host_id, err)
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    def _answer_headers(response: httpx.Response, route: ProxyRoute) -> list[tuple[bytes, bytes]]:
+        out = []
+        for name, value in response.headers.raw:
+            key = name.decode("latin-1").lower()
+            if key in HOP_BY_HOP:
+                continue
+            if key == "location" and route.subdomain:
+                value = strip_location(value.decode("latin-1"), route).encode("latin-1")
+            out.append((name, value))
+        return out
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, err: ProxyError, receive: Receive) -> None:
+        if scope["type"] == "websocket":
+            await receive()  # "websocket.connect"
+            await reject_websocket(scope, send, err.status, err.code, err.message)
+            return
+        response = error_response(err.code, err.message, status=err.status)
+        await response(scope, _no_receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = {k.lower() for k, _ in scope.get("headers") or []}
+    return b"content-length" in headers or b"transfer-encoding" in headers
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

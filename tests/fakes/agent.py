@@ -1,0 +1,547 @@
+"""`FakeAgent`: an in-process host agent with canned behaviour, implementing the generated
+`HostAgentService` protocol (so mypy checks it against the contract), served over real HTTP/1.1
+on loopback by `serve_fake_agent()` with the agent's `X-Agent-Token` check and a tiny
+`/proxy/{id}/{port}/...` endpoint.
+
+Capsules, processes, terminals and files live in dicts. Commands are not run: `exec` answers
+what the script asks for (`echo X`, `exit N`, `printenv NAME`, `pwd`, `binary`), records the
+request, and background processes live until killed. Errors carry the `ErrorInfo` detail the
+real agent sends, so the control plane's code mapping is exercised for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shlex
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from protobuf import Oneof
+
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from nestbox.protocol.gen.hostagent.v1.hostagent_connect import (
+    HostAgentService,
+    HostAgentServiceASGIApplication,
+)
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+from tests.conftest import free_port
+from tests.integration.asgi_server import serve
+
+MAX_BUFFERED = 100 * 1024 * 1024
+CODES = {
+    "invalid_request": Code.INVALID_ARGUMENT, "not_found": Code.NOT_FOUND,
+    "conflict": Code.ALREADY_EXISTS, "invalid_state": Code.FAILED_PRECONDITION,
+    "too_large": Code.RESOURCE_EXHAUSTED, "unavailable": Code.UNAVAILABLE,
+}  # fmt: skip
+
+
+def fail(code: str, message: str) -> ConnectError:
+    return ConnectError(CODES[code], message, details=[pb.ErrorInfo(code=code)])
+
+
+def event(kind: str, value: Any) -> pb.ProcessEvent:
+    return pb.ProcessEvent(event=Oneof(kind, value))  # type: ignore[arg-type]  # any of the five
+
+
+@dataclass
+class FakeProcess:
+    pid: int
+    tag: str
+    cmd: str
+    args: list[str]
+
+
+@dataclass
+class FakePty:
+    tag: str
+    pid: int
+    send: MemoryObjectSendStream[pb.ProcessEvent]
+    receive: MemoryObjectReceiveStream[pb.ProcessEvent]
+    size: tuple[int, int] = (80, 24)
+
+
+@dataclass
+class FakeCapsule:
+    capsule_id: str
+    template: str
+    team_id: str
+    vcpus: int
+    memory_mb: int
+    state: pb.CapsuleState = pb.CapsuleState.RUNNING
+    host_ip: str = ""
+    last_active_ms: int = 0
+    processes: dict[int, FakeProcess] = field(default_factory=dict)
+    ptys: dict[str, FakePty] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=lambda: {"/", "/root", "/tmp"})
+
+    def view(self) -> pb.Capsule:
+        running = self.state == pb.CapsuleState.RUNNING
+        return pb.Capsule(
+            capsule_id=self.capsule_id, state=self.state, template_id=self.template,
+            team_id=self.team_id, vcpus=self.vcpus, memory_mb=self.memory_mb,
+            host_ip=self.host_ip if running else "", guest_ip="169.254.0.21" if running else "",
+            created_at_unix_ms=1, last_active_at_unix_ms=self.last_active_ms,
+            metadata={"agent_version": "fake", "accel": "none"},
+        )  # fmt: skip
+
+
+class FakeAgent(HostAgentService):
+    """The agent's capsules and canned answers. `token` is what it accepts in X-Agent-Token."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.token = ""
+        self.address = ""
+        self.templates: dict[str, tuple[int, int]] = {"minimal": (1, 256)}
+        self.capsules: dict[str, FakeCapsule] = {}
+        self.auto_paused: list[str] = []
+        self.exec_requests: list[pb.ExecRequest] = []
+        self.calls: list[str] = []
+        self.fail_create: str | None = None
+        self._next_pid = 100
+        self._next_ip = 2
+
+    # ── helpers ──
+
+    def _capsule(self, capsule_id: str, *, running: bool = True) -> FakeCapsule:
+        capsule = self.capsules.get(capsule_id)
+        if capsule is None:
+            raise fail("not_found", f"capsule {capsule_id} does not exist")
+        if running and capsule.state != pb.CapsuleState.RUNNING:
+            raise fail("invalid_state", f"capsule {capsule_id} is not running")
+        capsule.last_active_ms = int(time.time() * 1000)
+        return capsule
+
+    def _pid(self) -> int:
+        self._next_pid += 1
+        return self._next_pid
+
+    def close(self) -> None:
+        """Close what terminals are left (their streams would warn when collected)."""
+        for capsule in self.capsules.values():
+            for pty in capsule.ptys.values():
+                pty.send.close()
+                pty.receive.close()
+
+    def auto_pause(self, capsule_id: str) -> None:
+        """What the idle reaper does."""
+        self.capsules[capsule_id].state = pb.CapsuleState.PAUSED
+        self.auto_paused.append(capsule_id)
+
+    # ── lifecycle ──
+
+    async def create_capsule(
+        self, request: pb.CreateCapsuleRequest, ctx: Any
+    ) -> pb.CreateCapsuleResponse:
+        self.calls.append("create")
+        if self.fail_create:
+            raise fail(self.fail_create, "canned create failure")
+        shape = self.templates.get(request.template)
+        if shape is None:
+            raise fail("not_found", f"template {request.template} does not exist")
+        if request.capsule_id in self.capsules:
+            raise fail("conflict", f"capsule {request.capsule_id} exists")
+        self._next_ip += 1
+        capsule = FakeCapsule(
+            request.capsule_id, request.template, request.team_id, shape[0], shape[1],
+            host_ip=f"10.99.0.{self._next_ip}", last_active_ms=int(time.time() * 1000),
+        )  # fmt: skip
+        self.capsules[capsule.capsule_id] = capsule
+        return pb.CreateCapsuleResponse(capsule=capsule.view())
+
+    async def destroy_capsule(
+        self, request: pb.DestroyCapsuleRequest, ctx: Any
+    ) -> pb.DestroyCapsuleResponse:
+        self.calls.append("destroy")
+        self._capsule(request.capsule_id, running=False)
+        del self.capsules[request.capsule_id]
+        return pb.DestroyCapsuleResponse()
+
+    async def pause_capsule(
+        self, request: pb.PauseCapsuleRequest, ctx: Any
+    ) -> pb.PauseCapsuleResponse:
+        capsule = self._capsule(request.capsule_id)
+        capsule.state = pb.CapsuleState.PAUSED
+        return pb.PauseCapsuleResponse(capsule=capsule.view())
+
+    async def resume_capsule(
+        self, request: pb.ResumeCapsuleRequest, ctx: Any
+    ) -> pb.ResumeCapsuleResponse:
+        capsule = self._capsule(request.capsule_id, running=False)
+        if capsule.state != pb.CapsuleState.PAUSED:
+            raise fail("invalid_state", "not paused")
+        capsule.state = pb.CapsuleState.RUNNING
+        return pb.ResumeCapsuleResponse(capsule=capsule.view())
+
+    async def list_capsules(
+        self, request: pb.ListCapsulesRequest, ctx: Any
+    ) -> pb.ListCapsulesResponse:
+        auto, self.auto_paused = self.auto_paused, []
+        return pb.ListCapsulesResponse(capsules=[c.view() for c in self.capsules.values()],
+                                       auto_paused_ids=auto)  # fmt: skip
+
+    async def ping_capsule(
+        self, request: pb.PingCapsuleRequest, ctx: Any
+    ) -> pb.PingCapsuleResponse:
+        self._capsule(request.capsule_id)
+        return pb.PingCapsuleResponse()
+
+    async def get_capsule_metrics(
+        self, request: pb.GetCapsuleMetricsRequest, ctx: Any
+    ) -> pb.GetCapsuleMetricsResponse:
+        return pb.GetCapsuleMetricsResponse()
+
+    # ── processes ──
+
+    def _run(self, capsule: FakeCapsule, request: pb.ExecRequest) -> tuple[bytes, bytes, int]:
+        script = request.args[-1] if request.args else request.cmd
+        words = shlex.split(script) if script else []
+        verb, rest = (words[0], words[1:]) if words else ("", [])
+        if verb == "echo":
+            return (" ".join(rest) + "\n").encode(), b"", 0
+        if verb == "exit":
+            return b"", b"bye\n", int(rest[0])
+        if verb == "printenv":
+            return (request.envs.get(rest[0], "") + "\n").encode(), b"", 0
+        if verb == "pwd":
+            return ((request.cwd or "/root") + "\n").encode(), b"", 0
+        if verb == "binary":
+            return b"\xff\xfe\x00bin", b"", 0
+        return f"ran {script}\n".encode(), b"", 0
+
+    async def exec(self, request: pb.ExecRequest, ctx: Any) -> pb.ExecResponse:
+        capsule = self._capsule(request.capsule_id)
+        self.exec_requests.append(request)
+        stdout, stderr, code = self._run(capsule, request)
+        return pb.ExecResponse(stdout=stdout, stderr=stderr, exit_code=code, pid=self._pid(),
+                               duration_ms=3, status="exited")  # fmt: skip
+
+    async def exec_stream(
+        self, request: pb.ExecStreamRequest, ctx: Any
+    ) -> AsyncIterator[pb.ExecStreamResponse]:
+        self._capsule(request.capsule_id)
+        yield pb.ExecStreamResponse(
+            event=event("started", pb.ProcessEvent.Started(pid=self._pid()))
+        )
+        for chunk in (b"line1\n", "é".encode()[:1], "é".encode()[1:] + b"\n", b"line3\n"):
+            yield pb.ExecStreamResponse(event=event("stdout", chunk))
+            await anyio.sleep(0.01)
+        yield pb.ExecStreamResponse(event=event("stderr", b"warn\n"))
+        yield pb.ExecStreamResponse(
+            event=event("exited", pb.ProcessEvent.Exited(exit_code=3, exited=True))
+        )
+
+    async def start_background(
+        self, request: pb.StartBackgroundRequest, ctx: Any
+    ) -> pb.StartBackgroundResponse:
+        capsule = self._capsule(request.capsule_id)
+        pid = self._pid()
+        tag = request.tag or f"proc-{secrets.token_hex(4)}"
+        capsule.processes[pid] = FakeProcess(pid, tag, request.cmd, list(request.args))
+        return pb.StartBackgroundResponse(pid=pid, tag=tag)
+
+    async def list_processes(
+        self, request: pb.ListProcessesRequest, ctx: Any
+    ) -> pb.ListProcessesResponse:
+        capsule = self._capsule(request.capsule_id)
+        return pb.ListProcessesResponse(processes=[
+            pb.ProcessInfo(pid=p.pid, tag=p.tag, cmd=p.cmd, args=p.args)
+            for p in capsule.processes.values()
+        ])  # fmt: skip
+
+    def _process(self, capsule: FakeCapsule, selector: Any) -> FakeProcess:
+        for p in capsule.processes.values():
+            if (selector.field == "pid" and p.pid == selector.value) or (
+                selector.field == "tag" and p.tag == selector.value
+            ):
+                return p
+        raise fail("not_found", "no such process")
+
+    async def kill_process(
+        self, request: pb.KillProcessRequest, ctx: Any
+    ) -> pb.KillProcessResponse:
+        capsule = self._capsule(request.capsule_id)
+        if request.signal not in ("SIGKILL", "SIGTERM"):
+            raise fail("invalid_request", "bad signal")
+        del capsule.processes[self._process(capsule, request.selector).pid]
+        return pb.KillProcessResponse()
+
+    async def connect_process(
+        self, request: pb.ConnectProcessRequest, ctx: Any
+    ) -> AsyncIterator[pb.ConnectProcessResponse]:
+        capsule = self._capsule(request.capsule_id)
+        proc = self._process(capsule, request.selector)
+        yield pb.ConnectProcessResponse(
+            event=event("started", pb.ProcessEvent.Started(pid=proc.pid, tag=proc.tag))
+        )
+        yield pb.ConnectProcessResponse(event=event("stdout", b"attached\n"))
+        yield pb.ConnectProcessResponse(
+            event=event("exited", pb.ProcessEvent.Exited(exit_code=0, exited=True))
+        )
+
+    # ── terminals: input is echoed back as output ──
+
+    async def pty_attach(
+        self, request: pb.PtyAttachRequest, ctx: Any
+    ) -> AsyncIterator[pb.PtyAttachResponse]:
+        capsule = self._capsule(request.capsule_id)
+        if request.cmd:
+            send, receive = anyio.create_memory_object_stream[pb.ProcessEvent](256)
+            tag = request.tag or f"pty-{secrets.token_hex(4)}"
+            pty = capsule.ptys[tag] = FakePty(tag, self._pid(), send, receive,
+                                             (request.cols, request.rows))  # fmt: skip
+        else:
+            pty = capsule.ptys.get(request.tag)  # type: ignore[assignment]
+            if pty is None:
+                raise fail("not_found", f"no terminal {request.tag}")
+        yield pb.PtyAttachResponse(
+            event=event("started", pb.ProcessEvent.Started(pid=pty.pid, tag=pty.tag))
+        )
+        async for ev in pty.receive:
+            yield pb.PtyAttachResponse(event=ev)
+            if ev.event is not None and ev.event.field == "exited":
+                pty.receive.close()
+                return
+
+    def _pty(self, capsule_id: str, tag: str) -> FakePty:
+        pty = self._capsule(capsule_id).ptys.get(tag)
+        if pty is None:
+            raise fail("not_found", f"no terminal {tag}")
+        return pty
+
+    async def pty_send_input(
+        self, request: pb.PtySendInputRequest, ctx: Any
+    ) -> pb.PtySendInputResponse:
+        pty = self._pty(request.capsule_id, request.tag)
+        await pty.send.send(event("pty", b"echo:" + request.data))
+        return pb.PtySendInputResponse()
+
+    async def pty_resize(self, request: pb.PtyResizeRequest, ctx: Any) -> pb.PtyResizeResponse:
+        pty = self._pty(request.capsule_id, request.tag)
+        pty.size = (request.cols, request.rows)
+        await pty.send.send(event("pty", f"size:{request.cols}x{request.rows}".encode()))
+        return pb.PtyResizeResponse()
+
+    async def pty_kill(self, request: pb.PtyKillRequest, ctx: Any) -> pb.PtyKillResponse:
+        pty = self._pty(request.capsule_id, request.tag)
+        await pty.send.send(event("exited", pb.ProcessEvent.Exited(exit_code=137, exited=False)))
+        pty.send.close()
+        return pb.PtyKillResponse()
+
+    # ── files ──
+
+    def _entry(self, capsule: FakeCapsule, path: str) -> pb.FileEntry:
+        if path in capsule.dirs:
+            kind, size = "directory", 0
+        elif path in capsule.files:
+            kind, size = "file", len(capsule.files[path])
+        else:
+            raise fail("not_found", f"{path} does not exist")
+        return pb.FileEntry(name=path.rstrip("/").rsplit("/", 1)[-1], path=path, type=kind,
+                            size=size, mode=0o644, permissions="-rw-r--r--", owner="root",
+                            group="root", modified_at=1700000000)  # fmt: skip
+
+    async def write_file(self, request: pb.WriteFileRequest, ctx: Any) -> pb.WriteFileResponse:
+        capsule = self._capsule(request.capsule_id)
+        if len(request.content) > MAX_BUFFERED:
+            raise fail("too_large", "over 100 MiB")
+        capsule.files[request.path] = request.content
+        return pb.WriteFileResponse(path=request.path)
+
+    async def read_file(self, request: pb.ReadFileRequest, ctx: Any) -> pb.ReadFileResponse:
+        capsule = self._capsule(request.capsule_id)
+        if request.path not in capsule.files:
+            raise fail("not_found", f"{request.path} does not exist")
+        return pb.ReadFileResponse(content=capsule.files[request.path])
+
+    async def write_file_stream(
+        self, request: AsyncIterator[pb.WriteFileStreamRequest], ctx: Any
+    ) -> pb.WriteFileStreamResponse:
+        first = await anext(request)
+        assert first.message is not None
+        assert first.message.field == "meta"
+        meta = first.message.value
+        capsule = self._capsule(meta.capsule_id)
+        size = 0
+        digest = bytearray()
+        async for message in request:
+            assert message.message is not None
+            assert message.message.field == "chunk"
+            size += len(message.message.value)
+            if len(digest) < 1024:
+                digest += message.message.value[:1024]
+        # Huge uploads are not kept whole: the first KiB and the size are enough to check.
+        capsule.files[meta.path] = bytes(digest) if size > 1024 * 1024 else bytes(digest[:size])
+        capsule.files[meta.path + ".size"] = str(size).encode()
+        return pb.WriteFileStreamResponse(path=meta.path, bytes_written=size)
+
+    async def read_file_stream(
+        self, request: pb.ReadFileStreamRequest, ctx: Any
+    ) -> AsyncIterator[pb.ReadFileStreamResponse]:
+        capsule = self._capsule(request.capsule_id)
+        if request.path == "/dev/big":
+            for _ in range(64):
+                yield pb.ReadFileStreamResponse(chunk=b"x" * 65536)
+            return
+        if request.path not in capsule.files:
+            raise fail("not_found", f"{request.path} does not exist")
+        data = capsule.files[request.path]
+        for start in range(0, len(data), 65536):
+            yield pb.ReadFileStreamResponse(chunk=data[start : start + 65536])
+
+    async def list_dir(self, request: pb.ListDirRequest, ctx: Any) -> pb.ListDirResponse:
+        capsule = self._capsule(request.capsule_id)
+        if request.path not in capsule.dirs:
+            raise fail("not_found", f"{request.path} does not exist")
+        prefix = request.path.rstrip("/") + "/"
+        names = [p for p in (*capsule.dirs, *capsule.files) if p.startswith(prefix)
+                 and "/" not in p[len(prefix):] and p != request.path]  # fmt: skip
+        return pb.ListDirResponse(entries=[self._entry(capsule, p) for p in sorted(names)])
+
+    async def make_dir(self, request: pb.MakeDirRequest, ctx: Any) -> pb.MakeDirResponse:
+        capsule = self._capsule(request.capsule_id)
+        if request.path in capsule.dirs or request.path in capsule.files:
+            raise fail("conflict", f"{request.path} exists")
+        capsule.dirs.add(request.path)
+        return pb.MakeDirResponse(entry=self._entry(capsule, request.path))
+
+    async def remove_path(self, request: pb.RemovePathRequest, ctx: Any) -> pb.RemovePathResponse:
+        capsule = self._capsule(request.capsule_id)
+        self._entry(capsule, request.path)
+        capsule.dirs.discard(request.path)
+        capsule.files.pop(request.path, None)
+        return pb.RemovePathResponse()
+
+    async def stat(self, request: pb.StatRequest, ctx: Any) -> pb.StatResponse:
+        capsule = self._capsule(request.capsule_id)
+        return pb.StatResponse(entry=self._entry(capsule, request.path))
+
+    async def move(self, request: pb.MoveRequest, ctx: Any) -> pb.MoveResponse:
+        capsule = self._capsule(request.capsule_id)
+        if request.source not in capsule.files:
+            raise fail("not_found", f"{request.source} does not exist")
+        capsule.files[request.destination] = capsule.files.pop(request.source)
+        return pb.MoveResponse(entry=self._entry(capsule, request.destination))
+
+    # ── templates ──
+
+    async def create_template(
+        self, request: pb.CreateTemplateRequest, ctx: Any
+    ) -> pb.CreateTemplateResponse:
+        capsule = self._capsule(request.capsule_id, running=False)
+        if capsule.state not in (pb.CapsuleState.RUNNING, pb.CapsuleState.PAUSED):
+            raise fail("invalid_state", "neither running nor paused")
+        capsule.state = pb.CapsuleState.PAUSED
+        self.templates[request.template_id] = (capsule.vcpus, capsule.memory_mb)
+        template = pb.Template(template_id=request.template_id, vcpus=capsule.vcpus,
+                               memory_mb=capsule.memory_mb, default_user="root")  # fmt: skip
+        return pb.CreateTemplateResponse(template=template, capsule=capsule.view())
+
+    async def delete_template(
+        self, request: pb.DeleteTemplateRequest, ctx: Any
+    ) -> pb.DeleteTemplateResponse:
+        if self.templates.pop(request.template_id, None) is None:
+            raise fail("not_found", "no such template")
+        return pb.DeleteTemplateResponse()
+
+    # ── the agent ──
+
+    async def ping(self, request: pb.PingRequest, ctx: Any) -> pb.PingResponse:
+        return pb.PingResponse(agent_id=self.name, version="fake", accel="none")
+
+    async def terminate(self, request: pb.TerminateRequest, ctx: Any) -> pb.TerminateResponse:
+        self.calls.append("terminate")
+        paused = []
+        for capsule in self.capsules.values():
+            if capsule.state == pb.CapsuleState.RUNNING:
+                capsule.state = pb.CapsuleState.PAUSED
+                paused.append(capsule.capsule_id)
+        return pb.TerminateResponse(paused_ids=paused)
+
+
+class FakeAgentApp:
+    """ASGI: the RPC service and `/proxy/...`, both behind the X-Agent-Token check."""
+
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+        self.rpc = HostAgentServiceASGIApplication(agent, read_max_bytes=MAX_BUFFERED + 2**20)
+        self.proxied: list[dict[str, Any]] = []
+
+    def _authorised(self, scope: Any) -> bool:
+        want = AGENT_TOKEN_HEADER.lower().encode()
+        return any(k == want and v.decode() == self.agent.token for k, v in scope["headers"])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if not self._authorised(scope):
+            await _answer(send, 401, {"error": {"code": "unauthorized", "message": "no"}})
+            return
+        if scope["path"].startswith("/proxy/"):
+            await self._proxy(scope, receive, send)
+            return
+        await self.rpc(scope, receive, send)
+
+    async def _proxy(self, scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        seen = {"path": scope["raw_path"].decode(), "query": scope["query_string"].decode(),
+                "method": scope["method"], "headers": headers, "body": body.decode()}  # fmt: skip
+        self.proxied.append(seen)
+        _, _, cid, port, *rest = scope["raw_path"].decode().split("/")
+        if rest and rest[0] == "redirect":
+            await _answer(send, 302, seen, [(b"location", f"/proxy/{cid}/{port}/landed/".encode())])
+            return
+        await _answer(send, 200, seen)
+
+    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        if not self._authorised(scope):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            await send({"type": "websocket.send", "text": f"echo:{text}"})
+
+
+async def _answer(send: Any, status: int, doc: dict[str, Any],
+                  extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+    body = json.dumps(doc).encode()
+    headers = [(b"content-type", b"application/json"), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.asynccontextmanager
+async def serve_fake_agent(name: str = "fake") -> AsyncIterator[tuple[FakeAgent, FakeAgentApp]]:
+    """A `FakeAgent` on 127.0.0.1:<free port> until the block ends (`agent.address`)."""
+    agent = FakeAgent(name)
+    app = FakeAgentApp(agent)
+    port = free_port()
+    agent.address = f"127.0.0.1:{port}"
+    try:
+        async with serve(app, port):
+            yield agent, app
+    finally:
+        agent.close()

@@ -1,0 +1,81 @@
+"""Snapshot templates through the public API (fake agents; SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from nestbox.controlplane.settings import CPSettings
+from tests.integration.cp.cluster import cluster
+
+
+async def test_snapshot_then_capsules_from_it(settings: CPSettings) -> None:
+    async with cluster(settings, hosts=2) as c:
+        _, key = await c.user("ann@example.com")
+        _, other = await c.user("bob@example.com")
+        cid = (await c.create(key))["id"]
+        holder = c.host_of(cid)
+
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": cid, "name": "base-1"},
+                                headers=key)  # fmt: skip
+        assert r.status_code == 201, r.text
+        doc = r.json()
+        assert doc["name"] == "base-1"
+        assert doc["type"] == "snapshot"
+        assert doc["platform"] is False
+        assert doc["protected"] is False
+        assert datetime.fromisoformat(doc["created_at"]).tzinfo is not None
+        assert (doc["vcpus"], doc["memory_mb"]) == (1, 256)
+        r = await c.client.get(f"/v1/capsules/{cid}", headers=key)
+        assert r.json()["status"] == "paused"  # left paused, as in Wrenn
+
+        # capsules from it go to the host that holds it, whatever the load
+        for _ in range(2):
+            made = await c.create(key, template="base-1")
+            assert made["host_id"] == holder.host_id
+            assert made["template"] == "base-1"
+        # the other team sees nothing of it
+        r = await c.client.post("/v1/capsules", json={"template": "base-1"}, headers=other)
+        assert r.status_code == 404
+        names = {t["name"] for t in (await c.client.get("/v1/snapshots", headers=other)).json()}
+        assert names == {"minimal"}
+
+        listed = (await c.client.get("/v1/snapshots?type=snapshot", headers=key)).json()
+        assert {t["name"]: t["platform"] for t in listed} == {"base-1": False, "minimal": True}
+        assert (await c.client.get("/v1/snapshots?type=base", headers=key)).json() == []
+        assert (await c.client.get("/v1/snapshots?type=x", headers=key)).status_code == 400
+
+        # of a paused capsule too; same name needs overwrite
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": cid, "name": "base-1"},
+                                headers=key)  # fmt: skip
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "conflict"
+        again = {"sandbox_id": cid, "name": "base-1"}
+        r = await c.client.post("/v1/snapshots?overwrite=true", json=again, headers=key)
+        assert r.status_code == 201
+        assert len([t for t in holder.agent.templates if t.startswith("tpl-")]) == 1
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": cid, "name": "minimal"},
+                                headers=key)  # fmt: skip
+        assert r.status_code == 409  # platform names are reserved
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": cid}, headers=key)
+        assert r.status_code == 201
+        assert r.json()["name"].startswith("template-")
+
+        assert (await c.client.delete("/v1/snapshots/minimal", headers=key)).status_code == 403
+        assert (await c.client.delete("/v1/snapshots/base-1", headers=other)).status_code == 404
+        assert (await c.client.delete("/v1/snapshots/base-1", headers=key)).status_code == 204
+        assert (await c.client.delete("/v1/snapshots/base-1", headers=key)).status_code == 404
+        r = await c.client.post("/v1/capsules", json={"template": "base-1"}, headers=key)
+        assert r.status_code == 404
+
+
+async def test_snapshot_needs_running_or_paused(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        cid = (await c.create(key))["id"]
+        c.hosts[0].agent.capsules.pop(cid)
+        await c.services.reconciler.run_once()  # -> stopped
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": cid}, headers=key)
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "invalid_state"
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": "cl-none"}, headers=key)
+        assert r.status_code == 404
