@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import struct
 import time
 from typing import TYPE_CHECKING, cast
 
-from nestbox.envd import guest
+import pytest
+
+from nestbox.envd import guest, users
+from nestbox.envd.errors import UnknownUser
 from nestbox.envd.guest import RNDADDENTROPY, RNDRESEEDCRNG, GuestMachine
 from nestbox.envd.metrics import parse_cpu_times, parse_meminfo
 from nestbox.envd.state import Identity
@@ -20,7 +25,7 @@ FAR_FUTURE_NS = (time.time_ns() // 10**9 + 3600) * 10**9
 
 def test_outside_a_vm_every_function_is_a_no_op() -> None:
     machine = GuestMachine(in_vm=False, syscalls=FakeSyscalls(refuse=True))
-    assert machine.set_clock(FAR_FUTURE_NS) is False
+    assert machine.set_clock(FAR_FUTURE_NS) is None
     assert machine.reseed_rng(b"\x01" * 32) is False
     machine.sync()
     machine.drop_page_cache()
@@ -43,9 +48,11 @@ def test_in_a_vm_the_rng_gets_the_entropy_then_a_forced_reseed() -> None:
 def test_in_a_vm_the_clock_is_stepped_only_when_far_off() -> None:
     fake = FakeSyscalls()
     machine = GuestMachine(in_vm=True, syscalls=fake)
-    assert machine.set_clock(time.time_ns()) is False  # within tolerance
+    assert machine.set_clock(time.time_ns()) is None  # within tolerance
     assert fake.calls == []
-    assert machine.set_clock(FAR_FUTURE_NS) is True
+    step = machine.set_clock(FAR_FUTURE_NS)
+    assert step is not None
+    assert 3590 < step <= 3601
     assert fake.calls == [("clock_settime_ns", FAR_FUTURE_NS)]
 
 
@@ -83,9 +90,49 @@ def test_identity_files_are_written_in_both_modes(tmp_path: Path) -> None:
     ]
 
 
+def test_identity_files_unchanged_since_the_last_write_are_left_alone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    written = guest.write_identity(run, Identity(capsule_id="cl-1", template_id="t-1"))
+    (run / "NESTBOX_TEMPLATE_ID").unlink()  # would come back if it were rewritten
+    written = guest.write_identity(run, Identity(capsule_id="cl-2", template_id="t-1"), written)
+    assert written == {"NESTBOX_CAPSULE_ID": "cl-2", "NESTBOX_TEMPLATE_ID": "t-1"}
+    assert (run / "NESTBOX_CAPSULE_ID").read_text() == "cl-2"
+    assert not (run / "NESTBOX_TEMPLATE_ID").exists()
+
+
 def test_metrics_parsers() -> None:
     stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\n"
     times = parse_cpu_times(stat)
     assert (times.busy, times.total) == (150, 1000)
     total, used = parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 600 kB\n")
     assert (total, used) == (1000 * 1024, 400 * 1024)
+
+
+def test_found_users_are_cached_until_the_user_files_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restore the page cache is empty: a cached look-up costs two stats, no reads."""
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text("v1")
+    group.write_text("v1")
+    monkeypatch.setattr(users, "USER_FILES", (passwd, group))
+    monkeypatch.setattr(users, "_cache", {})
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    reads: list[str] = []
+    real = users._read_user
+
+    def read_user(name: str) -> users.User:
+        reads.append(name)
+        return real(name)
+
+    monkeypatch.setattr(users, "_read_user", read_user)
+    first = users.lookup_user(me)
+    assert users.lookup_user(me) == first
+    assert reads == [me]
+    group.write_text("v2, longer")  # a group edit: looked up again
+    assert users.lookup_user(me) == first
+    assert reads == [me, me]
+    with pytest.raises(UnknownUser):
+        users.lookup_user("no-such-user-here")
+    with pytest.raises(UnknownUser):
+        users.lookup_user("no-such-user-here")  # misses are never cached

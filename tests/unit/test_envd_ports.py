@@ -3,6 +3,7 @@ against a fake /proc/net and a fake `socat` (a script that just waits): no netwo
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nestbox.envd.ports import (
+    RESTART_FIRST_SCAN_S,
     PortStatistics,
     PortSubsystem,
     loopback_listeners,
@@ -156,4 +158,28 @@ async def test_forwarding_off_is_a_no_op() -> None:
     await ports.start()
     assert not ports.statistics().running
     await ports.restart()
+    await ports.stop()
+
+
+async def test_a_restart_scans_first_after_a_short_delay(
+    tmp_path: Path, fake_socat: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restore the request that triggered the restart answers before the first scan;
+    a plain start scans at once."""
+    proc_net = tmp_path / "net"
+    proc_net.mkdir()
+    (proc_net / "tcp").write_text(HEADER + row("0100007F:1F90", "0A"))
+    ports = PortSubsystem("10.0.0.2", 3600, proc_net=proc_net, socat=str(fake_socat))
+    scans: list[float] = []
+    monkeypatch.setattr(ports, "scan_once", lambda: scans.append(asyncio.get_running_loop().time()))
+    await ports.start()
+    await asyncio.sleep(0.01)
+    assert len(scans) == 1
+    started = asyncio.get_running_loop().time()
+    await ports.restart()
+    await asyncio.sleep(0.01)
+    assert len(scans) == 1
+    await asyncio.sleep(RESTART_FIRST_SCAN_S)
+    assert len(scans) == 2
+    assert scans[1] - started >= RESTART_FIRST_SCAN_S
     await ports.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from nestbox.envd.state import Runtime
+
+log = logging.getLogger(__name__)
 
 # Connect's own limit is 4 MiB by default; process input and file RPCs stay far below it.
 READ_MAX_BYTES = 16 * 1024 * 1024
@@ -75,6 +78,8 @@ class EnvdApp:
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         rt = self.runtime
         await rt.ports.start()  # a no-op when forwarding is off (outside a VM, by default)
+        if rt.ports.forward_address is not None:
+            log.info("port forwarding on %s started", rt.ports.forward_address)
         try:
             yield
         finally:

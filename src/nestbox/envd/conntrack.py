@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -20,8 +19,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 if TYPE_CHECKING:
     import asyncio
-
-log = logging.getLogger(__name__)
 
 CLOSE_HEADER = (b"connection", b"close")
 
@@ -89,8 +86,9 @@ class ConnTracker:
         if not self.keep_alive:
             conn.end_keep_alive()
 
-    def prepare_for_snapshot(self) -> None:
+    def prepare_for_snapshot(self) -> tuple[int, int]:
         """Disable keep-alive, close idle connections now, remember the rest as pre-snapshot.
+        Returns (closed, remembered) for the caller's log line.
 
         The caller's own connection is active, so it is remembered and its response is sent with
         `Connection: close`; it is normally gone before the VM freezes.
@@ -105,14 +103,11 @@ class ConnTracker:
             else:
                 conn.end_keep_alive()
                 self._pre_snapshot.add(conn)
-        log.info(
-            "snapshot prepare: closed %d idle connections, %d remembered",
-            closed,
-            len(self._pre_snapshot),
-        )
+        return closed, len(self._pre_snapshot)
 
-    def restore_after_snapshot(self) -> None:
+    def restore_after_snapshot(self) -> int:
         """Close every pre-snapshot connection (zombies after restore), re-enable keep-alive.
+        Returns how many were closed, for the caller's log line.
 
         Connections opened since the prepare, such as the `/init` request calling this, are left
         open, and keep-alive comes back for their responses not yet started (as in Go, which
@@ -127,7 +122,7 @@ class ConnTracker:
         self.keep_alive = True
         for conn in self._conns:
             conn.resume_keep_alive()
-        log.info("snapshot restore: closed %d pre-snapshot connections", len(zombies))
+        return len(zombies)
 
     def statistics(self) -> ConnStatistics:
         states = [c.state() for c in self._conns]

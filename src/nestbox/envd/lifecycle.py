@@ -3,6 +3,11 @@ and the post-restore recovery both `/health` and `/init` trigger.
 
 Handlers parse, call the runtime's subsystems and `guest.py`, and answer; they hold no state of
 their own beyond two per-app helpers (the init lock and the CPU sampler).
+
+`/init` right after a restore is what the host waits on before a capsule counts as created,
+and under TCG every code path the guest runs for the first time after a restore is slow
+(nothing is translated yet): so `/init` makes its few syscalls inline rather than through a
+worker thread, and what it has to log is logged once its answer is out.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
@@ -60,23 +68,53 @@ def error_response(err: EnvdError) -> JSONResponse:
     return JSONResponse(body, status_code=err.http_status, headers=NO_STORE)
 
 
-async def recover_if_needed(rt: Runtime) -> None:
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What one post-restore recovery did."""
+
+    closed: int
+    """Pre-snapshot connections closed."""
+    duration_ms: float
+    prepared: str
+    """What `/snapshot/prepare` did before the snapshot."""
+
+
+async def recover_if_needed(rt: Runtime) -> Recovery | None:
     """Post-restore recovery, exactly once after each `/snapshot/prepare`: close the connections
-    frozen into the snapshot, re-enable keep-alive, restart port forwarding."""
+    frozen into the snapshot, re-enable keep-alive, restart port forwarding. Returns what it did
+    (None if there was nothing to do), for the handler to log after it has answered."""
     if not rt.needs_restore.claim():
-        return
+        return None
     started = time.monotonic()
-    rt.tracker.restore_after_snapshot()
+    closed = rt.tracker.restore_after_snapshot()
     await rt.ports.restart()
-    log.info(
-        "post-restore recovery done",
-        extra={"duration_ms": round((time.monotonic() - started) * 1000, 1)},
-    )
+    return Recovery(closed, round((time.monotonic() - started) * 1000, 1), rt.last_prepare)
+
+
+def _log_after(recovery: Recovery | None, clock_step: float | None = None) -> BackgroundTask:
+    """The log lines of a request, written once its response is out (Starlette runs a
+    response's background task after the last body chunk has been sent)."""
+
+    def write() -> None:
+        if recovery is not None:
+            log.info(
+                "post-restore recovery done: %d pre-snapshot connections closed, port "
+                "forwarding restarted (the snapshot's prepare: %s, port forwarding stopped)",
+                recovery.closed,
+                recovery.prepared,
+                extra={"duration_ms": recovery.duration_ms},
+            )
+        if clock_step is not None:
+            log.info("guest clock stepped by %.3f s", clock_step)
+
+    return BackgroundTask(write)
 
 
 async def health(request: Request) -> Response:
-    await recover_if_needed(_runtime(request))
-    return JSONResponse({"version": ENVD_VERSION}, headers=NO_STORE)
+    recovery = await recover_if_needed(_runtime(request))
+    return JSONResponse(
+        {"version": ENVD_VERSION}, headers=NO_STORE, background=_log_after(recovery)
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -94,7 +132,7 @@ async def init(request: Request) -> Response:
     older `timestamp` than the last applied one skips the data updates (E2B). Post-restore
     recovery runs first, so it happens even when the body is rejected."""
     rt = _runtime(request)
-    await recover_if_needed(rt)
+    recovery = await recover_if_needed(rt)
     try:
         body = await request.body()
     except ClientDisconnect:
@@ -103,7 +141,10 @@ async def init(request: Request) -> Response:
         req = _parse_init(body)
         host_ns = _timestamp_ns(req.timestamp)
         entropy = _entropy(req.entropy)
-        if req.default_user:
+        # The default user is already checked (root always exists; any other was checked when
+        # it became the default): a clone's usual case. A non-root envd checks every time.
+        unchanged = req.default_user == rt.defaults.user and os.geteuid() == 0
+        if req.default_user and not unchanged:
             try:
                 lookup_user(req.default_user)
             except UnknownUser as err:
@@ -111,20 +152,22 @@ async def init(request: Request) -> Response:
     except EnvdError as err:
         return error_response(err)
 
+    # The clock, identity files and RNG are a syscall or two each (tmpfs, procfs): done inline.
     machine = guest.GuestMachine(in_vm=rt.in_vm)
+    clock_step: float | None = None
     lock: asyncio.Lock = _per_app(request, "init_lock", asyncio.Lock)
     async with lock:  # E2B's initLock: two /init calls never interleave their updates
         if _is_newer(host_ns, rt.last_init_timestamp):
             _apply_data(rt, req)
             if host_ns is not None:
-                await anyio.to_thread.run_sync(machine.set_clock, host_ns)
-            await _write_identity(rt)
+                clock_step = machine.set_clock(host_ns)
+            _write_identity(rt)
         else:
             log.info("stale /init timestamp %s: data updates skipped", req.timestamp)
     if entropy:
         # Even for a stale request: more entropy never hurts, and a restored snapshot needs it.
-        await anyio.to_thread.run_sync(machine.reseed_rng, entropy)
-    return Response(status_code=204, headers=NO_STORE)
+        machine.reseed_rng(entropy)
+    return Response(status_code=204, headers=NO_STORE, background=_log_after(recovery, clock_step))
 
 
 async def prepare(request: Request) -> Response:
@@ -136,15 +179,20 @@ async def prepare(request: Request) -> Response:
     rt = _runtime(request)
     started = time.monotonic()
     await rt.ports.stop()
-    rt.tracker.prepare_for_snapshot()
+    closed, remembered = rt.tracker.prepare_for_snapshot()
     rt.needs_restore.set()
     if rt.in_vm:
-        # Before answering: the host freezes the VM as soon as it has the 204.
-        await anyio.to_thread.run_sync(_flush, guest.GuestMachine(in_vm=True))
-    log.info(
-        "snapshot prepared",
-        extra={"duration_ms": round((time.monotonic() - started) * 1000, 1)},
+        # Before answering: the host freezes the VM as soon as it has the 204. Inline, not in
+        # a worker thread: the loop has nothing better to do now, and under TCG starting or
+        # waking a thread costs about as much as the flush itself.
+        _flush(guest.GuestMachine(in_vm=True))
+    # Said at INFO by the post-restore recovery line: a line written here would delay the
+    # answer, and a task after it would only run after the restore.
+    rt.last_prepare = (
+        f"{closed} idle connections closed and {remembered} remembered in "
+        f"{(time.monotonic() - started) * 1000:.1f} ms"
     )
+    log.debug("snapshot prepared: %s", rt.last_prepare)
     return Response(status_code=204, headers=NO_STORE)
 
 
@@ -211,8 +259,10 @@ def _apply_data(rt: Runtime, req: InitRequest) -> None:
         rt.identity.template_id = req.template_id
 
 
-async def _write_identity(rt: Runtime) -> None:
+def _write_identity(rt: Runtime) -> None:
     try:
-        await anyio.to_thread.run_sync(guest.write_identity, rt.settings.run_dir, rt.identity)
+        rt.identity_files = guest.write_identity(
+            rt.settings.run_dir, rt.identity, rt.identity_files
+        )
     except OSError as err:
         log.warning("cannot write identity files to %s: %s", rt.settings.run_dir, err)

@@ -32,6 +32,9 @@ LOOPBACK = frozenset(
 """Exactly these, not all of 127/8: socat's own listeners may sit on another loopback address
 (tests forward to 127.0.0.2) and must never be forwarded again."""
 REAP_TIMEOUT_S = 2.0
+RESTART_FIRST_SCAN_S = 0.1
+"""After a restart (post-restore recovery) the first scan waits this long: the request that
+triggered the recovery (`/init`, which the host is waiting on) answers first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +120,18 @@ class PortSubsystem:
         self._dying: list[subprocess.Popen[bytes]] = []
         self._warned: set[int] = set()
 
-    async def start(self) -> None:
-        """Begin scanning; does nothing if forwarding is off or already running."""
+    async def start(self, *, first_scan_after: float = 0.0) -> None:
+        """Begin scanning (the first scan after `first_scan_after` s); does nothing if
+        forwarding is off or already running. (Logged at DEBUG: the callers' own lines say
+        it, off the snapshot and restore paths.)"""
         if self.forward_address is None:
             return
         async with self._lock:
             if self._task is None:
-                self._task = asyncio.create_task(self._scan_loop(), name="envd-port-scanner")
-                log.info("port forwarding on %s started", self.forward_address)
+                self._task = asyncio.create_task(
+                    self._scan_loop(first_scan_after), name="envd-port-scanner"
+                )
+                log.debug("port forwarding on %s started", self.forward_address)
 
     async def stop(self) -> None:
         """Stop the scanner, SIGKILL every socat process group and reap them. Idempotent.
@@ -144,11 +151,11 @@ class PortSubsystem:
                 self._warned.clear()
             await self._reap_dying()
             if task is not None:
-                log.info("port forwarding stopped")
+                log.debug("port forwarding stopped")
 
     async def restart(self) -> None:
         await self.stop()
-        await self.start()
+        await self.start(first_scan_after=RESTART_FIRST_SCAN_S)
 
     def statistics(self) -> PortStatistics:
         return PortStatistics(
@@ -157,8 +164,10 @@ class PortSubsystem:
             forwarded=tuple(sorted(p for p, proc in self._socats.items() if proc.poll() is None)),
         )
 
-    async def _scan_loop(self) -> None:
+    async def _scan_loop(self, first_scan_after: float) -> None:
         failures = 0
+        if first_scan_after > 0:
+            await asyncio.sleep(first_scan_after)
         while True:
             try:
                 self.scan_once()

@@ -58,7 +58,7 @@ def build_runtime(settings: EnvdSettings, *, in_vm: bool) -> Runtime:
     )
     if in_vm:
         try:
-            guest.write_identity(settings.run_dir, identity)
+            runtime.identity_files = guest.write_identity(settings.run_dir, identity)
         except OSError as err:
             log.warning("cannot write identity files to %s: %s", settings.run_dir, err)
     return runtime

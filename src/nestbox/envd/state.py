@@ -71,8 +71,12 @@ class Runtime:
     ports: PortSubsystem
     defaults: Defaults = field(default_factory=Defaults)
     identity: Identity = field(default_factory=Identity)
+    identity_files: dict[str, str] | None = None
+    """What envd last wrote to the identity files (`guest.write_identity`), None if unknown."""
     access_token: str | None = None
     needs_restore: RestoreFlag = field(default_factory=RestoreFlag)
+    last_prepare: str = "unknown"
+    """What the last `/snapshot/prepare` did, for the post-restore recovery's log line."""
     last_init_timestamp: str | None = None
 
     def base_env(self) -> dict[str, str]:

@@ -38,18 +38,50 @@ class User:
         }
 
 
+USER_FILES = (Path("/etc/passwd"), Path("/etc/group"))
+CACHE_MAX = 64
+_cache: dict[str, tuple[tuple[int, ...], User]] = {}
+
+
+def _files_version() -> tuple[int, ...] | None:
+    """Inode, mtime and size of the user databases (a stat only: no page-cache read)."""
+    try:
+        stats = [os.stat(p) for p in USER_FILES]
+    except OSError:
+        return None
+    return tuple(v for st in stats for v in (st.st_ino, st.st_mtime_ns, st.st_size))
+
+
 def lookup_user(name: str) -> User:
     """The guest user called `name`.
+
+    Found users are cached until `/etc/passwd` or `/etc/group` change (any edit replaces the
+    file or changes its mtime): after a snapshot restore the page cache is empty (prepare
+    dropped it) and reading them again is a disk read on the `/init` path.
 
     :raise UnknownUser: no such user.
     :raise PermissionDenied: envd is not root and `name` is not the user it runs as.
     """
+    version = _files_version()
+    cached = _cache.get(name)
+    if cached is not None and version is not None and cached[0] == version:
+        user = cached[1]
+    else:
+        user = _read_user(name)
+        if version is not None:
+            if len(_cache) >= CACHE_MAX:
+                _cache.clear()
+            _cache[name] = (version, user)
+    if os.geteuid() != 0 and user.uid != os.geteuid():
+        raise PermissionDenied(f"envd is not root and cannot act as user {name!r}")
+    return user
+
+
+def _read_user(name: str) -> User:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
         raise UnknownUser(f"user {name!r} does not exist") from None
-    if os.geteuid() != 0 and entry.pw_uid != os.geteuid():
-        raise PermissionDenied(f"envd is not root and cannot act as user {name!r}")
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return User(
         name=entry.pw_name,

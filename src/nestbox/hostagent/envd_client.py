@@ -17,7 +17,7 @@ import base64
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import httpx
@@ -30,11 +30,15 @@ from nestbox.protocol.gen.process.process_connect import ProcessClient
 from nestbox.protocol.gen.process.process_pb import ProcessConfig, ProcessEvent, StartRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
 HEALTH_ATTEMPT_S = 1.0
 """One `/health` attempt; the guest may drop SYNs while it is not up yet."""
 POLL_S = 0.02
+CONNECT_ATTEMPT_S: Final = (0.5, 1.0, 2.0)
+"""Connect timeouts of successive `/init` attempts while envd is not up (the last repeats): a
+SYN sent before the guest's network runs again is retried soon, a slow guest gets longer."""
 UNARY_TIMEOUT_S = 120.0
 """Overall bound for one unary call (the seed's 2 minutes); callers set tighter deadlines."""
 
@@ -90,8 +94,10 @@ class EnvdClient:
     def __init__(self, base_url: str, *, access_token: str | None = None) -> None:
         self.base_url = base_url
         self._headers = {"X-Access-Token": access_token} if access_token else {}
+        # verify=False: envd is plain HTTP, and building the default TLS context (reading the
+        # CA bundle) would cost tens of milliseconds on every run's critical path.
         self._http = httpx.AsyncClient(
-            base_url=base_url, trust_env=False, headers=self._headers,
+            base_url=base_url, trust_env=False, headers=self._headers, verify=False,
             timeout=httpx.Timeout(UNARY_TIMEOUT_S, connect=10.0),
             limits=httpx.Limits(max_keepalive_connections=10, keepalive_expiry=90.0),
         )  # fmt: skip
@@ -134,6 +140,38 @@ class EnvdClient:
         body = request.model_dump(by_alias=True, exclude_none=True)
         r = await self._http.post("/init", json=body)
         _check(r, "/init")
+
+    async def init_when_ready(
+        self, request: Callable[[], InitRequest], *, answer_within: float
+    ) -> None:
+        """`POST /init` as soon as envd takes connections: readiness and `/init` in one round
+        trip (envd's first `/init` after a restore also runs its post-restore recovery, as
+        `/health` would). An attempt that cannot connect, or loses its connection before the
+        answer, is retried (`/init` may be applied twice: it is idempotent but for the extra
+        entropy); the body is built per attempt, so its timestamp is when it is sent. Set the
+        overall deadline around it.
+
+        :raise EnvdError: envd refused the request.
+        :raise httpx.TimeoutException: envd took the request but did not answer within
+            `answer_within` seconds.
+        """
+        attempt = 0
+        while True:
+            connect = CONNECT_ATTEMPT_S[min(attempt, len(CONNECT_ATTEMPT_S) - 1)]
+            timeout = httpx.Timeout(answer_within, connect=connect)
+            body = request().model_dump(by_alias=True, exclude_none=True)
+            try:
+                r = await self._http.post("/init", json=body, timeout=timeout)
+            except httpx.ConnectTimeout:
+                attempt += 1
+            except (httpx.ReadTimeout, httpx.WriteTimeout):
+                raise
+            except httpx.TransportError:
+                pass  # refused (envd not listening yet), reset, or closed before the answer
+            else:
+                _check(r, "/init")
+                return
+            await anyio.sleep(POLL_S)
 
     async def prepare_snapshot(self) -> None:
         """`POST /snapshot/prepare`: envd drops idle connections, stops port forwarding and

@@ -1,13 +1,15 @@
 """One capsule's build-up and tear-down, as ordered steps on undo stacks.
 
-Every step that makes something (a directory, a disk, a slot, a netns, a VMM process) pushes
-its undo on an `UndoStack` right after it succeeds. If a later step fails or the caller
-cancels, `unwind` runs the undos in reverse, shielded from the cancellation, under its own
-deadline, attempting every one and collecting the failures: what exists is exactly what the
-stack says exists. Nothing here keeps state between calls; `runtime.VmRuntime` does.
+Every step that makes something (a directory, a disk, a slot lease, a VMM process) pushes
+its undo on an `UndoStack` (`undo`) right after it succeeds. If a later step fails or the
+caller cancels, `unwind` runs the undos in reverse, shielded from the cancellation, under its
+own deadline, attempting every one and collecting the failures: what exists is exactly what
+the stack says exists. Nothing here keeps state between calls; `runtime.VmRuntime` does.
 
-A `Run` is one VMM process with its slot network and envd client. A capsule has a run while it
-is RUNNING; pausing closes the run and keeps the capsule's directory (disk + snapshot).
+A `Run` is one VMM process with its slot lease (`network.SlotNetworks`: often a warm one) and
+envd client. A capsule has a run while it is RUNNING; pausing closes the run (`end_run`: the
+VMM is gone when it returns, the slot network goes in the background) and keeps the capsule's
+directory (disk + snapshot).
 """
 
 from __future__ import annotations
@@ -19,23 +21,23 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import httpx
 
 from nestbox.hostagent import capsule as cap
-from nestbox.hostagent.capsule import CapsuleRecord, GuestUnreachable, TeardownError
+from nestbox.hostagent.capsule import CapsuleRecord, GuestUnreachable
 from nestbox.hostagent.envd_client import EnvdClient, EnvdError, envd_url
-from nestbox.hostagent.network import open_slot_network
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage.templates import TemplateMeta
+from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
 from nestbox.hostagent.vmm.base import RamSpec, VmSpec
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from nestbox.hostagent.network import SlotNetwork, SlotPool
+    from nestbox.hostagent.network import SlotLease, SlotNetwork, SlotNetworks, SlotPool
     from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.storage.templates import TemplateDir
     from nestbox.hostagent.system import System
@@ -64,6 +66,7 @@ class Timeouts:
     envd_ready: float = 60.0
     """envd answering after a restore."""
     init: float = 15.0
+    """envd answering `/init` once it has the request."""
     prepare: float = 3.0
     """`/snapshot/prepare` before a pause (best effort, as in the seed)."""
     save: float = 120.0
@@ -78,63 +81,23 @@ class Host:
     system: System
     hypervisor: Hypervisor
     slots: SlotPool
+    networks: SlotNetworks
     timeouts: Timeouts
-
-
-class UndoStack(contextlib.AsyncExitStack):
-    """An AsyncExitStack whose async undos never stop the unwinding: each failure is logged
-    and kept in `errors`, and the next undo runs."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__()
-        self.what = what
-        self.errors: list[BaseException] = []
-
-    def push_async_callback(
-        self, callback: Callable[..., Awaitable[Any]], /, *args: Any, **kwds: Any
-    ) -> Callable[..., Awaitable[Any]]:
-        async def guarded() -> None:
-            try:
-                await callback(*args, **kwds)
-            except Exception as err:
-                log.warning("undo step of %s failed: %r", self.what, err)
-                self.errors.append(err)
-
-        super().push_async_callback(guarded)
-        return callback
-
-
-async def unwind(stack: UndoStack, within: float) -> None:
-    """Run every undo of `stack` (reverse order), shielded, within `within` seconds (the
-    teardown's own deadline: the caller's may be what was just cancelled).
-
-    :raise TeardownError: some undo failed or the deadline passed (all were attempted).
-    """
-    with anyio.CancelScope(shield=True), anyio.move_on_after(within) as scope:
-        await stack.aclose()
-    if scope.cancelled_caught:
-        stack.errors.append(TimeoutError(f"teardown exceeded {within:g} s"))
-    if stack.errors:
-        raise TeardownError(stack.what, stack.errors)
-
-
-async def unwind_after_failure(stack: UndoStack, within: float) -> None:
-    """`unwind` while another exception is propagating: undo failures are logged (and the
-    original exception, or the cancellation, is what the caller sees)."""
-    try:
-        await unwind(stack, within)
-    except TeardownError as err:
-        log.error("%s", err)
 
 
 @dataclass(slots=True)
 class Run:
-    """A running VMM, the slot network it sits in, and the envd client that reaches it."""
+    """A running VMM, the slot lease (network) it sits in, and the envd client that reaches
+    it. `stack` kills the VMM, closes the client and releases the lease."""
 
-    network: SlotNetwork
+    lease: SlotLease
     vm: VmHandle
     envd: EnvdClient
     stack: UndoStack
+
+    @property
+    def network(self) -> SlotNetwork:
+        return self.lease.network
 
     @property
     def pid(self) -> int:
@@ -153,16 +116,15 @@ async def open_run(
     ignore_shared: bool,
     hook: StepHook,
 ) -> Run:
-    """Slot → slot network → VMM process [→ snapshot loaded and running] → envd client."""
+    """Slot lease (a warm one when there is one) → VMM process [→ snapshot loaded and
+    running] → envd client."""
     stack = UndoStack("run")
     try:
-        slot = await host.slots.allocate()
-        stack.push_async_callback(host.slots.release, slot)
+        lease = await host.networks.acquire(egress=egress)
+        stack.push_async_callback(host.networks.release, lease)
         await hook("slot")
-        network = await open_slot_network(
-            host.system, host.settings, slot, egress=egress, stack=stack
-        )
         await hook("network")
+        network = lease.network
         vm = await host.hypervisor.start(spec_for(network))
         stack.push_async_callback(host.hypervisor.kill, vm)
         await hook("vmm")
@@ -175,7 +137,17 @@ async def open_run(
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
         raise
-    return Run(network=network, vm=vm, envd=envd, stack=stack)
+    return Run(lease=lease, vm=vm, envd=envd, stack=stack)
+
+
+async def end_run(host: Host, run: Run) -> None:
+    """Close a run that did its job (pause, destroy, template): the VMM is killed and its
+    client closed before this returns; the slot network is removed in the background.
+
+    :raise TeardownError:
+    """
+    run.lease.background_teardown = True
+    await unwind(run.stack, host.timeouts.teardown)
 
 
 async def wait_guest(
@@ -187,28 +159,30 @@ async def wait_guest(
     init: Callable[[], InitRequest] | None,
     hook: StepHook,
 ) -> None:
-    """envd answers `/health` (within `ready_within` s), then `/init` (its own deadline).
+    """envd answers, then `/init`: as one request when there is an `/init` (it is sent as
+    soon as envd takes connections, within `ready_within` s; envd then has `timeouts.init` s to
+    answer it), else a `/health` poll (within `ready_within` s).
 
     :raise GuestUnreachable: with the tail of the guest's serial console.
     """
+    if init is None:
+        ready = run.envd.wait_ready()
+    else:
+        ready = run.envd.init_when_ready(init, answer_within=host.timeouts.init)
     try:
         with anyio.fail_after(ready_within):
-            exited = await _first_of(run.envd.wait_ready(), run.vm.process.wait_exit())
+            exited = await _first_of(ready, run.vm.process.wait_exit())
     except TimeoutError as err:
         raise GuestUnreachable(record.id, "wait_ready", _serial_tail(run)) from err
-    if exited:
-        raise GuestUnreachable(record.id, "wait_ready", "the VM exited; " + _serial_tail(run))
-    await hook("envd")
-    if init is None:
-        return
-    try:
-        with anyio.fail_after(host.timeouts.init):
-            await run.envd.init(init())
-    except (TimeoutError, httpx.HTTPError, EnvdError) as err:
+    except (httpx.HTTPError, EnvdError) as err:
         # Fatal, unlike in the seed: a clone that missed /init still has the template's RNG
         # state and identity, which must never leak into a capsule that runs user code.
         raise GuestUnreachable(record.id, "init", repr(err)) from err
-    await hook("init")
+    if exited:
+        raise GuestUnreachable(record.id, "wait_ready", "the VM exited; " + _serial_tail(run))
+    await hook("envd")
+    if init is not None:
+        await hook("init")
 
 
 async def create(
@@ -260,18 +234,53 @@ async def create(
     return run, files
 
 
-async def prepare_snapshot(host: Host, run: Run) -> None:
-    """Close the host's idle connections, then `/snapshot/prepare` with a short deadline.
-    Best effort (as in the seed): a guest that does not answer is snapshotted anyway."""
-    await run.envd.aclose()
-    run.envd = EnvdClient(run.envd.base_url)
-    run.stack.push_async_callback(run.envd.aclose)
+async def prepare_snapshot(host: Host, run: Run, *, ignore_shared: bool) -> None:
+    """`/snapshot/prepare` with a short deadline (best effort, as in the seed: a guest that does
+    not answer is snapshotted anyway) while the VMM sets its migration up
+    (`Hypervisor.prepare_save`; the guest runs on until `save`).
+
+    :raise VmError: the VMM's set-up failed (the guest runs on).
+    """
+    failure: Exception | None = None
+
+    async def set_up_save() -> None:
+        nonlocal failure
+        try:
+            await host.hypervisor.prepare_save(run.vm, ignore_shared=ignore_shared)
+        except Exception as err:
+            failure = err
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(set_up_save)
+        await _prepare_guest(host, run)
+    if failure is not None:
+        raise failure
+
+
+async def _prepare_guest(host: Host, run: Run) -> None:
+    """`/snapshot/prepare` over the run's client, then a fresh client for the run.
+
+    The request goes over the client's keep-alive connection when it has one (the one `/init`
+    used): that makes the connection active, so envd answers `Connection: close` and closes
+    it, and closes any other idle one itself; no TCP handshake into a guest where every new
+    code path is slow. The old client is closed right after the answer: none of its
+    connections lives into the snapshot.
+    """
     try:
         with anyio.fail_after(host.timeouts.prepare):
-            await run.envd.prepare_snapshot()
-        await run.envd.aclose()  # the prepare connection is pre-snapshot; drop it too
+            try:
+                await run.envd.prepare_snapshot()
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # envd closed that connection (its keep-alive idle timeout) just as it was
+                # reused; a prepare that did arrive is harmless to repeat.
+                await run.envd.prepare_snapshot()
     except (TimeoutError, httpx.HTTPError, EnvdError) as err:
         log.warning("snapshot/prepare failed, snapshotting anyway: %r", err)
+    finally:
+        old, run.envd = run.envd, EnvdClient(run.envd.base_url)
+        run.stack.push_async_callback(run.envd.aclose)
+        with anyio.CancelScope(shield=True):
+            await old.aclose()
 
 
 async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -> SaveResult:
@@ -288,8 +297,10 @@ async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -
 
 
 async def _first_of(ready: Awaitable[None], exit_: Awaitable[int | None]) -> bool:
-    """Wait for whichever comes first; True if it was the VM's exit."""
+    """Wait for whichever comes first; True if it was the VM's exit. An error of `ready` is
+    raised as is (not in an exception group)."""
     exited = False
+    error: Exception | None = None
 
     async def watch_exit(scope: anyio.CancelScope) -> None:
         nonlocal exited
@@ -299,8 +310,13 @@ async def _first_of(ready: Awaitable[None], exit_: Awaitable[int | None]) -> boo
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_exit, tg.cancel_scope)
-        await ready
+        try:
+            await ready
+        except Exception as err:
+            error = err
         tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return exited
 
 
@@ -377,6 +393,7 @@ __all__ = [
     "Timeouts",
     "UndoStack",
     "create",
+    "end_run",
     "freeze_into_template",
     "machine_spec",
     "no_hook",

@@ -9,11 +9,12 @@ died. Guest calls are in `guestcalls`, the idle reaper in `reaper`, recovery in 
 Pause order (the seed's, `Manager.Pause`): stop the capsule's metrics sampler; drain proxied
 requests (up to `drain_timeout_s`; new ones get 503 meanwhile); close both envd pools' idle
 connections, so their FINs reach the guest *before* `/snapshot/prepare`; then the runtime
-prepares (3 s, best effort; it closes its own idle connections first) and snapshots. On any
+prepares (3 s, best effort, over its own keep-alive connection, which envd closes after
+answering; the migration is set up meanwhile) and snapshots. On any
 failure after the drain the tracker is reset and the VM runs on (the runtime `cont`s it).
-After every restore (create from a template, resume) the runtime has waited for envd and sent
-`/init` (identity, time, entropy, default user and env) before the manager makes the run's
-envd client.
+After every restore (create from a template, resume) the runtime has had envd answer `/init`
+(identity, time, entropy, default user and env; sent as soon as envd takes connections, so it
+is the readiness probe too) before the manager makes the run's envd client.
 """
 
 from __future__ import annotations

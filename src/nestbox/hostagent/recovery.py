@@ -34,7 +34,7 @@ from nestbox.hostagent.capsule import Capsule, CapsuleRecord, CapsuleState
 from nestbox.hostagent.envd_client import EnvdClient, envd_url
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
 from nestbox.hostagent.managed import CapsuleMeta, read_meta
-from nestbox.hostagent.network import cleanup_leftovers, plan_slot
+from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
 from nestbox.hostagent.vmm.base import RamSpec, VmHandle
 from nestbox.hostagent.vmm.process import VmProcess
 from nestbox.hostagent.vmm.qmp import QmpClient
@@ -86,6 +86,7 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     await cleanup_leftovers(host.system, host.settings, host.slots.in_use())
     await anyio.to_thread.run_sync(_remove_strays, host.settings.state_dir,
                                    {c.id for c in runtime.capsules()})  # fmt: skip
+    host.networks.start()  # the warm pool, now that no leftover shares a slot with it
     if report.running or report.paused or report.failed:
         log.info(
             "recovery: %d running and %d paused capsules re-adopted, %d failed",
@@ -127,8 +128,10 @@ async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egr
             await host.slots.claim(slot)
         except ValueError as err:
             raise NotAdoptable(f"slot {slot} is claimed twice") from err
-        stack.push_async_callback(host.slots.release, slot)
-        stack.push_async_callback(_remove_slot_network, host, slot)
+        lease = SlotLease(network, UndoStack(f"slot {slot} network"))
+        lease.stack.push_async_callback(host.slots.release, slot)
+        lease.stack.push_async_callback(_remove_slot_network, host, slot)
+        stack.push_async_callback(host.networks.release, lease)
         spec = machine_spec(record, record.dir / "run", network, ram=_ram(record), incoming=False)
         process = VmProcess.adopt(pid, [], spec.output_log)
         try:
@@ -148,7 +151,7 @@ async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egr
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
         raise
-    return Run(network=network, vm=vm, envd=envd, stack=stack)
+    return Run(lease=lease, vm=vm, envd=envd, stack=stack)
 
 
 def _our_vm(record: CapsuleRecord) -> int | None:

@@ -7,7 +7,8 @@ resources removed), and the capsule records on disk. The steps themselves are in
 Each verb logs one INFO line with its duration (`duration_ms`).
 
 Open it with `async with VmRuntime.open(settings, system) as rt:`. Leaving the block stops the
-watchers but not the VMs: QEMU runs detached, so an agent restart does not kill capsules.
+watchers but not the VMs: QEMU runs detached, so an agent restart does not kill capsules. It
+does wait for slot networks still being torn down, and removes the warm ones (`networks`).
 
 About 600 lines, one banner per verb group; what is not registry or state bookkeeping already
 lives in `lifecycle` (steps), `capsule` (state machine, records) and `storage`/`vmm`/`network`.
@@ -39,7 +40,14 @@ from nestbox.hostagent.capsule import (
 from nestbox.hostagent.envd_client import init_request
 from nestbox.hostagent.image.cmdline import kernel_cmdline
 from nestbox.hostagent.lifecycle import Host, Run, StepHook, Timeouts, no_hook
-from nestbox.hostagent.network import GUEST_IP, GUEST_PREFIX, TAP_IP, SlotPool, ensure_blackhole
+from nestbox.hostagent.network import (
+    GUEST_IP,
+    GUEST_PREFIX,
+    TAP_IP,
+    SlotNetworks,
+    SlotPool,
+    ensure_blackhole,
+)
 from nestbox.hostagent.storage import templates as tpl
 from nestbox.hostagent.vmm.accel import choose_accel
 from nestbox.hostagent.vmm.base import RamSpec
@@ -92,12 +100,18 @@ class VmRuntime:
             self.accel, binary=settings.qemu_binary
         )
         self.slots = SlotPool(settings)
+        timeouts = timeouts or Timeouts()
+        self.networks = SlotNetworks(
+            system, settings, self.slots, task_group, warm=settings.warm_slots,
+            teardown_within=timeouts.teardown,
+        )  # fmt: skip
         self.host = Host(
             settings=settings,
             system=system,
             hypervisor=self.hypervisor,
             slots=self.slots,
-            timeouts=timeouts or Timeouts(),
+            networks=self.networks,
+            timeouts=timeouts,
         )
         self._tg = task_group
         self._capsules: dict[str, Capsule] = {}
@@ -133,11 +147,12 @@ class VmRuntime:
         await ensure_blackhole(system, settings)
         body_error: BaseException | None = None
         async with anyio.create_task_group() as tg:
+            rt = cls(settings, system, tg, hypervisor=hypervisor, accel=accel, timeouts=timeouts)
             try:
-                yield cls(settings, system, tg, hypervisor=hypervisor, accel=accel,
-                          timeouts=timeouts)  # fmt: skip
+                yield rt
             except BaseException as err:
                 body_error = err  # re-raised as is, not wrapped in the task group's group
+            await rt.networks.aclose()  # shielded: teardowns in flight end, warm slots go
             tg.cancel_scope.cancel()
         if body_error is not None:
             raise body_error
@@ -156,7 +171,7 @@ class VmRuntime:
 
     def statistics(self) -> RuntimeStatistics:
         states = [c.state for c in self._capsules.values()]
-        slots = self.slots.statistics()
+        slots = self.networks.statistics()
         return RuntimeStatistics(
             capsules=len(states),
             running=states.count(S.RUNNING),
@@ -315,11 +330,14 @@ class VmRuntime:
                 record, self._run_dir(record.id), network, ram=ram, incoming=incoming
             )
 
-        run, files = await lifecycle.create(
-            self.host, record, base=base, base_format=base_format, spec_for=spec_for,
-            restore_from=restore_from, ignore_shared=ignore_shared,
-            init=self._init_for(record), egress=egress, hook=hook,
-        )  # fmt: skip
+        try:
+            run, files = await lifecycle.create(
+                self.host, record, base=base, base_format=base_format, spec_for=spec_for,
+                restore_from=restore_from, ignore_shared=ignore_shared,
+                init=self._init_for(record), egress=egress, hook=hook,
+            )  # fmt: skip
+        finally:
+            self.networks.refill()  # now that this start-up no longer needs the CPUs
         capsule = Capsule(record, files)
         capsule.run = run
         self._capsules[record.id] = capsule
@@ -334,8 +352,10 @@ class VmRuntime:
 
     # ── pause / resume ──────────────────────────────────────────────────────────────────
 
-    async def pause(self, capsule_id: str) -> None:
-        """Snapshot a RUNNING capsule to its directory, then stop its VMM and free its slot.
+    async def pause(self, capsule_id: str, *, hook: StepHook = no_hook) -> None:
+        """Snapshot a RUNNING capsule to its directory, then stop its VMM and free its slot
+        (its network is removed in the background). Steps: `prepare` (envd quiesced, the
+        migration set up), `save` (snapshot written, VMM gone, record PAUSED).
 
         :raise InvalidState: :raise MigrationFailed: (the guest then runs on)
         """
@@ -347,7 +367,8 @@ class VmRuntime:
                 self._stop_watch(capsule)
                 snapshot = capsule.record.dir / "snapshot.state"
                 try:
-                    await lifecycle.prepare_snapshot(self.host, run)
+                    await lifecycle.prepare_snapshot(self.host, run, ignore_shared=False)
+                    await hook("prepare")
                     await lifecycle.save(self.host, run, snapshot, ignore_shared=False)
                 except BaseException:
                     snapshot.unlink(missing_ok=True)
@@ -365,7 +386,8 @@ class VmRuntime:
                     ram="anonymous",
                     ram_file=None,
                 )
-                await lifecycle.unwind(run.stack, self.host.timeouts.teardown)
+                await lifecycle.end_run(self.host, run)
+                await hook("save")
 
     async def resume(
         self,
@@ -409,26 +431,29 @@ class VmRuntime:
                 record, self._run_dir(record.id), network, ram=RamSpec(), incoming=True
             )
 
-        run = await lifecycle.open_run(
-            self.host,
-            spec_for,
-            egress=egress,
-            restore_from=snapshot,
-            ignore_shared=False,
-            hook=hook,
-        )
         try:
-            await lifecycle.wait_guest(
+            run = await lifecycle.open_run(
                 self.host,
-                run,
-                record,
-                ready_within=self.host.timeouts.envd_ready,
-                init=self._init_for(record),
+                spec_for,
+                egress=egress,
+                restore_from=snapshot,
+                ignore_shared=False,
                 hook=hook,
             )
-        except BaseException:
-            await lifecycle.unwind_after_failure(run.stack, self.host.timeouts.teardown)
-            raise
+            try:
+                await lifecycle.wait_guest(
+                    self.host,
+                    run,
+                    record,
+                    ready_within=self.host.timeouts.envd_ready,
+                    init=self._init_for(record),
+                    hook=hook,
+                )
+            except BaseException:
+                await lifecycle.unwind_after_failure(run.stack, self.host.timeouts.teardown)
+                raise
+        finally:
+            self.networks.refill()  # now that this start-up no longer needs the CPUs
         return run
 
     # ── templates ───────────────────────────────────────────────────────────────────────
@@ -453,7 +478,7 @@ class VmRuntime:
                 staging: tpl.TemplateDir | None = None
                 try:
                     staging = tpl.make_staging(self.settings.templates_dir, template_id)
-                    await lifecycle.prepare_snapshot(self.host, run)
+                    await lifecycle.prepare_snapshot(self.host, run, ignore_shared=shared)
                     result = await lifecycle.save(
                         self.host, run, staging.state, ignore_shared=shared
                     )
@@ -465,7 +490,7 @@ class VmRuntime:
                     raise
                 try:
                     capsule.run = None
-                    await lifecycle.unwind(run.stack, self.host.timeouts.teardown)
+                    await lifecycle.end_run(self.host, run)
                     await lifecycle.freeze_into_template(capsule.record, staging)
                     meta = lifecycle.template_meta(
                         capsule.record, template_id, source=source or capsule_id,
@@ -552,11 +577,15 @@ class VmRuntime:
         """Unwind the run (if any) and the files; forget the capsule. Lock held."""
         errors: list[BaseException] = []
         run, capsule.run = capsule.run, None
-        for stack in ([run.stack] if run else []) + [capsule.files]:
-            try:
-                await lifecycle.unwind(stack, self.host.timeouts.teardown)
-            except TeardownError as err:
-                errors.extend(err.errors)
+        try:
+            if run is not None:
+                await lifecycle.end_run(self.host, run)
+        except TeardownError as err:
+            errors.extend(err.errors)
+        try:
+            await lifecycle.unwind(capsule.files, self.host.timeouts.teardown)
+        except TeardownError as err:
+            errors.extend(err.errors)
         capsule.record = capsule.record.model_copy(update={"state": S.STOPPED})
         self._capsules.pop(capsule.id, None)
         if errors:

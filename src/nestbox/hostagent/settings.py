@@ -41,6 +41,9 @@ class AgentSettings(BaseSettings):
     )
     slot_first: int = Field(default=1, ge=1, description="first slot index this agent uses")
     slot_count: int = Field(default=200, ge=1, le=16000, description="slots this agent may use")
+    warm_slots: int = Field(
+        default=2, ge=0, description="slot networks built ahead for new capsules; 0 = none"
+    )
     tap_rate_mbytes: int = Field(default=200, description="guest egress rate limit, MB/s")
     tap_burst_mbytes: int = Field(default=100, description="guest egress burst, MB")
     default_vcpus: int = Field(default=1, ge=1)

@@ -3,8 +3,8 @@ small client over its Connect API and port proxy.
 
 The agent shares the VM session's data directory (so the session's `minimal` template is
 there) but has its own agent id and slot range, listens on a free loopback port and runs
-unregistered with a secret the test chooses. `leftovers()` of its settings lists everything
-it could leave on the host.
+unregistered with a secret the test chooses, without warm slot networks. `leftovers()` of its
+settings lists everything it could leave on the host.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class AgentProcess:
         port = free_port()
         settings = base.model_copy(
             update={"agent_id": agent_id, "slot_first": slot_first, "slot_count": slot_count,
-                    "listen": f"127.0.0.1:{port}"}
+                    "listen": f"127.0.0.1:{port}", "warm_slots": 0}
         )  # fmt: skip
         log_path = base.data_dir / f"agent-{agent_id}.log"
         return cls(settings, port, secrets.token_urlsafe(24), log_path)
@@ -78,6 +78,9 @@ class AgentProcess:
             "NESTBOX_AGENT_SECRET": self.secret,
             "NESTBOX_AGENT_ACCEL": s.accel,
             "NESTBOX_AGENT_REAP_INTERVAL_S": "0.5",
+            # No warm slot networks: what `agent_leftovers` sees while the agent runs is then
+            # exactly what its capsules hold. The runtime tests cover the warm pool.
+            "NESTBOX_AGENT_WARM_SLOTS": str(s.warm_slots),
             "NESTBOX_AGENT_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             "NESTBOX_AGENT_LOG_LEVEL": "INFO",
         })  # fmt: skip
@@ -181,16 +184,22 @@ class Rpc:
         return {c.capsule_id: c for c in response.capsules}
 
 
-def agent_leftovers(settings: AgentSettings) -> dict[str, list[str]]:
+def agent_leftovers(settings: AgentSettings, within: float = 15.0) -> dict[str, list[str]]:
     """What this agent made and did not remove: `conftest.leftovers` narrowed to the agent's
-    own names, so that another test session running at the same time does not count."""
+    own names, so that another test session running at the same time does not count. The
+    agent removes a slot's network in the background after a pause or destroy: this waits up
+    to `within` seconds for everything to be gone, then says what is left."""
     from tests.integration.vm.conftest import leftovers, qemu_pids
 
-    left = leftovers(settings)
-    veth = f"nbh{settings.agent_id}x"
-    left["routes"] = [r for r in left["routes"] if veth in r]
-    left["processes"] = [str(pid) for pid in qemu_pids(settings.state_dir)]
-    return left
+    deadline = time.monotonic() + within
+    while True:
+        left = leftovers(settings)
+        veth = f"nbh{settings.agent_id}x"
+        left["routes"] = [r for r in left["routes"] if veth in r]
+        left["processes"] = [str(pid) for pid in qemu_pids(settings.state_dir)]
+        if not any(left.values()) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def reset_agent(agent: AgentProcess) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -165,7 +166,9 @@ def vm(vm_settings: AgentSettings, minimal_template: tuple[Template, BootInfo]) 
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: AgentSettings) -> AsyncIterator[VmRuntime]:
-    """A runtime for one test; afterwards every capsule is gone and nothing of ours is left.
+    """A runtime for one test; afterwards every capsule is gone and nothing of ours is left
+    (leaving the runtime waits for the slot networks being torn down and removes the warm
+    ones).
 
     A context manager in the test's own task, not a fixture: the runtime's task group must be
     entered and left by the same task, which async fixtures do not guarantee.
@@ -179,20 +182,34 @@ async def open_runtime(settings: AgentSettings) -> AsyncIterator[VmRuntime]:
     assert leftovers(settings) == before
 
 
-def leftovers(settings: AgentSettings) -> dict[str, list[str]]:
+async def settled_leftovers(rt: VmRuntime) -> dict[str, list[str]]:
+    """`leftovers` once the runtime's background network work (warm slot builds, teardowns
+    after pause and destroy) has finished, without the warm slots waiting for a capsule."""
+    await rt.networks.settle()
+    return leftovers(rt.settings, skip_slots={lease.slot for lease in rt.networks.ready()})
+
+
+def leftovers(settings: AgentSettings, skip_slots: set[int] | None = None) -> dict[str, list[str]]:
     """Everything on the host this session's capsules could have left: netns, links, routes,
-    iptables rules, capsule files and QEMU processes."""
+    iptables rules, capsule files and QEMU processes (those of `skip_slots` not counted)."""
     agent = settings.agent_id
-    rules = [ln for ln in sh("iptables-save").splitlines() if f"nestbox:{agent}:" in ln]
+    skip = skip_slots or set()
+
+    def ours(text: str) -> bool:
+        """Names or tags one of this agent's slots not in `skip`."""
+        slots = re.findall(rf"(?:nbx-{agent}-|nbh{agent}x|nestbox:{agent}:)(\d+)\b", text)
+        return bool(slots) and not skip.issuperset(int(n) for n in slots)
+
     capsules = settings.state_dir / "capsules"
     return {
         "netns": [ln for ln in sh("ip", "netns", "list").splitlines()
-                  if ln.startswith(f"nbx-{agent}-")],
+                  if ln.startswith(f"nbx-{agent}-") and ours(ln)],
         "links": [ln.split(":")[1].strip() for ln in sh("ip", "-o", "link").splitlines()
-                  if f"nbh{agent}x" in ln],
+                  if f"nbh{agent}x" in ln and ours(ln)],
         # Only this agent's routes: other agents (other test modules) may run at the same time.
-        "routes": [ln for ln in sh("ip", "route").splitlines() if f"nbh{agent}x" in ln],
-        "rules": sorted(rules),
+        "routes": [ln for ln in sh("ip", "route").splitlines() if ours(ln)],
+        "rules": sorted(ln for ln in sh("iptables-save").splitlines()
+                        if f"nestbox:{agent}:" in ln and ours(ln)),
         "files": sorted(str(p) for p in capsules.rglob("*")) if capsules.exists() else [],
         "processes": [str(pid) for pid in qemu_pids(settings.data_dir)],
     }  # fmt: skip

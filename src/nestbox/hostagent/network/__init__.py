@@ -3,6 +3,7 @@
 Every command goes through `nestbox.hostagent.system.System`. See `slots` for the plan.
 """
 
+from nestbox.hostagent.network.pool import SlotLease, SlotNetworks
 from nestbox.hostagent.network.setup import (
     Leftovers,
     cleanup_leftovers,
@@ -29,7 +30,9 @@ __all__ = [
     "TAP_NAME",
     "Leftovers",
     "NoFreeSlot",
+    "SlotLease",
     "SlotNetwork",
+    "SlotNetworks",
     "SlotPool",
     "SlotPoolStatistics",
     "check_plan",

@@ -145,6 +145,8 @@ class VmHandle:
     spec: VmSpec
     process: VmProcess
     qmp: QmpClient
+    save_set_up: bool | None = None
+    """The `ignore_shared` that `Hypervisor.prepare_save` set up the next save for, if any."""
 
     @property
     def pid(self) -> int:
@@ -175,6 +177,11 @@ class Hypervisor(Protocol):
     async def restore(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> None:
         """Load `state_file` into a VM started with `incoming=True`, then run it.
         :raise MigrationFailed: :raise VmExited:"""
+        ...
+
+    async def prepare_save(self, vm: VmHandle, *, ignore_shared: bool) -> None:
+        """Set up what `save` needs while the guest still runs (it never stops the guest, so
+        it may run alongside the guest's own preparation). Optional: `save` does it if not."""
         ...
 
     async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.005
+POLL_S = 0.002
+"""QMP socket appearing, `query-status` during a restore, `query-migrate` during a save: QMP has
+no blocking wait, and a capsule's start, restore and pause wait on these polls."""
 MAX_BANDWIDTH = 64 << 30
 """Bytes/s. QEMU 7.2 defaults to 128 MiB/s, which makes a file snapshot 8x slower."""
 
@@ -119,11 +121,18 @@ class QemuHypervisor:
         finally:
             os.close(fd)
 
+    async def prepare_save(self, vm: VmHandle, *, ignore_shared: bool) -> None:
+        vm.save_set_up = None
+        await _set_ignore_shared(vm.qmp, ignore_shared)
+        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        vm.save_set_up = ignore_shared
+
     async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:
         fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            await _set_ignore_shared(vm.qmp, ignore_shared)
-            await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            if vm.save_set_up is not ignore_shared:
+                await self.prepare_save(vm, ignore_shared=ignore_shared)
+            vm.save_set_up = None
             await vm.qmp.execute("stop")
             await vm.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
             await vm.qmp.execute("migrate", {"uri": "fd:state"})
