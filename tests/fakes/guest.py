@@ -32,9 +32,6 @@ class FakeSyscalls:
     def sync(self) -> None:
         self._record("sync", None)
 
-    def write_text(self, path: Path, text: str) -> None:
-        self._record("write_text", (str(path), text))
-
     def read_text(self, path: Path) -> str:
         self._record("read_text", str(path))
         return self.files[str(path)]

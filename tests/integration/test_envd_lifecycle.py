@@ -124,8 +124,9 @@ def test_init_sets_env_identity_and_files(envd: EnvdProcess, tmp_path: Path) -> 
     # A later /init (after a restore) replaces the identity: the snapshot's must not leak.
     r = httpx.post(f"{envd.url}/init", json={"capsuleId": "cl-test2", "envVars": {"X": "1"}})
     assert r.status_code == 204
-    assert (run_dir / "NESTBOX_CAPSULE_ID").read_text() == "cl-test2"
+    # The files follow the answer: written right after it, or before the next request.
     assert httpx.get(f"{envd.url}/envs").json()["FOO"] == "bar"  # merged, not replaced
+    assert (run_dir / "NESTBOX_CAPSULE_ID").read_text() == "cl-test2"
 
 
 def test_an_empty_init_is_accepted(envd: EnvdProcess) -> None:

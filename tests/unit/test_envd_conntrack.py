@@ -4,6 +4,7 @@ driven through a fake transport: no sockets."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,3 +244,35 @@ def test_statistics_count_every_state(state: ConnState) -> None:
         int(state is ConnState.ACTIVE),
         int(state is ConnState.IDLE),
     )
+
+
+async def test_connections_from_envds_listener_have_nagle_off() -> None:
+    """envd's listener comes from `socket.create_server` (proto 0), whose connections asyncio
+    leaves with Nagle on: the protocol turns it off, or every response body on a keep-alive
+    connection waits for the client's delayed ACK."""
+    tracker = ConnTracker()
+    config = Config(app=app, lifespan="off", log_config=None)
+    config.load()
+    made: list[Any] = []
+
+    def factory() -> Any:
+        proto = tracking_protocol(tracker)(config=config, server_state=ServerState(), app_state={})
+        made.append(proto)
+        return proto
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    assert listener.proto == 0  # the case asyncio does not cover
+    server = await asyncio.get_running_loop().create_server(factory, sock=listener)
+    async with server:
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        try:
+            for _ in range(100):
+                if made:
+                    break
+                await asyncio.sleep(0.01)
+            [proto] = made
+            sock = proto.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            writer.close()
+            await writer.wait_closed()

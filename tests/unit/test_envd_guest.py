@@ -28,7 +28,6 @@ def test_outside_a_vm_every_function_is_a_no_op() -> None:
     assert machine.set_clock(FAR_FUTURE_NS) is None
     assert machine.reseed_rng(b"\x01" * 32) is False
     machine.sync()
-    machine.drop_page_cache()
     assert machine.kernel_params() == {}
     assert machine.forward_address({"nestbox.guest_ip": "10.0.0.2"}) is None
 
@@ -56,12 +55,10 @@ def test_in_a_vm_the_clock_is_stepped_only_when_far_off() -> None:
     assert fake.calls == [("clock_settime_ns", FAR_FUTURE_NS)]
 
 
-def test_in_a_vm_prepare_flushes_then_drops_the_page_cache_only() -> None:
+def test_in_a_vm_prepare_syncs_the_disks() -> None:
     fake = FakeSyscalls()
-    machine = GuestMachine(in_vm=True, syscalls=fake)
-    machine.sync()
-    machine.drop_page_cache()
-    assert fake.calls == [("sync", None), ("write_text", ("/proc/sys/vm/drop_caches", "1"))]
+    GuestMachine(in_vm=True, syscalls=fake).sync()
+    assert fake.calls == [("sync", None)]
 
 
 def test_kernel_command_line_gives_identity_and_forward_address() -> None:

@@ -88,6 +88,9 @@ class EnvdApp:
             await rt.processes.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.runtime.pending is not None:
+            # An answered /init whose machine updates have not run yet: before anything else.
+            lifecycle.log_clock_step(lifecycle.finish_init(self.runtime))
         if scope["type"] == "http":
             path: str = scope["path"]
             if path != "/health" and scope["method"] != "OPTIONS" and not self._authorised(scope):

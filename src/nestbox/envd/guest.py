@@ -1,6 +1,6 @@
 """The guest machine: the ONLY module where envd changes (or probes) the machine it runs on.
 
-Clock, kernel RNG, disk sync, page cache, kernel command line, eth0's address. A `GuestMachine`
+Clock, kernel RNG, disk sync, kernel command line, eth0's address. A `GuestMachine`
 built with `in_vm=False` does nothing at all, so envd can run on a developer's host. Capsule
 identity files are the exception: they go to `settings.run_dir` in both modes. Every call here
 is blocking; async callers run them with `anyio.to_thread.run_sync`.
@@ -38,7 +38,6 @@ CLOCK_MAX_BEHIND_NS = 50_000_000
 CLOCK_MAX_AHEAD_NS = 5_000_000_000
 
 CMDLINE = Path("/proc/cmdline")
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 URANDOM = "/dev/urandom"
 
 
@@ -48,7 +47,6 @@ class Syscalls(Protocol):
     def clock_settime_ns(self, ns: int) -> None: ...
     def rng_ioctl(self, request: int, arg: bytes | None) -> None: ...
     def sync(self) -> None: ...
-    def write_text(self, path: Path, text: str) -> None: ...
     def read_text(self, path: Path) -> str: ...
     def interface_ipv4(self, name: str) -> str | None: ...
 
@@ -70,9 +68,6 @@ class RealSyscalls:
 
     def sync(self) -> None:
         os.sync()
-
-    def write_text(self, path: Path, text: str) -> None:
-        path.write_text(text)
 
     def read_text(self, path: Path) -> str:
         return path.read_text()
@@ -134,16 +129,6 @@ class GuestMachine:
         """Flush dirty pages to the disks, so the disk image is consistent when the VM freezes."""
         if self.in_vm:
             self._sys.sync()
-
-    def drop_page_cache(self) -> None:
-        """Drop clean page-cache pages ("1": not dentries/inodes) so the memory snapshot is
-        smaller. Call after `sync()`, or dirty pages stay cached."""
-        if not self.in_vm:
-            return
-        try:
-            self._sys.write_text(DROP_CACHES, "1")
-        except OSError as err:
-            log.warning("cannot drop the page cache: %s", err)
 
     def kernel_params(self) -> dict[str, str]:
         """`key=value` words of the kernel command line (empty outside a VM)."""

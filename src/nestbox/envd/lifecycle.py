@@ -6,8 +6,12 @@ their own beyond two per-app helpers (the init lock and the CPU sampler).
 
 `/init` right after a restore is what the host waits on before a capsule counts as created,
 and under TCG every code path the guest runs for the first time after a restore is slow
-(nothing is translated yet): so `/init` makes its few syscalls inline rather than through a
-worker thread, and what it has to log is logged once its answer is out.
+(nothing is translated yet; stepping the clock, writing the identity files and reseeding the RNG
+took 35-95 ms there). So `/init` validates its body and updates envd's own state before it
+answers, and applies the rest to the machine right after the answer is out (the seed's
+"flush the response before the final work"): `finish_init`, run by the response's background
+task, or first thing by any request that reaches envd before that, so that no process envd
+starts and no file operation ever sees the machine without it. What it logs, it logs after.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from nestbox.envd import guest
 from nestbox.envd.errors import EnvdError, InvalidArgument, UnknownUser
 from nestbox.envd.metrics import CpuSampler, read_metrics
+from nestbox.envd.state import MachineUpdate
 from nestbox.envd.users import lookup_user
 from nestbox.protocol.envd import ENVD_VERSION, InitRequest
 
@@ -91,11 +96,36 @@ async def recover_if_needed(rt: Runtime) -> Recovery | None:
     return Recovery(closed, round((time.monotonic() - started) * 1000, 1), rt.last_prepare)
 
 
-def _log_after(recovery: Recovery | None, clock_step: float | None = None) -> BackgroundTask:
-    """The log lines of a request, written once its response is out (Starlette runs a
-    response's background task after the last body chunk has been sent)."""
+def finish_init(rt: Runtime) -> float | None:
+    """Apply what answered `/init`s left for the machine (`rt.pending`), if anything: step the
+    clock to the host's time now, rewrite the identity files, mix in the entropy. Synchronous:
+    nothing else runs on envd's loop meanwhile. Returns the clock step in seconds, if any."""
+    update, rt.pending = rt.pending, None
+    if update is None:
+        return None
+    machine = guest.GuestMachine(in_vm=rt.in_vm)
+    step = None
+    if update.host_ns is not None:
+        elapsed_ns = round((time.monotonic() - update.received) * 1e9)
+        step = machine.set_clock(update.host_ns + elapsed_ns)
+    if update.identity:
+        _write_identity(rt)
+    if update.entropy:
+        machine.reseed_rng(update.entropy)
+    return step
+
+
+def log_clock_step(step: float | None) -> None:
+    if step is not None:
+        log.info("guest clock stepped by %.3f s", step)
+
+
+def _after_answer(rt: Runtime, recovery: Recovery | None, *, finish: bool) -> BackgroundTask:
+    """The work of a request left for after its answer (Starlette runs a response's background
+    task once the last body chunk has been sent): `finish_init` if `finish`, then the logging."""
 
     def write() -> None:
+        step = finish_init(rt) if finish else None
         if recovery is not None:
             log.info(
                 "post-restore recovery done: %d pre-snapshot connections closed, port "
@@ -104,16 +134,18 @@ def _log_after(recovery: Recovery | None, clock_step: float | None = None) -> Ba
                 recovery.prepared,
                 extra={"duration_ms": recovery.duration_ms},
             )
-        if clock_step is not None:
-            log.info("guest clock stepped by %.3f s", clock_step)
+        log_clock_step(step)
 
     return BackgroundTask(write)
 
 
 async def health(request: Request) -> Response:
-    recovery = await recover_if_needed(_runtime(request))
+    rt = _runtime(request)
+    recovery = await recover_if_needed(rt)
     return JSONResponse(
-        {"version": ENVD_VERSION}, headers=NO_STORE, background=_log_after(recovery)
+        {"version": ENVD_VERSION},
+        headers=NO_STORE,
+        background=_after_answer(rt, recovery, finish=False),
     )
 
 
@@ -131,6 +163,7 @@ async def init(request: Request) -> Response:
     """`POST /init` → 204. Applies the host's defaults, token, clock, entropy and identity; an
     older `timestamp` than the last applied one skips the data updates (E2B). Post-restore
     recovery runs first, so it happens even when the body is rejected."""
+    received = time.monotonic()
     rt = _runtime(request)
     recovery = await recover_if_needed(rt)
     try:
@@ -152,22 +185,23 @@ async def init(request: Request) -> Response:
     except EnvdError as err:
         return error_response(err)
 
-    # The clock, identity files and RNG are a syscall or two each (tmpfs, procfs): done inline.
-    machine = guest.GuestMachine(in_vm=rt.in_vm)
-    clock_step: float | None = None
+    update = MachineUpdate(received)
     lock: asyncio.Lock = _per_app(request, "init_lock", asyncio.Lock)
     async with lock:  # E2B's initLock: two /init calls never interleave their updates
         if _is_newer(host_ns, rt.last_init_timestamp):
             _apply_data(rt, req)
-            if host_ns is not None:
-                clock_step = machine.set_clock(host_ns)
-            _write_identity(rt)
+            update.host_ns, update.identity = host_ns, True
         else:
             log.info("stale /init timestamp %s: data updates skipped", req.timestamp)
-    if entropy:
-        # Even for a stale request: more entropy never hurts, and a restored snapshot needs it.
-        machine.reseed_rng(entropy)
-    return Response(status_code=204, headers=NO_STORE, background=_log_after(recovery, clock_step))
+    # Even for a stale request: more entropy never hurts, and a restored snapshot needs it.
+    update.entropy = entropy
+    if rt.pending is None:
+        rt.pending = update
+    else:
+        rt.pending.merge(update)
+    return Response(
+        status_code=204, headers=NO_STORE, background=_after_answer(rt, recovery, finish=True)
+    )
 
 
 async def prepare(request: Request) -> Response:
@@ -179,26 +213,25 @@ async def prepare(request: Request) -> Response:
     rt = _runtime(request)
     started = time.monotonic()
     await rt.ports.stop()
+    stopped = time.monotonic()
     closed, remembered = rt.tracker.prepare_for_snapshot()
     rt.needs_restore.set()
     if rt.in_vm:
         # Before answering: the host freezes the VM as soon as it has the 204. Inline, not in
         # a worker thread: the loop has nothing better to do now, and under TCG starting or
-        # waking a thread costs about as much as the flush itself.
-        _flush(guest.GuestMachine(in_vm=True))
+        # waking a thread costs about as much as the sync itself. The page cache is kept:
+        # dropping it would not shrink a full-RAM snapshot (freed pages are not zeroed).
+        guest.GuestMachine(in_vm=True).sync()
+    done = time.monotonic()
     # Said at INFO by the post-restore recovery line: a line written here would delay the
     # answer, and a task after it would only run after the restore.
     rt.last_prepare = (
         f"{closed} idle connections closed and {remembered} remembered in "
-        f"{(time.monotonic() - started) * 1000:.1f} ms"
+        f"{(done - started) * 1000:.1f} ms (ports {(stopped - started) * 1000:.1f} ms, "
+        f"sync {(done - stopped) * 1000:.1f} ms)"
     )
     log.debug("snapshot prepared: %s", rt.last_prepare)
     return Response(status_code=204, headers=NO_STORE)
-
-
-def _flush(machine: guest.GuestMachine) -> None:
-    machine.sync()
-    machine.drop_page_cache()
 
 
 def _parse_init(body: bytes) -> InitRequest:

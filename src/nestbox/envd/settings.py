@@ -42,7 +42,7 @@ GUEST_MARKER = Path("/etc/nestbox-guest")
 
 
 def in_vm(settings: EnvdSettings) -> bool:
-    """Whether envd may touch the machine it runs on (clock, RNG, page cache, port forwarding)."""
+    """Whether envd may touch the machine it runs on (clock, RNG, disk sync, port forwarding)."""
     if settings.mode != "auto":
         return settings.mode == "vm"
     return GUEST_MARKER.exists()

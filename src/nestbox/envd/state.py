@@ -37,6 +37,26 @@ class Identity:
         return {"NESTBOX_CAPSULE_ID": self.capsule_id, "NESTBOX_TEMPLATE_ID": self.template_id}
 
 
+@dataclass
+class MachineUpdate:
+    """What an answered `/init` still has to apply to the machine (`lifecycle.finish_init`)."""
+
+    received: float
+    """`time.monotonic()` when the request came in (the clock is stepped to what the host's
+    time is *now*, not to the request's timestamp)."""
+    host_ns: int | None = None
+    entropy: bytes = b""
+    identity: bool = False
+    """The identity files need rewriting."""
+
+    def merge(self, later: MachineUpdate) -> None:
+        """`later` came in before this one was applied: one update doing both."""
+        if later.host_ns is not None:
+            self.host_ns, self.received = later.host_ns, later.received
+        self.entropy += later.entropy
+        self.identity = self.identity or later.identity
+
+
 class RestoreFlag:
     """`needs_restore`: set by `/snapshot/prepare`; `claim()` is true exactly once afterwards.
 
@@ -73,6 +93,9 @@ class Runtime:
     identity: Identity = field(default_factory=Identity)
     identity_files: dict[str, str] | None = None
     """What envd last wrote to the identity files (`guest.write_identity`), None if unknown."""
+    pending: MachineUpdate | None = None
+    """Clock, identity files and RNG work of an `/init` that has answered; applied right after
+    its answer, or by the next request to envd if that comes first (`lifecycle.finish_init`)."""
     access_token: str | None = None
     needs_restore: RestoreFlag = field(default_factory=RestoreFlag)
     last_prepare: str = "unknown"

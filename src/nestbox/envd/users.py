@@ -56,8 +56,8 @@ def lookup_user(name: str) -> User:
     """The guest user called `name`.
 
     Found users are cached until `/etc/passwd` or `/etc/group` change (any edit replaces the
-    file or changes its mtime): after a snapshot restore the page cache is empty (prepare
-    dropped it) and reading them again is a disk read on the `/init` path.
+    file or changes its mtime): every code path is slow right after a snapshot restore under
+    TCG, and `/init` (which checks the default user) is what the host waits on.
 
     :raise UnknownUser: no such user.
     :raise PermissionDenied: envd is not root and `name` is not the user it runs as.
