@@ -16,7 +16,7 @@ from nestbox.hostagent.settings import AgentSettings
 from tests.fakes.system import FakeSystem
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 
 def settings(**kw: object) -> AgentSettings:
@@ -117,14 +117,19 @@ async def test_without_warm_slots_every_lease_is_built_on_the_spot() -> None:
         assert pool.statistics().in_use == 0
 
 
-async def test_a_background_teardown_holds_the_slot_until_done_and_is_awaited() -> None:
-    gate = anyio.Event()
+def netns_del_waits_for(gate: anyio.Event) -> Callable[[int, tuple[str, ...]], Awaitable[None]]:
+    """A `FakeSystem.before_run` under which `ip netns del` waits until `gate` is set."""
 
-    async def slow_netns_del(_index: int, argv: tuple[str, ...]) -> None:
+    async def before_run(_index: int, argv: tuple[str, ...]) -> None:
         if argv[:3] == ("ip", "netns", "del"):
             await gate.wait()
 
-    fake = FakeSystem(before_run=slow_netns_del)
+    return before_run
+
+
+async def test_a_background_teardown_holds_the_slot_until_done_and_is_awaited() -> None:
+    gate = anyio.Event()
+    fake = FakeSystem(before_run=netns_del_waits_for(gate))
     async with networks(fake, warm=0) as pool:
         lease = await pool.acquire(egress=False)
         lease.background_teardown = True
@@ -233,12 +238,7 @@ def test_settings_default_to_two_warm_slots() -> None:
 async def test_with_every_slot_held_a_teardown_in_flight_is_waited_for() -> None:
     """A resume right after a pause on a full agent gets the slot the pause is freeing."""
     gate = anyio.Event()
-
-    async def slow_netns_del(_index: int, argv: tuple[str, ...]) -> None:
-        if argv[:3] == ("ip", "netns", "del"):
-            await gate.wait()
-
-    fake = FakeSystem(before_run=slow_netns_del)
+    fake = FakeSystem(before_run=netns_del_waits_for(gate))
     async with networks(fake, warm=0, slot_count=1) as pool:
         lease = await pool.acquire(egress=False)
         lease.background_teardown = True

@@ -15,6 +15,7 @@ import pytest
 from tests.integration.vm.conftest import open_runtime, settled_leftovers
 
 if TYPE_CHECKING:
+    from nestbox.hostagent.runtime import VmRuntime
     from nestbox.hostagent.settings import AgentSettings
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -37,20 +38,25 @@ async def test_clone_runs_every_step(vm: AgentSettings) -> None:
         assert seen == CLONE_STEPS
 
 
+async def clone_cancelled_at(runtime: VmRuntime, step: str) -> None:
+    """A clone cancelled by its caller just after `step`; nothing of it is left registered."""
+    with anyio.CancelScope() as scope:
+
+        async def hook(name: str) -> None:
+            if name == step:
+                scope.cancel()
+                await anyio.lowlevel.checkpoint()
+
+        await runtime.clone("minimal", hook=hook)
+    assert scope.cancelled_caught
+    assert runtime.capsules() == []
+
+
 @pytest.mark.parametrize("step", CLONE_STEPS)
 async def test_cancel_clone_at_each_step(vm: AgentSettings, step: str) -> None:
     async with open_runtime(vm) as runtime:
         before = await settled_leftovers(runtime)
-        with anyio.CancelScope() as scope:
-
-            async def hook(name: str) -> None:
-                if name == step:
-                    scope.cancel()
-                    await anyio.lowlevel.checkpoint()
-
-            await runtime.clone("minimal", hook=hook)
-        assert scope.cancelled_caught
-        assert runtime.capsules() == []
+        await clone_cancelled_at(runtime, step)
         await runtime.networks.settle()
         assert runtime.networks.statistics().in_use == 0
         assert await settled_leftovers(runtime) == before
@@ -146,16 +152,7 @@ async def test_cancelled_create_on_a_warm_slot_leaves_nothing(vm: AgentSettings,
         runtime.networks.start()
         before = await settled_leftovers(runtime)
         warm = {lease.slot for lease in runtime.networks.ready()}
-        with anyio.CancelScope() as scope:
-
-            async def hook(name: str) -> None:
-                if name == step:
-                    scope.cancel()
-                    await anyio.lowlevel.checkpoint()
-
-            await runtime.clone("minimal", hook=hook)
-        assert scope.cancelled_caught
-        assert runtime.capsules() == []
+        await clone_cancelled_at(runtime, step)
         # The warm slot it had taken is gone (not handed back), and another took its place.
         assert await settled_leftovers(runtime) == before
         now = {lease.slot for lease in runtime.networks.ready()}
