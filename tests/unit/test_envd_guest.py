@@ -20,12 +20,15 @@ from tests.fakes.guest import FakeSyscalls
 if TYPE_CHECKING:
     from pathlib import Path
 
-FAR_FUTURE_NS = (time.time_ns() // 10**9 + 3600) * 10**9
+
+def far_future_ns() -> int:
+    """An hour from now (computed when asked: the suite may run long after import)."""
+    return (time.time_ns() // 10**9 + 3600) * 10**9
 
 
 def test_outside_a_vm_every_function_is_a_no_op() -> None:
     machine = GuestMachine(in_vm=False, syscalls=FakeSyscalls(refuse=True))
-    assert machine.set_clock(FAR_FUTURE_NS) is None
+    assert machine.set_clock(far_future_ns()) is None
     assert machine.reseed_rng(b"\x01" * 32) is False
     machine.sync()
     assert machine.kernel_params() == {}
@@ -49,10 +52,11 @@ def test_in_a_vm_the_clock_is_stepped_only_when_far_off() -> None:
     machine = GuestMachine(in_vm=True, syscalls=fake)
     assert machine.set_clock(time.time_ns()) is None  # within tolerance
     assert fake.calls == []
-    step = machine.set_clock(FAR_FUTURE_NS)
+    target = far_future_ns()
+    step = machine.set_clock(target)
     assert step is not None
     assert 3590 < step <= 3601
-    assert fake.calls == [("clock_settime_ns", FAR_FUTURE_NS)]
+    assert fake.calls == [("clock_settime_ns", target)]
 
 
 def test_in_a_vm_prepare_syncs_the_disks() -> None:
