@@ -120,12 +120,13 @@ def log_clock_step(step: float | None) -> None:
         log.info("guest clock stepped by %.3f s", step)
 
 
-def _after_answer(rt: Runtime, recovery: Recovery | None, *, finish: bool) -> BackgroundTask:
+def _after_answer(rt: Runtime, recovery: Recovery | None) -> BackgroundTask:
     """The work of a request left for after its answer (Starlette runs a response's background
-    task once the last body chunk has been sent): `finish_init` if `finish`, then the logging."""
+    task once the last body chunk has been sent): what an `/init` left pending, then the
+    logging."""
 
     def write() -> None:
-        step = finish_init(rt) if finish else None
+        step = finish_init(rt)
         if recovery is not None:
             log.info(
                 "post-restore recovery done: %d pre-snapshot connections closed, port "
@@ -145,7 +146,7 @@ async def health(request: Request) -> Response:
     return JSONResponse(
         {"version": ENVD_VERSION},
         headers=NO_STORE,
-        background=_after_answer(rt, recovery, finish=False),
+        background=_after_answer(rt, recovery),
     )
 
 
@@ -199,9 +200,7 @@ async def init(request: Request) -> Response:
         rt.pending = update
     else:
         rt.pending.merge(update)
-    return Response(
-        status_code=204, headers=NO_STORE, background=_after_answer(rt, recovery, finish=True)
-    )
+    return Response(status_code=204, headers=NO_STORE, background=_after_answer(rt, recovery))
 
 
 async def prepare(request: Request) -> Response:

@@ -116,7 +116,7 @@ class EnvdClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close every connection (call before `/snapshot/prepare` on a fresh client)."""
+        """Close every connection."""
         await self._http.aclose()
         if self._stream_transport is not None:
             await self._stream_transport.aclose()
@@ -134,12 +134,6 @@ class EnvdClient:
         """Poll `/health` until envd answers. Set the deadline around it."""
         while not await self.is_healthy():  # noqa: ASYNC110 (polling a remote server)
             await anyio.sleep(POLL_S)
-
-    async def init(self, request: InitRequest) -> None:
-        """`POST /init`. :raise EnvdError: :raise httpx.TransportError:"""
-        body = request.model_dump(by_alias=True, exclude_none=True)
-        r = await self._http.post("/init", json=body)
-        _check(r, "/init")
 
     async def init_when_ready(
         self, request: Callable[[], InitRequest], *, answer_within: float
@@ -175,7 +169,7 @@ class EnvdClient:
 
     async def prepare_snapshot(self) -> None:
         """`POST /snapshot/prepare`: envd drops idle connections, stops port forwarding and
-        flushes caches. :raise EnvdError: :raise httpx.TransportError:"""
+        syncs the disks. :raise EnvdError: :raise httpx.TransportError:"""
         r = await self._http.post("/snapshot/prepare")
         _check(r, "/snapshot/prepare")
 

@@ -344,12 +344,6 @@ class VmRuntime:
         self._set_running(capsule, run)
         return capsule
 
-    async def wait_envd_ready(self, capsule_id: str) -> None:
-        """Block until the capsule's envd answers `/health` (the caller sets the deadline)."""
-        capsule = self.get(capsule_id)
-        with self._timed("envd ready", capsule_id, capsule.record.template_id):
-            await capsule.envd.wait_ready()
-
     # ── pause / resume ──────────────────────────────────────────────────────────────────
 
     async def pause(self, capsule_id: str, *, hook: StepHook = no_hook) -> None:

@@ -11,7 +11,8 @@ errors.py     EnvdCallError and its subclasses with stable wire codes
 
 from __future__ import annotations
 
-from nestbox.hostagent.envdconn.client import CapsuleEnvd, init_request
+from nestbox.hostagent.envd_client import init_request
+from nestbox.hostagent.envdconn.client import CapsuleEnvd
 from nestbox.hostagent.envdconn.events import (
     EVENT_QUEUE,
     Ended,

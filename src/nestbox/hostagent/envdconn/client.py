@@ -8,10 +8,7 @@ attempt or guard against a wedged connection.
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,42 +17,17 @@ from nestbox.hostagent.envdconn.errors import Unavailable, from_http, from_trans
 from nestbox.hostagent.envdconn.files import TRANSPORT_ERRORS, FileOps
 from nestbox.hostagent.envdconn.pty import PtyOps
 from nestbox.hostagent.envdconn.transport import ConnStatistics, EnvdConnection, PoolSettings
-from nestbox.protocol.envd import InitRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from types import TracebackType
 
     from pyqwest import FullResponse
 
-ENTROPY_BYTES = 32
+    from nestbox.protocol.envd import InitRequest
+
 HEALTH_ATTEMPT_S = 1.0
 """One `/health` attempt; a guest that is not up yet may drop SYNs."""
 POLL_S = 0.02
-
-
-def init_request(
-    *,
-    capsule_id: str,
-    template_id: str,
-    default_user: str = "root",
-    env_vars: Mapping[str, str] | None = None,
-    access_token: str | None = None,
-) -> InitRequest:
-    """The `/init` body for after every boot and restore: the host's time now, fresh random
-    bytes for the guest RNG (so clones never share random numbers), the capsule's identity,
-    default user and environment."""
-    return InitRequest.model_validate(
-        {
-            "timestamp": datetime.now(UTC).isoformat(),
-            "entropy": base64.b64encode(secrets.token_bytes(ENTROPY_BYTES)).decode(),
-            "capsuleId": capsule_id,
-            "templateId": template_id,
-            "defaultUser": default_user,
-            "envVars": dict(env_vars or {}),
-            "accessToken": access_token,
-        }
-    )
 
 
 class CapsuleEnvd(PtyOps, FileOps):
@@ -123,7 +95,7 @@ class CapsuleEnvd(PtyOps, FileOps):
 
     async def prepare_snapshot(self) -> None:
         """`POST /snapshot/prepare`: envd closes idle connections, stops port forwarding and
-        flushes caches. Call `close_idle()` first. :raise EnvdCallError:"""
+        syncs the disks. Call `close_idle()` first. :raise EnvdCallError:"""
         await self._call("POST", "/snapshot/prepare")
 
     async def metrics(self) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class SlotNetworks:
         """Start filling the warm pool (idempotent). Call once start-up cleanup is done."""
         if not self._started and not self._closing:
             self._started = True
-            self._refill()
+            self.refill()
 
     async def acquire(self, *, egress: bool) -> SlotLease:
         """A lease: a warm one when one is ready and `egress` is off, else built now. Call
@@ -143,14 +143,10 @@ class SlotNetworks:
         `lease.background_teardown` is set. :raise TeardownError: (now only)"""
         if not lease.background_teardown or self._closing:
             await unwind(lease.stack, self.teardown_within)
-            self._refill()
+            self.refill()
             return
         self._counts.tearing_down += 1
         self._tg.start_soon(self._teardown, lease)
-
-    def refill(self) -> None:
-        """Build warm leases in the background until the pool is full again."""
-        self._refill()
 
     # ── state ───────────────────────────────────────────────────────────────────────────
 
@@ -205,7 +201,9 @@ class SlotNetworks:
         built_ms = round((time.monotonic() - started) * 1000)
         return SlotLease(network, stack, warm=warm, built_ms=built_ms)
 
-    def _refill(self) -> None:
+    def refill(self) -> None:
+        """Build warm leases in the background until the pool is full again (the owner calls
+        it once the start-up that took a warm lease is over)."""
         if not self._started or self._closing or time.monotonic() < self._retry_at:
             return
         missing = self.warm - len(self._ready) - self._counts.building
@@ -247,7 +245,7 @@ class SlotNetworks:
         finally:
             self._counts.tearing_down -= 1
             self._counts.bump()
-        self._refill()
+        self.refill()
 
     async def _discard(self, lease: SlotLease) -> None:
         try:
