@@ -19,12 +19,12 @@ from nestbox.envd.errors import (
     NotFound,
     PermissionDenied,
     UnknownUser,
+    os_error,
 )
 from nestbox.envd.filesystem.atomic import TEMP_PREFIX, AtomicFile
 from nestbox.envd.filesystem.paths import (
     basic_auth_user,
     ensure_dirs,
-    os_error,
     requested_user,
     resolve,
 )

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Connect's own limit is 4 MiB by default; process input and file RPCs stay far below it.
 READ_MAX_BYTES = 16 * 1024 * 1024
+_TOKEN_HEADER = ACCESS_TOKEN_HEADER.lower().encode()
+"""The header's name as it appears in an ASGI scope."""
 
 
 class EnvdApp:
@@ -106,9 +108,8 @@ class EnvdApp:
         token = self.runtime.access_token
         if token is None:
             return True
-        wanted = ACCESS_TOKEN_HEADER.lower().encode()
         for name, value in scope["headers"]:
-            if name == wanted:
+            if name == _TOKEN_HEADER:
                 return hmac.compare_digest(value, token.encode())
         return False
 

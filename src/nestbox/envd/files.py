@@ -26,9 +26,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from nestbox.envd.errors import EnvdError, InvalidArgument
+from nestbox.envd.errors import EnvdError, InvalidArgument, os_error
 from nestbox.envd.filesystem.atomic import AtomicFile
-from nestbox.envd.filesystem.paths import ensure_dirs, os_error, requested_user, resolve
+from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
 from nestbox.envd.users import check_access
 from nestbox.protocol.envd import FileEntryView
 from nestbox.protocol.errors import ErrorBody, ErrorCode

@@ -1,8 +1,8 @@
 """envd's plain-HTTP lifecycle endpoints: health, metrics, envs, `/init`, `/snapshot/prepare`,
 and the post-restore recovery both `/health` and `/init` trigger.
 
-Handlers parse, call the runtime's subsystems and `guest.py`, and answer; they hold no state of
-their own beyond two per-app helpers (the init lock and the CPU sampler).
+Handlers parse, call the runtime's subsystems (the guest machine among them), and answer; they
+hold no state of their own (the init lock and the CPU sampler are the runtime's too).
 
 `/init` right after a restore is what the host waits on before a capsule counts as created,
 and under TCG every code path the guest runs for the first time after a restore is slow
@@ -16,15 +16,13 @@ starts and no file operation ever sees the machine without it. What it logs, it 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from pydantic import ValidationError
@@ -34,14 +32,12 @@ from starlette.responses import JSONResponse, Response
 
 from nestbox.envd import guest
 from nestbox.envd.errors import EnvdError, InvalidArgument, UnknownUser
-from nestbox.envd.metrics import CpuSampler, read_metrics
+from nestbox.envd.metrics import read_metrics
 from nestbox.envd.state import MachineUpdate
 from nestbox.envd.users import lookup_user
 from nestbox.protocol.envd import ENVD_VERSION, InitRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from starlette.requests import Request
 
     from nestbox.envd.state import Runtime
@@ -55,17 +51,6 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def _runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
-
-
-def _per_app(request: Request, name: str, factory: Callable[[], Any]) -> Any:
-    """One `factory()` per application, kept on its state (the event loop is single-threaded,
-    so creating it lazily cannot race)."""
-    state = request.app.state
-    value = getattr(state, name, None)
-    if value is None:
-        value = factory()
-        setattr(state, name, value)
-    return value
 
 
 def error_response(err: EnvdError) -> JSONResponse:
@@ -103,15 +88,14 @@ def finish_init(rt: Runtime) -> float | None:
     update, rt.pending = rt.pending, None
     if update is None:
         return None
-    machine = guest.GuestMachine(in_vm=rt.in_vm)
     step = None
     if update.host_ns is not None:
         elapsed_ns = round((time.monotonic() - update.received) * 1e9)
-        step = machine.set_clock(update.host_ns + elapsed_ns)
+        step = rt.machine.set_clock(update.host_ns + elapsed_ns)
     if update.identity:
-        _write_identity(rt)
+        write_identity(rt)
     if update.entropy:
-        machine.reseed_rng(update.entropy)
+        rt.machine.reseed_rng(update.entropy)
     return step
 
 
@@ -151,8 +135,7 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    sampler: CpuSampler = _per_app(request, "cpu_sampler", CpuSampler)
-    sample = await anyio.to_thread.run_sync(read_metrics, sampler)
+    sample = await anyio.to_thread.run_sync(read_metrics, _runtime(request).cpu_sampler)
     return JSONResponse(sample.to_json(), headers=NO_STORE)
 
 
@@ -175,10 +158,7 @@ async def init(request: Request) -> Response:
         req = _parse_init(body)
         host_ns = _timestamp_ns(req.timestamp)
         entropy = _entropy(req.entropy)
-        # The default user is already checked (root always exists; any other was checked when
-        # it became the default): a clone's usual case. A non-root envd checks every time.
-        unchanged = req.default_user == rt.defaults.user and os.geteuid() == 0
-        if req.default_user and not unchanged:
+        if req.default_user:  # `lookup_user` caches: a clone's repeated default user is cheap
             try:
                 lookup_user(req.default_user)
             except UnknownUser as err:
@@ -187,13 +167,16 @@ async def init(request: Request) -> Response:
         return error_response(err)
 
     update = MachineUpdate(received)
-    lock: asyncio.Lock = _per_app(request, "init_lock", asyncio.Lock)
-    async with lock:  # E2B's initLock: two /init calls never interleave their updates
-        if _is_newer(host_ns, rt.last_init_timestamp):
-            _apply_data(rt, req)
+    async with rt.init_lock:  # E2B's initLock: two /init calls never interleave their updates
+        if _is_newer(host_ns, rt.last_init_ns):
+            _apply_data(rt, req, host_ns)
             update.host_ns, update.identity = host_ns, True
         else:
-            log.info("stale /init timestamp %s: data updates skipped", req.timestamp)
+            log.info(
+                "stale /init timestamp %s (the last applied one is %s): data updates skipped",
+                req.timestamp,
+                _format_ns(rt.last_init_ns),
+            )
     # Even for a stale request: more entropy never hurts, and a restored snapshot needs it.
     update.entropy = entropy
     if rt.pending is None:
@@ -215,12 +198,11 @@ async def prepare(request: Request) -> Response:
     stopped = time.monotonic()
     closed, remembered = rt.tracker.prepare_for_snapshot()
     rt.needs_restore.set()
-    if rt.in_vm:
-        # Before answering: the host freezes the VM as soon as it has the 204. Inline, not in
-        # a worker thread: the loop has nothing better to do now, and under TCG starting or
-        # waking a thread costs about as much as the sync itself. The page cache is kept:
-        # dropping it would not shrink a full-RAM snapshot (freed pages are not zeroed).
-        guest.GuestMachine(in_vm=True).sync()
+    # Before answering: the host freezes the VM as soon as it has the 204 (a no-op outside a
+    # VM). Inline, not in a worker thread: the loop has nothing better to do now, and under TCG
+    # starting or waking a thread costs about as much as the sync itself. The page cache is
+    # kept: dropping it would not shrink a full-RAM snapshot (freed pages are not zeroed).
+    rt.machine.sync()
     done = time.monotonic()
     # Said at INFO by the post-restore recovery line: a line written here would delay the
     # answer, and a task after it would only run after the restore.
@@ -265,18 +247,21 @@ def _entropy(raw: str | None) -> bytes:
         raise InvalidArgument("entropy must be base64") from None
 
 
-def _is_newer(host_ns: int | None, last: str | None) -> bool:
+def _format_ns(ns: int | None) -> str:
+    if ns is None:
+        return "none"
+    return (EPOCH + timedelta(microseconds=ns // 1000)).isoformat()
+
+
+def _is_newer(host_ns: int | None, last_ns: int | None) -> bool:
     """E2B's rule: a request without a timestamp always applies; one with a timestamp applies
     only if it is later than the last applied one."""
-    if host_ns is None or last is None:
-        return True
-    last_ns = _timestamp_ns(last)
-    return last_ns is None or host_ns > last_ns
+    return host_ns is None or last_ns is None or host_ns > last_ns
 
 
-def _apply_data(rt: Runtime, req: InitRequest) -> None:
-    if req.timestamp is not None:
-        rt.last_init_timestamp = req.timestamp
+def _apply_data(rt: Runtime, req: InitRequest, host_ns: int | None) -> None:
+    if host_ns is not None:
+        rt.last_init_ns = host_ns
     if req.env_vars:
         rt.defaults.env.update(req.env_vars)
     if req.access_token:
@@ -291,7 +276,9 @@ def _apply_data(rt: Runtime, req: InitRequest) -> None:
         rt.identity.template_id = req.template_id
 
 
-def _write_identity(rt: Runtime) -> None:
+def write_identity(rt: Runtime) -> None:
+    """Write the capsule identity files (`guest.write_identity`); a failure is logged, not
+    raised."""
     try:
         rt.identity_files = guest.write_identity(
             rt.settings.run_dir, rt.identity, rt.identity_files

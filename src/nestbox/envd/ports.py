@@ -107,7 +107,8 @@ class PortSubsystem:
         proc_net: Path = Path("/proc/net"),
         socat: str = "socat",
     ) -> None:
-        if forward_address is not None and ipaddress.ip_address(forward_address) in LOOPBACK:
+        self._bind = None if forward_address is None else ipaddress.ip_address(forward_address)
+        if self._bind is not None and self._bind in LOOPBACK:
             raise ValueError(f"forward address {forward_address} would forward onto itself")
         self.forward_address = forward_address
         self.scan_interval = scan_interval
@@ -201,8 +202,8 @@ class PortSubsystem:
         return sockets
 
     def _spawn(self, port: int, *, ipv6: bool) -> None:
-        assert self.forward_address is not None
-        bind = ipaddress.ip_address(self.forward_address)
+        bind = self._bind
+        assert bind is not None
         listen = (
             f"TCP4-LISTEN:{port},bind={bind},reuseaddr,fork"
             if bind.version == 4

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from nestbox.envd import guest
+from nestbox.envd import guest, lifecycle
 from nestbox.envd.app import EnvdApp
 from nestbox.envd.conntrack import ConnTracker, tracking_protocol
 from nestbox.envd.filesystem.watch import WatcherRegistry
@@ -57,10 +57,7 @@ def build_runtime(settings: EnvdSettings, *, in_vm: bool) -> Runtime:
         identity=identity,
     )
     if in_vm:
-        try:
-            runtime.identity_files = guest.write_identity(settings.run_dir, identity)
-        except OSError as err:
-            log.warning("cannot write identity files to %s: %s", settings.run_dir, err)
+        lifecycle.write_identity(runtime)
     return runtime
 
 

@@ -2,14 +2,19 @@
 
 It holds the settings and the mutable defaults `/init` changes (user, workdir, env, identity,
 access token), plus the long-lived subsystems (process registry, watchers, connection tracker,
-port subsystem). Built once in `__main__`.
+port subsystem, the guest machine) and the lifecycle handlers' helpers (the `/init` lock, the
+CPU sampler). Built once in `__main__` (`server.build_runtime`), before the event loop starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from nestbox.envd.guest import GuestMachine
+from nestbox.envd.metrics import CpuSampler
 
 if TYPE_CHECKING:
     from nestbox.envd.conntrack import ConnTracker
@@ -77,9 +82,6 @@ class RestoreFlag:
             was, self._set = self._set, False
             return was
 
-    def is_set(self) -> bool:
-        return self._set
-
 
 @dataclass
 class Runtime:
@@ -89,6 +91,8 @@ class Runtime:
     watchers: WatcherRegistry
     tracker: ConnTracker
     ports: PortSubsystem
+    machine: GuestMachine = field(init=False)
+    """Clock, RNG, disk sync: the real machine in a VM, a no-op one outside (`in_vm`)."""
     defaults: Defaults = field(default_factory=Defaults)
     identity: Identity = field(default_factory=Identity)
     identity_files: dict[str, str] | None = None
@@ -100,7 +104,17 @@ class Runtime:
     needs_restore: RestoreFlag = field(default_factory=RestoreFlag)
     last_prepare: str = "unknown"
     """What the last `/snapshot/prepare` did, for the post-restore recovery's log line."""
-    last_init_timestamp: str | None = None
+    last_init_ns: int | None = None
+    """The `timestamp` of the last `/init` that applied its data, in ns since the epoch; an
+    `/init` with an older one skips its data updates."""
+    init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """E2B's initLock: two `/init` calls never interleave their updates. (It binds to a loop only
+    when a caller first has to wait, so it may be built before the loop starts.)"""
+    cpu_sampler: CpuSampler = field(default_factory=CpuSampler)
+    """The previous CPU reading `/metrics` measures from."""
+
+    def __post_init__(self) -> None:
+        self.machine = GuestMachine(in_vm=self.in_vm)
 
     def base_env(self) -> dict[str, str]:
         """Environment every new process starts from, before its user's login variables and

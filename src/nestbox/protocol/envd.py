@@ -31,10 +31,6 @@ class InitRequest(BaseModel):
     """Base64 random bytes from the host, mixed into the guest RNG, which is then reseeded."""
 
 
-class HealthView(BaseModel):
-    version: str
-
-
 class FileEntryView(BaseModel):
     """One element of the JSON array `POST /files` answers."""
 

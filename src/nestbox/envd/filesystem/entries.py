@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 
 class OwnerNames:
-    """uid/gid → name look-ups, cached for the life of one request (a ListDir of 10,000
-    entries asks about the same few ids)."""
+    """uid/gid → name look-ups, cached for the life of one request or one watch (a ListDir of
+    10,000 entries asks about the same few ids)."""
 
     def __init__(self) -> None:
         self._users: dict[int, str] = {}

@@ -1,4 +1,4 @@
-"""Who a filesystem request acts for, which path it means, and what to tell the client on failure.
+"""Who a filesystem request acts for, which path it means, and which directories to create.
 
 Shared by the Connect service and the `/files` endpoints. The user comes from the `username`
 query parameter (HTTP only), else from `Authorization: Basic base64("user:")` (E2B's SDK sends it
@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import os
 import stat
 from typing import TYPE_CHECKING
 
-from nestbox.envd.errors import (
-    AlreadyExists,
-    EnvdError,
-    InvalidArgument,
-    NotEnoughSpace,
-    NotFound,
-    PermissionDenied,
-    UnknownUser,
-)
+from nestbox.envd.errors import InvalidArgument, PermissionDenied, UnknownUser, os_error
 from nestbox.envd.users import User, lookup_user, may_access, resolve_path
 
 if TYPE_CHECKING:
@@ -68,35 +59,6 @@ def resolve(runtime: Runtime, user: User, raw: str) -> Path:
     """
     workdir = runtime.defaults.workdir
     return resolve_path(raw or workdir or "~", user, cwd=workdir)
-
-
-def os_error(err: OSError, path: Path | str) -> EnvdError:
-    """The client-facing error for a failed system call on `path` (no exception text leaks)."""
-    code = err.errno
-    if code == errno.ENOENT:
-        return NotFound(f"{path}: no such file or directory")
-    if code == errno.EEXIST:
-        return AlreadyExists(f"{path} already exists")
-    if code in (errno.EACCES, errno.EPERM):
-        return PermissionDenied(f"{path}: permission denied")
-    if code == errno.EROFS:
-        return PermissionDenied(f"{path}: read-only file system")
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return NotEnoughSpace("not enough disk space")
-    if code in _INVALID:
-        return InvalidArgument(f"{path}: {_INVALID[code]}")
-    return EnvdError(f"{path}: {os.strerror(code) if code else 'filesystem error'}")
-
-
-_INVALID = {
-    errno.ENOTDIR: "a path component is not a directory",
-    errno.EISDIR: "is a directory",
-    errno.ENOTEMPTY: "directory not empty",
-    errno.ELOOP: "too many levels of symbolic links",
-    errno.ENAMETOOLONG: "file name too long",
-    errno.EINVAL: "invalid argument",
-    errno.EBUSY: "resource busy",
-}
 
 
 def chown_to(path: Path | int, user: User) -> None:

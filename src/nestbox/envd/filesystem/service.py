@@ -14,23 +14,20 @@ import os
 import shutil
 import stat
 import subprocess
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
-from nestbox.envd.errors import AlreadyExists, EnvdError, InvalidArgument, NotFound
-from nestbox.envd.filesystem.entries import entry_info, walk
-from nestbox.envd.filesystem.paths import (
-    check_may_unlink,
-    ensure_dirs,
+from nestbox.envd.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    connect_errors,
     os_error,
-    requested_user,
-    resolve,
 )
+from nestbox.envd.filesystem.entries import entry_info, walk
+from nestbox.envd.filesystem.paths import check_may_unlink, ensure_dirs, requested_user, resolve
 from nestbox.envd.users import check_access, may_access
 from nestbox.protocol.gen.filesystem.filesystem_connect import Filesystem
 from nestbox.protocol.gen.filesystem.filesystem_pb import (
@@ -46,7 +43,7 @@ from nestbox.protocol.gen.filesystem.filesystem_pb import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from connectrpc.request import Headers, RequestContext
@@ -71,22 +68,6 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_HEADER = "Keepalive-Ping-Interval"
 DEFAULT_KEEPALIVE_S = 90.0  # E2B's envd default; its SDK asks for 50 s
-
-
-@contextmanager
-def connect_errors() -> Iterator[None]:
-    """Turn envd's errors into Connect errors at the service boundary."""
-    try:
-        yield
-    except ConnectError:
-        raise
-    except EnvdError as err:
-        raise err.to_connect() from err
-    except OSError as err:
-        raise os_error(err, err.filename or "path").to_connect() from err
-    except Exception as err:
-        log.exception("filesystem call failed")
-        raise ConnectError(Code.INTERNAL, "internal error") from err
 
 
 class FilesystemService(Filesystem):

@@ -38,10 +38,9 @@ from typing import TYPE_CHECKING
 import anyio
 from connectrpc.code import Code
 
-from nestbox.envd.errors import EnvdError, NotFound
+from nestbox.envd.errors import EnvdError, NotFound, os_error
 from nestbox.envd.filesystem.atomic import REPLACE_PREFIX, TEMP_PREFIX
-from nestbox.envd.filesystem.entries import entry_info
-from nestbox.envd.filesystem.paths import os_error
+from nestbox.envd.filesystem.entries import OwnerNames, entry_info
 from nestbox.protocol.gen.filesystem.filesystem_pb import EventType, FilesystemEvent
 
 if TYPE_CHECKING:
@@ -137,6 +136,7 @@ class DirWatch:
         self._dirs: dict[int, str] = {}  # watch descriptor → directory relative to root
         self._replacing: set[int] = set()  # rename cookies of uploads replacing a file
         self._pending: list[FilesystemEvent] = []
+        self._names = OwnerNames()  # with include_entry: every event's owner and group names
         self._error: EnvdError | None = None
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -314,7 +314,7 @@ class DirWatch:
         entry: EntryInfo | None = None
         if self.include_entry and kind not in (EventType.REMOVE, EventType.RENAME):
             with contextlib.suppress(OSError):
-                entry = entry_info(self.root / rel)
+                entry = entry_info(self.root / rel, self._names)
         self._pending.append(FilesystemEvent(name=rel, type=kind, entry=entry))
         self._wakeup.set()
 

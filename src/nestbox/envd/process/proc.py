@@ -138,7 +138,6 @@ class ManagedProcess:
         self._popen = popen
         self._fds = fds
         self._fanout = Fanout(buffer)
-        self._ended = asyncio.Event()
         # The writer owns a stdin pipe (CloseStdin closes it); the PTY master stays in `fds`.
         self._writer: FdWriter | None = None
         if fds.master is not None:
@@ -188,11 +187,6 @@ class ManagedProcess:
     def unsubscribe(self, sub: Subscription) -> None:
         self._fanout.unsubscribe(sub)
 
-    async def wait(self) -> EndInfo:
-        await self._ended.wait()
-        assert self.end is not None
-        return self.end
-
     async def run(self) -> EndInfo:
         """Pump output until the process exits and its output is drained; publish the end.
 
@@ -232,7 +226,6 @@ class ManagedProcess:
         self.end = end
         self.ended_at = time.monotonic()
         self._fanout.publish(end)
-        self._ended.set()
 
     async def write(self, data: bytes) -> None:
         """Feed `data` to the process's stdin pipe or terminal.

@@ -50,14 +50,6 @@ def set_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def get_size(fd: int) -> tuple[int, int]:
-    """The window size as (cols, rows)."""
-    rows, cols, _, _ = struct.unpack(
-        "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
-    )
-    return cols, rows
-
-
 def acquire_controlling_tty() -> None:
     """`preexec_fn` for PTY children: make stdin (the slave) the controlling terminal.
 

@@ -7,15 +7,16 @@ seconds (30 if absent). A stream that falls `stream_buffer` events behind is dro
 Processes belong to the registry, not to the stream: a client that disconnects (connectrpc then
 cancels the handler) leaves its process running, to be re-attached with Connect.
 
-Every failure leaves as an explicit `ConnectError`: envd's own errors with their code, anything
-unexpected as `internal` with a generic message (the cause goes to the log).
+Every failure leaves as an explicit `ConnectError` (`errors.connect_errors`): envd's own errors
+with their code, anything unexpected as `internal` with a generic message (the cause goes to the
+log).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Literal
 
 import anyio.to_thread
@@ -23,7 +24,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
-from nestbox.envd.errors import EnvdError, InvalidArgument, NotFound
+from nestbox.envd.errors import InvalidArgument, NotFound, connect_errors
 from nestbox.envd.process.fanout import EndInfo, Output, TooSlow
 from nestbox.envd.process.request import build_spec, keepalive_interval
 from nestbox.protocol.gen.process.process_connect import Process
@@ -44,7 +45,7 @@ from nestbox.protocol.gen.process.process_pb import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
     from connectrpc.request import RequestContext
 
@@ -72,20 +73,6 @@ log = logging.getLogger(__name__)
 
 SIGNALS = {Signal.SIGTERM: signal.SIGTERM, Signal.SIGKILL: signal.SIGKILL}
 TOO_SLOW = "stream reader too slow"
-
-
-@contextmanager
-def connect_errors() -> Iterator[None]:
-    """Turn envd errors into their Connect errors, and anything unexpected into `internal`."""
-    try:
-        yield
-    except ConnectError:
-        raise
-    except EnvdError as err:
-        raise err.to_connect() from err
-    except Exception as err:
-        log.exception("process service failed")
-        raise ConnectError(Code.INTERNAL, "internal error in the process service") from err
 
 
 class ProcessService(Process):
