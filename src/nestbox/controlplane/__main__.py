@@ -1,20 +1,24 @@
-"""`nestbox-cp` (`python -m nestbox.controlplane`): load settings once, prepare the database
-(migrations; on the very first start, the admin and their API key), then serve with uvicorn."""
+"""`nestbox-cp` (`python -m nestbox.controlplane`): load settings once, then serve with uvicorn.
+The app's lifespan migrates the database; right after, on the very first start, this makes the
+admin and their API key and prints the key, all before the first request is answered."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from nestbox.common.logging import configure
 from nestbox.controlplane.app import create_app
-from nestbox.controlplane.db import Database
-from nestbox.controlplane.services.bootstrap import Bootstrapped, bootstrap_admin
+from nestbox.controlplane.services.bootstrap import bootstrap_admin
 from nestbox.controlplane.settings import ADMIN_KEY_FILE, CPSettings, split_listen
+
+if TYPE_CHECKING:
+    from nestbox.controlplane.db import Database
+    from nestbox.controlplane.services.bootstrap import Bootstrapped
 
 KEEPALIVE_IDLE_S = 620
 """Longer than common load balancers' 600 s idle timeout, as Wrenn's servers do."""
@@ -26,16 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def prepare(settings: CPSettings) -> Bootstrapped | None:
-    """Migrate the database and make the first admin if there is none."""
-    db = Database(settings.db_url)
-    try:
-        await db.migrate()
-        return await bootstrap_admin(db, settings.data_dir, settings.admin_email)
-    finally:
-        await db.aclose()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = CPSettings()
@@ -43,15 +37,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(settings.redacted(), indent=2))
         return
     configure(settings.log_level, json_lines=settings.log_json)
-    try:
-        first = asyncio.run(prepare(settings))
-    except Exception as err:
-        print(f"nestbox-cp: cannot prepare the database: {err!r}", file=sys.stderr)
-        sys.exit(1)
-    _greet(settings, first)
+
+    async def first_start(db: Database) -> None:
+        """In the lifespan, once migrated: make the first admin if there is none; greet."""
+        _greet(settings, await bootstrap_admin(db, settings.data_dir, settings.admin_email))
+
     host, port = split_listen(settings.listen)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, prepare=first_start),
         host=host,
         port=port,
         log_level=settings.log_level.lower(),

@@ -1,5 +1,5 @@
-"""Wiring only: the Starlette app, its routers, its lifespan (database, migrations, services, a
-task group for background loops) and the error handler.
+"""Wiring only: the Starlette app, its routers, its lifespan (database, migrations, an optional
+`prepare` step, services, a task group for background loops) and the error handler.
 
 To add routes: write `api/<resource>.py` exporting `router = Router(...)` and append it to
 `ROUTERS`. To add a background loop: write `async def loop(services, *, task_status=
@@ -39,7 +39,7 @@ from nestbox.controlplane.portproxy import PortProxy
 from nestbox.controlplane.services.container import Services, build_services
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Coroutine, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 
     from anyio.abc import TaskStatus
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -86,14 +86,23 @@ def create_app(
     *,
     routers: Sequence[Router] = ROUTERS,
     background: Sequence[BackgroundLoop] = BACKGROUND,
+    prepare: Callable[[Database], Awaitable[None]] | None = None,
 ) -> Starlette:
-    """The control plane's ASGI app. Nothing is opened until its lifespan starts."""
+    """The control plane's ASGI app. Nothing is opened until its lifespan starts, which
+    migrates the database, then awaits `prepare(db)` (`nestbox-cp` makes the first admin
+    there), then starts the services; the app serves once all that is done."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.db_url)
         try:
-            await db.migrate()
+            try:
+                await db.migrate()
+                if prepare is not None:
+                    await prepare(db)
+            except Exception as err:
+                log.error("cannot prepare the database: %r", err)  # before uvicorn's traceback
+                raise
             services = build_services(settings, db)
             app.state.services = services
             async with anyio.create_task_group() as tg:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, cast
 import httpx
 
 from nestbox.controlplane.api.errors import error_response
+from nestbox.controlplane.db.capsules import DESTROYED
 from nestbox.controlplane.portproxy_ws import reject_websocket, relay_websocket
 from nestbox.protocol.capsules import CapsuleStatus
 from nestbox.protocol.errors import ErrorCode
@@ -175,7 +176,7 @@ class PortProxy:
         services = cast("Services", scope["app"].state.services)
         async with services.db.transaction() as tx:
             capsule = await tx.capsules.get(route.capsule_id)
-            if capsule is None or capsule.status == "destroyed":
+            if capsule is None or capsule.status == DESTROYED:
                 raise ProxyError(404, ErrorCode.NOT_FOUND, f"capsule {route.capsule_id} does "
                                                            "not exist")  # fmt: skip
             if capsule.status != CapsuleStatus.RUNNING:

@@ -28,32 +28,33 @@ async def list_capsules(request: Request) -> Response:
 
 
 async def get_capsule(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     capsules = deps.services(request).capsules
-    return deps.json(await capsules.get(deps.principal(request), _id(request)))
+    return deps.json(await capsules.get(deps.principal(request), capsule_id))
 
 
 async def destroy_capsule(request: Request) -> Response:
-    await deps.services(request).capsules.destroy(deps.principal(request), _id(request))
+    capsule_id = deps.path_param(request, "capsule_id")
+    await deps.services(request).capsules.destroy(deps.principal(request), capsule_id)
     return deps.no_content()
 
 
 async def pause_capsule(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     capsules = deps.services(request).capsules
-    return deps.json(await capsules.pause(deps.principal(request), _id(request)))
+    return deps.json(await capsules.pause(deps.principal(request), capsule_id))
 
 
 async def resume_capsule(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     capsules = deps.services(request).capsules
-    return deps.json(await capsules.resume(deps.principal(request), _id(request)))
+    return deps.json(await capsules.resume(deps.principal(request), capsule_id))
 
 
 async def ping_capsule(request: Request) -> Response:
-    await deps.services(request).capsules.ping(deps.principal(request), _id(request))
+    capsule_id = deps.path_param(request, "capsule_id")
+    await deps.services(request).capsules.ping(deps.principal(request), capsule_id)
     return deps.no_content()
-
-
-def _id(request: Request) -> str:
-    return str(request.path_params["capsule_id"])
 
 
 router = Router(

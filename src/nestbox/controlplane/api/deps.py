@@ -83,6 +83,17 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def path_param(conn: HTTPConnection, name: str) -> str:
+    """A parameter of the route's path (`{capsule_id}`, `{host_id}`, …)."""
+    return str(conn.path_params[name])
+
+
+def query_bool(request: Request, name: str) -> bool:
+    """A yes/no query parameter: `1`, `true` or `yes` (any case) is yes; anything else, or
+    none, is no."""
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
+
+
 def query_int(request: Request, name: str, default: int, *, lo: int, hi: int) -> int:
     """An integer query parameter within [lo, hi]. :raise InvalidRequest:"""
     raw = request.query_params.get(name)

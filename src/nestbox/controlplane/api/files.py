@@ -39,14 +39,15 @@ OCTETS = "application/octet-stream"
 
 
 async def read_file(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
     files = deps.services(request).files
-    content = await files.read(deps.principal(request), _id(request), req.path)
+    content = await files.read(deps.principal(request), capsule_id, req.path)
     return Response(content, media_type=OCTETS)
 
 
 async def write_file(request: Request) -> Response:
-    principal, capsule_id = deps.principal(request), _id(request)
+    principal, capsule_id = deps.principal(request), deps.path_param(request, "capsule_id")
     files = deps.services(request).files
     await files.running(principal, capsule_id)  # 404/409 before reading 100 MiB
     body = request.stream()
@@ -67,15 +68,16 @@ async def write_file(request: Request) -> Response:
 
 
 async def stream_read_file(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
     files = deps.services(request).files
-    chunks = await files.open_read(deps.principal(request), _id(request), req.path)
+    chunks = await files.open_read(deps.principal(request), capsule_id, req.path)
     return StreamingResponse(chunks, media_type=OCTETS)
 
 
 async def stream_write_file(request: Request) -> Response:
     """`path` first, then `file` (the SDK's fixed order), or `?path=` and a `file` part."""
-    principal, capsule_id = deps.principal(request), _id(request)
+    principal, capsule_id = deps.principal(request), deps.path_param(request, "capsule_id")
     files = deps.services(request).files
     await files.running(principal, capsule_id)
     parts = Reader(request.headers.get("content-type", ""), request.stream()).parts()
@@ -89,34 +91,39 @@ async def stream_write_file(request: Request) -> Response:
 
 
 async def list_files(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, ListDirRequest)
     files = deps.services(request).files
-    return deps.json(await files.list_dir(deps.principal(request), _id(request), req.path,
+    return deps.json(await files.list_dir(deps.principal(request), capsule_id, req.path,
                                           req.depth))  # fmt: skip
 
 
 async def make_dir(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
     files = deps.services(request).files
-    return deps.json(await files.make_dir(deps.principal(request), _id(request), req.path))
+    return deps.json(await files.make_dir(deps.principal(request), capsule_id, req.path))
 
 
 async def remove_path(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
-    await deps.services(request).files.remove(deps.principal(request), _id(request), req.path)
+    await deps.services(request).files.remove(deps.principal(request), capsule_id, req.path)
     return deps.no_content()
 
 
 async def stat_path(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
     files = deps.services(request).files
-    return deps.json(await files.stat(deps.principal(request), _id(request), req.path))
+    return deps.json(await files.stat(deps.principal(request), capsule_id, req.path))
 
 
 async def move_path(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, MoveRequest)
     files = deps.services(request).files
-    moved = await files.move(deps.principal(request), _id(request), req.source, req.destination)
+    moved = await files.move(deps.principal(request), capsule_id, req.source, req.destination)
     return deps.json(moved)
 
 
@@ -135,10 +142,6 @@ async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
         seen += len(chunk)
         if seen > limit:
             return
-
-
-def _id(request: Request) -> str:
-    return str(request.path_params["capsule_id"])
 
 
 router = Router(

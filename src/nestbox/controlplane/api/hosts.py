@@ -41,20 +41,23 @@ async def list_hosts(request: Request) -> Response:
 
 
 async def get_host(request: Request) -> Response:
+    host_id = deps.path_param(request, "host_id")
     hosts = deps.services(request).hosts
-    return deps.json(await hosts.get(deps.principal(request), _id(request)))
+    return deps.json(await hosts.get(deps.principal(request), host_id))
 
 
 async def delete_host(request: Request) -> Response:
-    force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
+    host_id = deps.path_param(request, "host_id")
+    force = deps.query_bool(request, "force")
     hosts = deps.services(request).hosts
-    await hosts.delete(deps.principal(request), _id(request), force=force)
+    await hosts.delete(deps.principal(request), host_id, force=force)
     return deps.no_content()
 
 
 async def new_host_token(request: Request) -> Response:
+    host_id = deps.path_param(request, "host_id")
     hosts = deps.services(request).hosts
-    return deps.json(await hosts.new_registration_token(deps.principal(request), _id(request)),
+    return deps.json(await hosts.new_registration_token(deps.principal(request), host_id),
                      201)  # fmt: skip
 
 
@@ -69,14 +72,11 @@ async def refresh_host_token(request: Request) -> Response:
 
 
 async def host_heartbeat(request: Request) -> Response:
+    host_id = deps.path_param(request, "host_id")
     req = await deps.body(request, HeartbeatRequest)
     hosts = deps.services(request).hosts
     token = request.headers.get(HOST_TOKEN_HEADER)
-    return deps.json(await hosts.heartbeat(_id(request), token, req))
-
-
-def _id(request: Request) -> str:
-    return str(request.path_params["host_id"])
+    return deps.json(await hosts.heartbeat(host_id, token, req))
 
 
 router = Router(

@@ -16,27 +16,26 @@ if TYPE_CHECKING:
 
 
 async def exec_command(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, ExecCreate)
     processes = deps.services(request).processes
-    done = await processes.exec(deps.principal(request), _id(request), req)
+    done = await processes.exec(deps.principal(request), capsule_id, req)
     return deps.json(done, 202 if isinstance(done, BackgroundView) else 200)
 
 
 async def list_processes(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     processes = deps.services(request).processes
-    return deps.json(await processes.list(deps.principal(request), _id(request)))
+    return deps.json(await processes.list(deps.principal(request), capsule_id))
 
 
 async def kill_process(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
     processes = deps.services(request).processes
-    await processes.kill(deps.principal(request), _id(request),
-                         str(request.path_params["selector"]),
+    await processes.kill(deps.principal(request), capsule_id,
+                         deps.path_param(request, "selector"),
                          request.query_params.get("signal"))  # fmt: skip
     return deps.no_content()
-
-
-def _id(request: Request) -> str:
-    return str(request.path_params["capsule_id"])
 
 
 router = Router(

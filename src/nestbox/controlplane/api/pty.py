@@ -44,7 +44,7 @@ def error_frame(message: str, *, fatal: bool = True) -> dict[str, Any]:
 
 
 async def pty_session(ws: WebSocket) -> None:
-    capsule_id = str(ws.path_params["capsule_id"])
+    capsule_id = deps.path_param(ws, "capsule_id")
     processes = deps.services(ws).processes
     target = await wsconn.open_session(
         ws, lambda p: processes.running(p, capsule_id), error_frame=error_frame
@@ -143,8 +143,6 @@ class _Session:
                 return
             try:
                 await self._handle(message)
-            except InvalidRequest as err:
-                await wsconn.send_json(self.ws, error_frame(err.message, fatal=False))
             except ControlPlaneError as err:
                 await wsconn.send_json(self.ws, error_frame(err.message, fatal=False))
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 async def create_snapshot(request: Request) -> Response:
     req = await deps.body(request, SnapshotCreate)
-    overwrite = request.query_params.get("overwrite", "").lower() in ("1", "true", "yes")
+    overwrite = deps.query_bool(request, "overwrite")
     snapshots = deps.services(request).snapshots
     made = await snapshots.create(deps.principal(request), req, overwrite=overwrite)
     return deps.json(made, 201)
@@ -29,7 +29,7 @@ async def list_snapshots(request: Request) -> Response:
 
 async def delete_snapshot(request: Request) -> Response:
     snapshots = deps.services(request).snapshots
-    await snapshots.delete(deps.principal(request), str(request.path_params["name"]))
+    await snapshots.delete(deps.principal(request), deps.path_param(request, "name"))
     return deps.no_content()
 
 

@@ -44,7 +44,7 @@ def error_frame(message: str) -> dict[str, Any]:
 
 
 async def exec_stream(ws: WebSocket) -> None:
-    capsule_id = str(ws.path_params["capsule_id"])
+    capsule_id = deps.path_param(ws, "capsule_id")
     processes = deps.services(ws).processes
     target = await wsconn.open_session(
         ws, lambda p: processes.running(p, capsule_id), error_frame=error_frame
@@ -64,8 +64,8 @@ async def exec_stream(ws: WebSocket) -> None:
 
 
 async def attach_process(ws: WebSocket) -> None:
-    capsule_id = str(ws.path_params["capsule_id"])
-    which = str(ws.path_params["selector"])
+    capsule_id = deps.path_param(ws, "capsule_id")
+    which = deps.path_param(ws, "selector")
     processes = deps.services(ws).processes
     target = await wsconn.open_session(
         ws, lambda p: processes.running(p, capsule_id), error_frame=error_frame

@@ -141,6 +141,19 @@ class CapsuleRepo:
             query = query.where(CapsuleRow.status.in_(tuple(statuses)))
         return [_record(r) for r in await self._s.scalars(query.order_by(CapsuleRow.id))]
 
+    async def count_by_host(self, host_ids: Iterable[str]) -> dict[str, int]:
+        """How many capsules (not destroyed, as `on_host`) each of `host_ids` has; a host with
+        none is left out."""
+        ids = tuple(host_ids)
+        if not ids:
+            return {}
+        rows = await self._s.execute(
+            select(CapsuleRow.host_id, func.count())
+            .where(CapsuleRow.host_id.in_(ids), CapsuleRow.status != DESTROYED)
+            .group_by(CapsuleRow.host_id)
+        )
+        return {str(host): int(n) for host, n in rows.all()}
+
     async def count_on_host(self, host_id: str) -> dict[str, int]:
         """How many of the host's capsules are in each status."""
         rows = await self._s.execute(

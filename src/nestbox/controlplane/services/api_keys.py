@@ -11,7 +11,7 @@ from nestbox.protocol.accounts import ApiKeyView, Role
 from nestbox.protocol.ids import API_KEY_DISPLAY_CHARS, new_api_key
 
 if TYPE_CHECKING:
-    from nestbox.controlplane.db import Database
+    from nestbox.controlplane.db import Database, Tx
     from nestbox.controlplane.db.api_keys import ApiKey
     from nestbox.controlplane.services.principal import Principal
 
@@ -29,21 +29,24 @@ def key_view(key: ApiKey, plaintext: str | None = None) -> ApiKeyView:
     )
 
 
+async def create_key(tx: Tx, team_id: str, name: str, created_by: str | None) -> tuple[ApiKey, str]:
+    """A new API key of the team, in `tx`: its row and its plaintext (stored only hashed; the
+    caller shows it once)."""
+    plaintext = new_api_key()
+    key = await tx.api_keys.create(
+        team_id, name, key_hash(plaintext), plaintext[:API_KEY_DISPLAY_CHARS], created_by
+    )
+    return key, plaintext
+
+
 class ApiKeyService:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     async def create(self, principal: Principal, name: str) -> ApiKeyView:
         """A new key for the principal's team; the answer holds the key, the only time."""
-        plaintext = new_api_key()
         async with self._db.transaction() as tx:
-            key = await tx.api_keys.create(
-                principal.team_id,
-                name,
-                key_hash(plaintext),
-                plaintext[:API_KEY_DISPLAY_CHARS],
-                principal.user_id,
-            )
+            key, plaintext = await create_key(tx, principal.team_id, name, principal.user_id)
             await tx.audit.record(principal.audit("api_key.create", "api_key", key.id, name=name))
         return key_view(key, plaintext)
 

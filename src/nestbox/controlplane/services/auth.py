@@ -40,6 +40,8 @@ USER_TOKEN = ""
 
 
 def key_hash(key: str) -> str:
+    """How a random credential is stored and looked up (API keys, host registration and
+    refresh tokens): its SHA-256, in hex."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 

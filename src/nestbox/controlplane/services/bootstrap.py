@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from nestbox.controlplane.db.audit import AuditEvent
-from nestbox.controlplane.services.auth import key_hash
+from nestbox.controlplane.services.api_keys import create_key
 from nestbox.controlplane.settings import ADMIN_KEY_FILE, write_private
 from nestbox.protocol.accounts import Role
-from nestbox.protocol.ids import API_KEY_DISPLAY_CHARS, new_api_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,10 +46,7 @@ async def bootstrap_admin(db: Database, data_dir: Path, email: str) -> Bootstrap
         user = await tx.users.create(email, ADMIN_NAME, None, is_admin=True)
         team = await tx.teams.create(ADMIN_TEAM)
         await tx.teams.add_member(team.id, user.id, Role.OWNER, is_default=True)
-        key = new_api_key()
-        record = await tx.api_keys.create(
-            team.id, "admin", key_hash(key), key[:API_KEY_DISPLAY_CHARS], user.id
-        )
+        record, key = await create_key(tx, team.id, "admin", user.id)
         await tx.audit.record(
             AuditEvent(action="bootstrap", resource_type="user", resource_id=user.id,
                        team_id=team.id, scope="admin", metadata={"api_key_id": record.id})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -38,7 +38,7 @@ from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.ids import new_capsule_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from nestbox.controlplane.db import Database, Tx
     from nestbox.controlplane.db.audit import AuditEvent
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from nestbox.protocol.capsules import CapsuleCreate, CapsuleView
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MB = 512
@@ -165,15 +167,11 @@ class CapsuleService:
         now = self._clock()
         system = {k: v for k, v in started.metadata.items() if k in AGENT_METADATA}
         metadata = {**capsule.metadata, **system}
-        async with self._db.transaction() as tx:
-            await tx.capsules.update(
-                capsule.id, vcpus=started.vcpus or capsule.vcpus,
-                memory_mb=started.memory_mb or capsule.memory_mb, started_at=now,
-                metadata=metadata, **running_values(started, now),
-            )  # fmt: skip
-            await tx.audit.record(event)
-            fresh = await tx.capsules.get(capsule.id)
-        assert fresh is not None
+        fresh = await self._set_and_get(
+            capsule.id, audit=event, vcpus=started.vcpus or capsule.vcpus,
+            memory_mb=started.memory_mb or capsule.memory_mb, started_at=now,
+            metadata=metadata, **running_values(started, now),
+        )  # fmt: skip
         log.info("capsule created", extra={"capsule_id": capsule.id, "host_id": host.id})
         return capsule_view(fresh)
 
@@ -196,16 +194,14 @@ class CapsuleService:
             self._require(target.capsule, CapsuleStatus.RUNNING)
             async with self._db.transaction() as tx:
                 await tx.capsules.update(capsule_id, status=CapsuleStatus.PAUSING.value)
-            with anyio.CancelScope(shield=True):
-                try:
-                    paused = await target.agent.pause_capsule(capsule_id)
-                except AgentCallError:
-                    await self._set(capsule_id, status=CapsuleStatus.RUNNING.value)
-                    raise
-                audit = principal.audit("capsule.pause", "capsule", capsule_id)
-                status = status_of(paused.state).value
-                await self._set(capsule_id, status=status, host_ip="", audit=audit)
-        return await self.get(principal, capsule_id)
+            paused = await self._transition(
+                capsule_id,
+                lambda: target.agent.pause_capsule(capsule_id),
+                undo=CapsuleStatus.RUNNING,
+                outcome=lambda answer: {"status": status_of(answer.state).value, "host_ip": ""},
+                audit=principal.audit("capsule.pause", "capsule", capsule_id),
+            )
+        return capsule_view(paused)
 
     async def resume(self, principal: Principal, capsule_id: str) -> CapsuleView:
         """:raise InvalidState: not paused. :raise AgentCallError:"""
@@ -221,15 +217,14 @@ class CapsuleService:
                 default_user=template.default_user if template else "",
                 default_env=dict(template.default_env) if template else {},
             )
-            with anyio.CancelScope(shield=True):
-                try:
-                    resumed = await target.agent.resume_capsule(request)
-                except AgentCallError:
-                    await self._set(capsule_id, status=CapsuleStatus.PAUSED.value)
-                    raise
-                audit = principal.audit("capsule.resume", "capsule", capsule_id)
-                await self._set(capsule_id, **running_values(resumed, self._clock()), audit=audit)
-        return await self.get(principal, capsule_id)
+            resumed = await self._transition(
+                capsule_id,
+                lambda: target.agent.resume_capsule(request),
+                undo=CapsuleStatus.PAUSED,
+                outcome=lambda answer: running_values(answer, self._clock()),
+                audit=principal.audit("capsule.resume", "capsule", capsule_id),
+            )
+        return capsule_view(resumed)
 
     async def ping(self, principal: Principal, capsule_id: str) -> None:
         """Reset the idle timer. :raise InvalidState: not running."""
@@ -268,13 +263,52 @@ class CapsuleService:
         if capsule.status != status:
             raise InvalidState(f"capsule {capsule.id}", capsule.status, [status.value])
 
+    async def _transition(
+        self,
+        capsule_id: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        undo: CapsuleStatus,
+        outcome: Callable[[T], dict[str, Any]],
+        audit: AuditEvent,
+    ) -> Capsule:
+        """The agent half of a verb whose intent is recorded: `call` the agent, then set the
+        row to `outcome(answer)` and record `audit`; the row after that. Shielded, so a client
+        that hangs up cannot leave the row in its transitional status.
+        :raise AgentCallError: the agent refused (the row is put back to `undo`)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                answer = await call()
+            except AgentCallError:
+                await self._set(capsule_id, status=undo.value)
+                raise
+            row = await self._set_and_get(capsule_id, audit=audit, **outcome(answer))
+        return row
+
     async def _set(
         self, capsule_id: str, *, audit: AuditEvent | None = None, **values: Any
     ) -> None:
+        """Update the row (and record `audit`) in one transaction."""
         async with self._db.transaction() as tx:
-            await tx.capsules.update(capsule_id, **values)
-            if audit is not None:
-                await tx.audit.record(audit)
+            await self._write(tx, capsule_id, audit, values)
+
+    async def _set_and_get(
+        self, capsule_id: str, *, audit: AuditEvent | None = None, **values: Any
+    ) -> Capsule:
+        """`_set`, and the row after it from the same transaction."""
+        async with self._db.transaction() as tx:
+            await self._write(tx, capsule_id, audit, values)
+            fresh = await tx.capsules.get(capsule_id)
+        assert fresh is not None
+        return fresh
+
+    @staticmethod
+    async def _write(
+        tx: Tx, capsule_id: str, audit: AuditEvent | None, values: dict[str, Any]
+    ) -> None:
+        await tx.capsules.update(capsule_id, **values)
+        if audit is not None:
+            await tx.audit.record(audit)
 
 
 def candidate(host: Host, committed: Committed | None) -> Candidate:

@@ -14,7 +14,6 @@ host is `NotFound`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from dataclasses import replace
@@ -32,6 +31,7 @@ from nestbox.controlplane.errors import (
     Unauthorized,
 )
 from nestbox.controlplane.services import jwt
+from nestbox.controlplane.services.auth import key_hash
 from nestbox.controlplane.services.views import host_view
 from nestbox.protocol.accounts import Role
 from nestbox.protocol.capsules import CapsuleStatus
@@ -67,10 +67,6 @@ HOST_TOKEN_TTL_S = 24 * 3600
 REFRESH_TOKEN_TTL = timedelta(days=60)
 LIVE_STATUSES = tuple(s.value for s in CapsuleStatus if s is not CapsuleStatus.STOPPED)
 """Capsules a host holds: everything but `stopped` (and `destroyed`)."""
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class HostService:
@@ -115,7 +111,7 @@ class HostService:
                 status=HostStatus.PENDING.value,
             )  # fmt: skip
             await tx.hosts.add_registration_token(
-                host.id, token_hash(token), expires, principal.user_id
+                host.id, key_hash(token), expires, principal.user_id
             )
             await tx.audit.record(principal.audit("host.create", "host", host.id,
                                                   type=req.type.value))  # fmt: skip
@@ -127,7 +123,7 @@ class HostService:
         token, expires = _secret("nbr_"), self._clock() + self._registration_ttl
         async with self._db.transaction() as tx:
             await tx.hosts.add_registration_token(
-                host.id, token_hash(token), expires, principal.user_id
+                host.id, key_hash(token), expires, principal.user_id
             )
             await tx.audit.record(principal.audit("host.token", "host", host.id))
         return HostTokenView(registration_token=token, expires_at=expires)
@@ -135,14 +131,14 @@ class HostService:
     async def list_for(self, principal: Principal) -> list[HostView]:
         async with self._db.transaction() as tx:
             hosts = await tx.hosts.listed(team_id=principal.team_id, everyone=principal.is_admin)
-            counts = {h.id: len(await tx.capsules.on_host(h.id)) for h in hosts}
-        return [host_view(h, counts[h.id]) for h in hosts]
+            counts = await tx.capsules.count_by_host(h.id for h in hosts)
+        return [host_view(h, counts.get(h.id, 0)) for h in hosts]
 
     async def get(self, principal: Principal, host_id: str) -> HostView:
         host = await self._visible(principal, host_id)
         async with self._db.transaction() as tx:
-            count = len(await tx.capsules.on_host(host.id))
-        return host_view(host, count)
+            counts = await tx.capsules.count_by_host([host.id])
+        return host_view(host, counts.get(host.id, 0))
 
     async def delete(self, principal: Principal, host_id: str, *, force: bool) -> None:
         """Remove a host; its agent is told to pause everything and stop.
@@ -187,11 +183,11 @@ class HostService:
                            memory_mb=req.memory_mb, disk_gb=req.disk_gb)  # fmt: skip
         agent_token, refresh = _secret("nba_"), _secret("nbh_")
         async with self._db.transaction() as tx:
-            host_id = await tx.hosts.use_registration_token(token_hash(req.token), now)
+            host_id = await tx.hosts.use_registration_token(key_hash(req.token), now)
             if host_id is None:
                 raise Unauthorized("invalid, used or expired registration token")
             host = await tx.hosts.register(host_id, reg, agent_token, now)
-            await tx.hosts.add_refresh_token(host_id, token_hash(refresh), now + REFRESH_TOKEN_TTL)
+            await tx.hosts.add_refresh_token(host_id, key_hash(refresh), now + REFRESH_TOKEN_TTL)
             await tx.audit.record(AuditEvent(
                 action="host.register", resource_type="host", resource_id=host_id,
                 team_id=host.team_id, actor_type="host", actor_id=host_id, scope="admin",
@@ -207,10 +203,10 @@ class HostService:
         now = self._clock()
         refresh = _secret("nbh_")
         async with self._db.transaction() as tx:
-            host_id = await tx.hosts.spend_refresh_token(token_hash(req.refresh_token), now)
+            host_id = await tx.hosts.spend_refresh_token(key_hash(req.refresh_token), now)
             if host_id is None or await tx.hosts.get(host_id) is None:
                 raise Unauthorized("invalid, used or expired refresh token")
-            await tx.hosts.add_refresh_token(host_id, token_hash(refresh), now + REFRESH_TOKEN_TTL)
+            await tx.hosts.add_refresh_token(host_id, key_hash(refresh), now + REFRESH_TOKEN_TTL)
         return HostRefreshResponse(token=self.host_token(host_id), refresh_token=refresh)
 
     async def heartbeat(

@@ -15,7 +15,6 @@ was read, so an API call that changed it meanwhile always wins.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -47,14 +46,6 @@ TRANSITIONAL = frozenset({
 })  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class ReconcileStatistics:
-    passes: int
-    changed: int
-    """Rows the reconciler changed since the start."""
-    destroyed_on_agents: int
-
-
 class Reconciler:
     def __init__(
         self,
@@ -67,14 +58,10 @@ class Reconciler:
         self._targets = targets
         self._clock = clock
         self._kicked = anyio.Event()
-        self._passes = self._changed = self._destroyed = 0
 
     def kick(self, host_id: str | None = None) -> None:
         """Run a pass now (a host came back, say) instead of at the next interval."""
         self._kicked.set()
-
-    def statistics(self) -> ReconcileStatistics:
-        return ReconcileStatistics(self._passes, self._changed, self._destroyed)
 
     async def run(
         self, interval_s: float, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -99,7 +86,6 @@ class Reconciler:
             except Exception as err:  # one host's failure must not stop the others
                 log.error("reconcile %s failed: %r", host.id, err, extra={"host_id": host.id})
                 log.debug("reconcile traceback", exc_info=err)
-        self._passes += 1
 
     async def reconcile_host(self, host: Host) -> None:
         # Rows first, then the agent: a change an API call makes in between is then newer
@@ -112,8 +98,8 @@ class Reconciler:
         auto_paused = set(answer.auto_paused_ids)
         for row in rows:
             values = self._drift(row, held.get(row.id))
-            if values and await self._apply(row, values, auto_paused):
-                self._changed += 1
+            if values:
+                await self._apply(row, values, auto_paused)
         known = {r.id for r in rows}
         for capsule_id in held.keys() - known:
             await self._stray(host, capsule_id)
@@ -140,7 +126,7 @@ class Reconciler:
             values["last_active_at"] = active
         return values
 
-    async def _apply(self, row: Capsule, values: dict[str, Any], auto_paused: set[str]) -> bool:
+    async def _apply(self, row: Capsule, values: dict[str, Any], auto_paused: set[str]) -> None:
         async with self._db.transaction() as tx:
             done = await tx.capsules.update(
                 row.id, expect=Expect(row.status, row.last_updated), **values
@@ -160,7 +146,6 @@ class Reconciler:
         if done and "status" in values:
             log.info("capsule %s: %s -> %s (reconciled)", row.id, row.status, values["status"],
                      extra={"capsule_id": row.id})  # fmt: skip
-        return done
 
     async def _stray(self, host: Host, capsule_id: str) -> None:
         """A capsule the agent holds and the database does not show on this host."""
@@ -176,5 +161,4 @@ class Reconciler:
             except AgentCallError as err:
                 log.warning("could not destroy %s on %s: %s", capsule_id, host.id, err.message)
                 return
-            self._destroyed += 1
             log.info("destroyed %s on %s (its user had destroyed it)", capsule_id, host.id)
