@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from nestbox.hostagent.auth import from_credentials
 from nestbox.hostagent.registration import (
     CREDENTIALS_FILE,
     MachineInfo,
@@ -157,9 +158,10 @@ async def test_registration_saves_private_credentials_and_is_reused(
     path = state / CREDENTIALS_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_credentials(state) == creds
-    assert creds.accepts_agent_token(fake.agent_tokens["host-1"])
-    assert not creds.accepts_agent_token("wrong")
-    assert not creds.accepts_agent_token(None)
+    agent_auth = from_credentials(creds)
+    assert agent_auth.accepts(fake.agent_tokens["host-1"])
+    assert not agent_auth.accepts("wrong")
+    assert not agent_auth.accepts(None)
     assert fake.agent_tokens["host-1"] not in path.read_text()  # only its hash is kept
 
     again = await ensure_registered(url, None, "10.0.0.5:9726", state)  # a second start

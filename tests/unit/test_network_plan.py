@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -33,12 +34,30 @@ from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import SystemCommandError
 from tests.fakes.system import FakeSystem
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 NS = "nbx-a0-5"
 HV = "nbha0x5"
 
 
 def settings(**kw: object) -> AgentSettings:
     return AgentSettings(**kw)  # type: ignore[arg-type]
+
+
+def test_settings_directories_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    monkeypatch.chdir(tmp_path)
+    s = settings(data_dir="link", agent_id="b1")
+    real = tmp_path.resolve() / "real"
+    assert s.data_dir == real
+    assert s.images_dir == real / "images"
+    assert s.templates_dir == real / "templates"
+    assert s.state_dir == real / "agents" / "b1"
+    assert settings(data_dir="link", image_cache="img/../cache").images_dir == (
+        tmp_path.resolve() / "cache"
+    )
 
 
 # --- the address plan ----------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -16,7 +18,20 @@ from nestbox.hostagent.capsule import (
     MachineRecord,
     TeardownError,
 )
-from nestbox.hostagent.lifecycle import UndoStack, unwind, unwind_after_failure
+from nestbox.hostagent.envd_client import EnvdClient
+from nestbox.hostagent.lifecycle import (
+    Run,
+    Timeouts,
+    UndoStack,
+    prepare_snapshot,
+    reopen_envd,
+    unwind,
+    unwind_after_failure,
+)
+from nestbox.hostagent.vmm.base import RamSpec
+
+if TYPE_CHECKING:
+    from nestbox.hostagent.lifecycle import Host
 
 S = CapsuleState
 
@@ -66,6 +81,53 @@ def test_record_round_trip(tmp_path: Path) -> None:
     assert cap.read_records(state_dir) == [r]
     cap.remove_record(state_dir, r.id)
     assert cap.read_records(state_dir) == []
+
+
+def test_read_records_skips_unreadable_ones(tmp_path: Path) -> None:
+    state_dir = tmp_path / "agent"
+    cap.records_dir(state_dir).mkdir(parents=True)
+    r = record(tmp_path)
+    cap.write_record(state_dir, r)
+    (cap.records_dir(state_dir) / "cl-broken.json").write_text("{not json")
+    assert cap.read_records(state_dir) == [r]
+    assert cap.read_records(tmp_path / "nowhere") == []
+
+
+def test_ram_spec_and_run_dir_follow_the_record(tmp_path: Path) -> None:
+    r = record(tmp_path)
+    mem = tmp_path / "mem"
+    assert r.ram_spec() == RamSpec()
+    assert r.model_copy(update={"ram": "template", "ram_file": mem}).ram_spec() == RamSpec(
+        file=mem, share=False
+    )
+    assert r.model_copy(update={"ram": "shared", "ram_file": mem}).ram_spec() == RamSpec(
+        file=mem, share=True
+    )
+    assert r.model_copy(update={"ram": "shared"}).ram_spec() == RamSpec()  # no file recorded
+    assert r.run_dir == tmp_path / "c" / "run"
+
+
+async def test_prepare_snapshot_closes_the_client_and_reopen_gives_a_new_one() -> None:
+    prepared: list[bool] = []
+
+    class Hypervisor:
+        async def prepare_save(self, _vm: object, *, ignore_shared: bool) -> None:
+            prepared.append(ignore_shared)
+
+    host = cast("Host", SimpleNamespace(hypervisor=Hypervisor(), timeouts=Timeouts(prepare=2)))
+    old = EnvdClient("http://127.0.0.1:1")  # refused: the prepare fails, the snapshot goes on
+    run = Run(lease=cast("Any", None), vm=cast("Any", None), envd=old, stack=UndoStack("run"))
+    run.stack.push_async_callback(old.aclose)
+    await prepare_snapshot(host, run, ignore_shared=True)
+    assert prepared == [True]
+    assert run.envd is old
+    assert old.is_closed  # none of its connections lives into the snapshot
+    reopen_envd(run)  # the save failed: the run goes on with a new client
+    new = run.envd
+    assert new is not old
+    assert new.base_url == old.base_url
+    assert not new.is_closed
+    await unwind(run.stack, 5)
 
 
 async def test_undo_runs_every_step_in_reverse_and_collects_failures() -> None:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from nestbox import __version__
 from nestbox.hostagent import views
-from nestbox.hostagent.envdconn import CHUNK
 from nestbox.hostagent.errors import BadRequest
 from nestbox.hostagent.guestcalls import events_of
 from nestbox.hostagent.manager import CreateSpec
@@ -248,9 +247,9 @@ class AgentService(HostAgentService):
     ) -> AsyncIterator[pb.ReadFileStreamResponse]:
         _require(request.path, "path")
         source = lambda envd: envd.read_file_stream(request.path, user=request.user or None)  # noqa: E731
+        # envd's chunks are `envdconn.CHUNK` at most: the message limit needs no re-split
         async for chunk in self.m.relay(request.capsule_id, source):
-            for start in range(0, len(chunk), CHUNK):
-                yield pb.ReadFileStreamResponse(chunk=chunk[start : start + CHUNK])
+            yield pb.ReadFileStreamResponse(chunk=chunk)
 
     async def list_dir(self, request: pb.ListDirRequest, ctx: Ctx) -> pb.ListDirResponse:
         _require(request.path, "path")

@@ -24,16 +24,15 @@ import anyio
 from nestbox.hostagent.api import READ_MAX_BYTES, AgentService
 from nestbox.hostagent.errors import AgentNotReady
 from nestbox.hostagent.manager import CapsuleManager
-from nestbox.hostagent.proxy import PortProxy
+from nestbox.hostagent.proxy import PortProxy, answer_error, refuse, send_json
 from nestbox.hostagent.proxytrack import Lease, TargetUnavailable
-from nestbox.hostagent.proxyws import reject_websocket
 from nestbox.hostagent.reaper import reap_idle
 from nestbox.hostagent.recovery import recover
 from nestbox.hostagent.registration import heartbeat_loop, host_load
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.system import RealSystem
 from nestbox.hostagent.views import ErrorMapper
-from nestbox.protocol.errors import ErrorBody, ErrorCode
+from nestbox.protocol.errors import ErrorCode
 from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentServiceASGIApplication
 
 if TYPE_CHECKING:
@@ -89,20 +88,21 @@ class AgentApp:
         assert isinstance(headers, list)
         if path.startswith(RPC_PREFIX) and kind == "http":
             if not self.auth.allows_rpc(headers):
-                await _answer(send, 401, ErrorCode.UNAUTHORIZED, "a valid agent secret is required")
+                await answer_error(send, 401, ErrorCode.UNAUTHORIZED,
+                                   "a valid agent secret is required")  # fmt: skip
                 return
             await self.rpc(scope, receive, send)
         elif path.startswith("/proxy/"):
             if not self.auth.allows_proxy(headers):
-                await _refuse(scope, send, 401, ErrorCode.UNAUTHORIZED,
-                              "a valid X-Agent-Token is required")  # fmt: skip
+                await refuse(scope, send, 401, ErrorCode.UNAUTHORIZED,
+                             "a valid X-Agent-Token is required")  # fmt: skip
                 return
             await self.proxy(scope, receive, send)
         elif path == "/health" and kind == "http":
             body = json.dumps({"status": "ok" if self.manager else "starting"}).encode()
-            await _send(send, 200, body)
+            await send_json(send, 200, body)
         else:
-            await _refuse(scope, send, 404, ErrorCode.NOT_FOUND, "no such endpoint")
+            await refuse(scope, send, 404, ErrorCode.NOT_FOUND, "no such endpoint")
 
     # ── the proxy's CapsuleTargets ──────────────────────────────────────────────────────
 
@@ -199,20 +199,3 @@ class AgentApp:
             state_dir=self.settings.state_dir,
             task_status=task_status,
         )
-
-
-async def _send(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _answer(send: Send, status: int, code: ErrorCode, message: str) -> None:
-    await _send(send, status, ErrorBody.of(code, message).model_dump_json().encode())
-
-
-async def _refuse(scope: Scope, send: Send, status: int, code: ErrorCode, message: str) -> None:
-    if scope["type"] == "websocket":
-        await reject_websocket(scope, send, status, code, message)
-    else:
-        await _answer(send, status, code, message)

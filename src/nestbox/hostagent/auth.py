@@ -47,8 +47,7 @@ class AgentAuth:
     def accepts(self, presented: str | None) -> bool:
         if not presented:
             return False
-        digest = hashlib.sha256(presented.encode()).hexdigest()
-        return hmac.compare_digest(digest, self.sha256_hex)
+        return hmac.compare_digest(sha256_hex(presented), self.sha256_hex)
 
     def allows_rpc(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """`Authorization: Bearer <secret>` or `X-Agent-Token: <secret>`."""
@@ -78,10 +77,10 @@ def local_auth(settings: AgentSettings) -> AgentAuth:
     (created with a fresh random secret, mode 0600, if missing). Blocking file I/O."""
     if settings.secret is not None:
         secret = settings.secret.get_secret_value()
-        return AgentAuth(_sha(secret), "NESTBOX_AGENT_SECRET")
+        return AgentAuth(sha256_hex(secret), "NESTBOX_AGENT_SECRET")
     path = settings.state_dir / SECRET_FILE
     secret = read_or_create_secret(path)
-    return AgentAuth(_sha(secret), str(path))
+    return AgentAuth(sha256_hex(secret), str(path))
 
 
 def read_or_create_secret(path: Path) -> str:
@@ -106,5 +105,6 @@ def read_or_create_secret(path: Path) -> str:
     return secret
 
 
-def _sha(secret: str) -> str:
+def sha256_hex(secret: str) -> str:
+    """How a secret is kept and compared: the hex SHA-256 of its UTF-8 bytes."""
     return hashlib.sha256(secret.encode()).hexdigest()

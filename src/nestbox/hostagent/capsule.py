@@ -18,6 +18,7 @@ State machine (QEMU `Runstate` style: an enum plus the table of legal moves):
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from datetime import UTC, datetime
@@ -26,11 +27,15 @@ from pathlib import Path  # noqa: TC003 (pydantic needs it at runtime)
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nestbox.hostagent.vmm.base import RamSpec
 
 if TYPE_CHECKING:
     from nestbox.hostagent.envd_client import EnvdClient
     from nestbox.hostagent.lifecycle import Run, UndoStack
+
+log = logging.getLogger(__name__)
 
 
 class CapsuleState(StrEnum):
@@ -158,6 +163,18 @@ class CapsuleRecord(BaseModel):
             raise InvalidState(self.id, self.state, frozenset({state}))
         return self.model_copy(update={"state": state})
 
+    @property
+    def run_dir(self) -> Path:
+        """The VMM's runtime files (QMP socket, pid file, serial and VMM logs)."""
+        return self.dir / "run"
+
+    def ram_spec(self) -> RamSpec:
+        """Where the VM's RAM lives, as `ram` and `ram_file` say: anonymous memory, the
+        template's RAM file copy-on-write, or a RAM file of its own mapped shared."""
+        if self.ram == "anonymous" or self.ram_file is None:
+            return RamSpec()
+        return RamSpec(file=self.ram_file, share=self.ram == "shared")
+
 
 class Capsule:
     """The runtime's live view of one capsule. Mutated only under `lock`."""
@@ -212,8 +229,13 @@ def remove_record(state_dir: Path, capsule_id: str) -> None:
 
 
 def read_records(state_dir: Path) -> list[CapsuleRecord]:
-    """Every record on disk (for re-adoption at start-up)."""
+    """Every readable record on disk; an unreadable one is logged and skipped (start-up
+    recovery removes it as a stray)."""
     base = records_dir(state_dir)
-    if not base.is_dir():
-        return []
-    return [CapsuleRecord.model_validate_json(p.read_bytes()) for p in sorted(base.glob("*.json"))]
+    records = []
+    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
+        try:
+            records.append(CapsuleRecord.model_validate_json(path.read_bytes()))
+        except (OSError, ValidationError) as err:
+            log.error("unreadable capsule record %s: %s", path.name, err)
+    return records

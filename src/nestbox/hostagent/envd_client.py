@@ -122,6 +122,10 @@ class EnvdClient:
             await self._stream_transport.aclose()
         self._stream_http = self._stream_transport = None
 
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
     async def is_healthy(self) -> bool:
         """One `/health` attempt with a short timeout; never raises for network errors."""
         try:

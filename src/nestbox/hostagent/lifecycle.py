@@ -32,7 +32,7 @@ from nestbox.hostagent.envd_client import EnvdClient, EnvdError, envd_url
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage.templates import TemplateMeta
 from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
-from nestbox.hostagent.vmm.base import RamSpec, VmSpec
+from nestbox.hostagent.vmm.base import VmSpec
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -185,13 +185,44 @@ async def wait_guest(
         await hook("init")
 
 
+async def start_guest(
+    host: Host,
+    record: CapsuleRecord,
+    *,
+    restore_from: Path | None,
+    ignore_shared: bool,
+    init: Callable[[], InitRequest] | None,
+    egress: bool,
+    hook: StepHook,
+) -> Run:
+    """Run of `record`'s machine (`open_run`, restoring `restore_from` when given) → envd
+    ready → `/init` (`wait_guest`, within `timeouts.boot` for a cold boot, else
+    `timeouts.envd_ready`). A failure or cancellation unwinds the run.
+    """
+    incoming = restore_from is not None
+    run = await open_run(
+        host,
+        lambda network: machine_spec(record, network, incoming=incoming),
+        egress=egress,
+        restore_from=restore_from,
+        ignore_shared=ignore_shared,
+        hook=hook,
+    )
+    ready_within = host.timeouts.envd_ready if incoming else host.timeouts.boot
+    try:
+        await wait_guest(host, run, record, ready_within=ready_within, init=init, hook=hook)
+    except BaseException:
+        await unwind_after_failure(run.stack, host.timeouts.teardown)
+        raise
+    return run
+
+
 async def create(
     host: Host,
     record: CapsuleRecord,
     *,
     base: Path,
     base_format: DiskFormat,
-    spec_for: Callable[[SlotNetwork], VmSpec],
     restore_from: Path | None,
     ignore_shared: bool,
     init: Callable[[], InitRequest] | None,
@@ -210,24 +241,13 @@ async def create(
         await hook("dir")
         await cow.create_overlay(base, base_format, record.disk)
         await hook("disk")
-        cap.records_dir(host.settings.state_dir).mkdir(parents=True, exist_ok=True)
         cap.write_record(host.settings.state_dir, record)
         files.push_async_callback(_remove_record, host.settings.state_dir, record.id)
         await hook("record")
-        ready_within = host.timeouts.boot if restore_from is None else host.timeouts.envd_ready
-        run = await open_run(
-            host,
-            spec_for,
-            egress=egress,
-            restore_from=restore_from,
-            ignore_shared=ignore_shared,
-            hook=hook,
-        )
-        try:
-            await wait_guest(host, run, record, ready_within=ready_within, init=init, hook=hook)
-        except BaseException:
-            await unwind_after_failure(run.stack, host.timeouts.teardown)
-            raise
+        run = await start_guest(
+            host, record, restore_from=restore_from, ignore_shared=ignore_shared, init=init,
+            egress=egress, hook=hook,
+        )  # fmt: skip
     except BaseException:
         await unwind_after_failure(files, host.timeouts.teardown)
         raise
@@ -258,13 +278,13 @@ async def prepare_snapshot(host: Host, run: Run, *, ignore_shared: bool) -> None
 
 
 async def _prepare_guest(host: Host, run: Run) -> None:
-    """`/snapshot/prepare` over the run's client, then a fresh client for the run.
+    """`/snapshot/prepare` over the run's client, which is closed right after.
 
     The request goes over the client's keep-alive connection when it has one (the one `/init`
     used): that makes the connection active, so envd answers `Connection: close` and closes
     it, and closes any other idle one itself; no TCP handshake into a guest where every new
-    code path is slow. The old client is closed right after the answer: none of its
-    connections lives into the snapshot.
+    code path is slow. The client is closed right after the answer: none of its connections
+    lives into the snapshot. A run that goes on (the save failed) needs `reopen_envd`.
     """
     try:
         with anyio.fail_after(host.timeouts.prepare):
@@ -277,10 +297,15 @@ async def _prepare_guest(host: Host, run: Run) -> None:
     except (TimeoutError, httpx.HTTPError, EnvdError) as err:
         log.warning("snapshot/prepare failed, snapshotting anyway: %r", err)
     finally:
-        old, run.envd = run.envd, EnvdClient(run.envd.base_url)
-        run.stack.push_async_callback(run.envd.aclose)
         with anyio.CancelScope(shield=True):
-            await old.aclose()
+            await run.envd.aclose()
+
+
+def reopen_envd(run: Run) -> None:
+    """A new envd client for a run that goes on after `prepare_snapshot` closed its client
+    (the save failed)."""
+    run.envd = EnvdClient(run.envd.base_url)
+    run.stack.push_async_callback(run.envd.aclose)
 
 
 async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -> SaveResult:
@@ -354,15 +379,13 @@ def template_meta(
     )  # fmt: skip
 
 
-def machine_spec(
-    record: CapsuleRecord, run_dir: Path, network: SlotNetwork, *, ram: RamSpec, incoming: bool
-) -> VmSpec:
-    """The VmSpec of `record`'s machine in slot `network`."""
+def machine_spec(record: CapsuleRecord, network: SlotNetwork, *, incoming: bool) -> VmSpec:
+    """The VmSpec of `record`'s machine (its RAM as the record says) in slot `network`."""
     m = record.machine
     return VmSpec(
         name=record.id, kernel=m.kernel, initrd=m.initrd, cmdline=m.cmdline, disk=record.disk,
-        disk_format="qcow2", run_dir=run_dir, vcpus=m.vcpus, memory_mib=m.memory_mib, ram=ram,
-        netns=network.netns, tap=network.tap, incoming=incoming,
+        disk_format="qcow2", run_dir=record.run_dir, vcpus=m.vcpus, memory_mib=m.memory_mib,
+        ram=record.ram_spec(), netns=network.netns, tap=network.tap, incoming=incoming,
     )  # fmt: skip
 
 
@@ -399,7 +422,9 @@ __all__ = [
     "no_hook",
     "open_run",
     "prepare_snapshot",
+    "reopen_envd",
     "save",
+    "start_guest",
     "template_meta",
     "unwind",
     "unwind_after_failure",

@@ -238,18 +238,22 @@ class CapsuleManager(GuestCalls):
     # ── the run: what exists only while the VM runs ────────────────────────────────────
 
     async def _start_run(self, entry: ManagedCapsule, capsule: Capsule) -> None:
-        """After create or resume: a fresh envd client, proxied traffic let in, sampling."""
+        """After create or resume: a fresh envd client, proxied traffic let in, sampling.
+
+        envd's version is asked for only while unknown (create, re-adoption): the create
+        answer carries it, and a resumed capsule runs the same envd as before its pause."""
         address = capsule.host_address
         assert address is not None, "a running capsule has an address"
         entry.envd = CapsuleEnvd(f"http://{address}:{ENVD_PORT}")
         entry.error = None
         entry.tracker.reset()
         entry.touch()
-        try:
-            with anyio.fail_after(HEALTH_S):
-                entry.envd_version = await entry.envd.health()
-        except (EnvdCallError, TimeoutError) as err:
-            log.debug("envd version unknown: %s", err, extra={"capsule_id": entry.id})
+        if not entry.envd_version:
+            try:
+                with anyio.fail_after(HEALTH_S):
+                    entry.envd_version = await entry.envd.health()
+            except (EnvdCallError, TimeoutError) as err:
+                log.debug("envd version unknown: %s", err, extra={"capsule_id": entry.id})
         self._start_sampler(entry, capsule)
 
     def _start_sampler(self, entry: ManagedCapsule, capsule: Capsule) -> None:

@@ -177,7 +177,7 @@ class PortProxy:
             route = parse_route(raw_path, query)
             lease = self._acquire(route.capsule_id)
         except ProxyError as err:
-            await _refuse(scope, send, err)
+            await refuse(scope, send, err.status, err.code, err.message)
             return
         try:
             if kind == "websocket":
@@ -240,24 +240,26 @@ class PortProxy:
     ) -> None:
         client = await self._client(route, address)
         target = host_port(address, route.port)
-        body = _RequestBody(receive, _headers(scope))
+        headers = _headers(scope)
+        body = _RequestBody(receive, headers)
         request = httpx.Request(
             str(scope["method"]),
             f"http://{target}{route.rest}" + (f"?{route.query}" if route.query else ""),
-            headers=_upstream_headers(scope),
+            headers=_upstream_headers(scope, headers),
             content=body.stream() if body.present else None,
         )
         try:
             response = await client.send(request, stream=True)
         except httpx.ConnectError:
             message = f"proxy error: nothing listens on port {route.port} in capsule "
-            await _answer(send, 502, ErrorCode.UNAVAILABLE, message + route.capsule_id)
+            await answer_error(send, 502, ErrorCode.UNAVAILABLE, message + route.capsule_id)
             return
         except _ClientGone:
             return
         except httpx.HTTPError as err:
             log.info("proxy to %s failed: %s", target, err, extra={"capsule_id": route.capsule_id})
-            await _answer(send, 502, ErrorCode.UNAVAILABLE, f"proxy error: {type(err).__name__}")
+            message = f"proxy error: {type(err).__name__}"
+            await answer_error(send, 502, ErrorCode.UNAVAILABLE, message)
             return
         try:
             await _relay_response(send, receive, response, body, route, target)
@@ -271,7 +273,7 @@ class PortProxy:
         url = f"ws://{target}{route.rest}" + (f"?{route.query}" if route.query else "")
         await relay_websocket(
             scope, receive, send, url,
-            headers=_upstream_headers(scope, websocket=True),
+            headers=_upstream_headers(scope, _headers(scope), websocket=True),
             nothing_listens=f"proxy error: nothing listens on port {route.port} in capsule "
             f"{route.capsule_id}",
             attempts=self._settings.dial_attempts,
@@ -345,8 +347,9 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
 
 
 def _headers(scope: Scope) -> list[tuple[str, str]]:
+    """The request's headers, decoded (ASGI servers give the names in lower case)."""
     raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
 
 def _forwardable(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -356,8 +359,11 @@ def _forwardable(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if k not in HOP_BY_HOP and k not in named]
 
 
-def _upstream_headers(scope: Scope, *, websocket: bool = False) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in _forwardable(_headers(scope)) if k not in _NOT_UPSTREAM]
+def _upstream_headers(
+    scope: Scope, request_headers: list[tuple[str, str]], *, websocket: bool = False
+) -> list[tuple[str, str]]:
+    """`request_headers` (`_headers(scope)`) as sent on to the capsule."""
+    headers = [(k, v) for k, v in _forwardable(request_headers) if k not in _NOT_UPSTREAM]
     if websocket:  # the websocket client makes its own handshake headers
         headers = [(k, v) for k, v in headers if not k.startswith("sec-websocket-")]
     client = scope.get("client")
@@ -368,18 +374,25 @@ def _upstream_headers(scope: Scope, *, websocket: bool = False) -> list[tuple[st
     return headers
 
 
-async def _answer(send: Send, status: int, code: ErrorCode, message: str) -> None:
-    body = ErrorBody.of(code, message).model_dump_json().encode()
+async def send_json(send: Send, status: int, body: bytes) -> None:
+    """A whole JSON answer."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _refuse(scope: Scope, send: Send, err: ProxyError) -> None:
+async def answer_error(send: Send, status: int, code: ErrorCode, message: str) -> None:
+    """An `ErrorBody` answer to an HTTP request."""
+    await send_json(send, status, ErrorBody.of(code, message).model_dump_json().encode())
+
+
+async def refuse(scope: Scope, send: Send, status: int, code: ErrorCode, message: str) -> None:
+    """Turn the request away with an `ErrorBody`: an HTTP answer, or a WebSocket handshake
+    rejection."""
     if scope["type"] == "websocket":
-        await reject_websocket(scope, send, err.status, err.code, err.message)
+        await reject_websocket(scope, send, status, code, message)
     else:
-        await _answer(send, err.status, err.code, err.message)
+        await answer_error(send, status, code, message)
 
 
 async def _lifespan(receive: Receive, send: Send, shutdown: Callable[[], Awaitable[None]]) -> None:

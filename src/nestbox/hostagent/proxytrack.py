@@ -67,9 +67,9 @@ class ConnTracker:
     """Counts one capsule's in-flight proxied requests so a pause can wait for them.
 
     Invariant: `_active` is the number of successful `acquire()`s not yet released. All calls
-    happen on the event loop, so no lock is needed; `acquire` still re-checks `draining` after
-    counting itself, as the seed's does after its WaitGroup add, so the order of the two steps
-    can never let a request slip past a drain that started in between.
+    happen on the event loop and `acquire` does not await, so no drain can start between its
+    check and its count: no lock, and no second check (the seed needs one after its WaitGroup
+    add because its goroutines run in parallel).
     """
 
     def __init__(self) -> None:
@@ -82,9 +82,6 @@ class ConnTracker:
         if self._draining:
             raise Draining("the capsule is being paused")
         self._active += 1
-        if self.statistics().draining:  # the seed's double check, after counting in
-            self.release()
-            raise Draining("the capsule is being paused")
 
     def release(self) -> None:
         """Count one request out."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
-from pydantic import ValidationError
 
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import Capsule, CapsuleRecord, CapsuleState
@@ -35,7 +34,7 @@ from nestbox.hostagent.envd_client import EnvdClient, envd_url
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
 from nestbox.hostagent.managed import CapsuleMeta, read_meta
 from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
-from nestbox.hostagent.vmm.base import RamSpec, VmHandle
+from nestbox.hostagent.vmm.base import VmHandle
 from nestbox.hostagent.vmm.process import VmProcess
 from nestbox.hostagent.vmm.qmp import QmpClient
 
@@ -68,7 +67,7 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     runtime = manager.runtime
     host = runtime.host
     report = RecoveryReport([], [], {})
-    for record in await anyio.to_thread.run_sync(_read_records, host.settings.state_dir):
+    for record in await anyio.to_thread.run_sync(cap.read_records, host.settings.state_dir):
         meta = await anyio.to_thread.run_sync(read_meta, record.dir)
         try:
             capsule = await _adopt(host, record, meta)
@@ -110,7 +109,7 @@ async def _adopt(host: Host, record: CapsuleRecord, meta: CapsuleMeta) -> Capsul
         return capsule
     if alive is not None:
         with anyio.CancelScope(shield=True):
-            await VmProcess.adopt(alive, [], record.dir / "run" / "vmm.log").kill()
+            await VmProcess.adopt(alive, [], record.run_dir / "vmm.log").kill()
     if record.state in (S.PAUSED, S.RESUMING) and record.snapshot and record.snapshot.exists():
         paused = record.model_copy(update={"state": S.PAUSED, "slot": None, "pid": None,
                                            "host_address": None})  # fmt: skip
@@ -132,7 +131,7 @@ async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egr
         lease.stack.push_async_callback(host.slots.release, slot)
         lease.stack.push_async_callback(_remove_slot_network, host, slot)
         stack.push_async_callback(host.networks.release, lease)
-        spec = machine_spec(record, record.dir / "run", network, ram=_ram(record), incoming=False)
+        spec = machine_spec(record, network, incoming=False)
         process = VmProcess.adopt(pid, [], spec.output_log)
         try:
             with anyio.fail_after(QMP_CONNECT_S):
@@ -169,12 +168,6 @@ def _our_vm(record: CapsuleRecord) -> int | None:
     return record.pid
 
 
-def _ram(record: CapsuleRecord) -> RamSpec:
-    if record.ram_file is None or record.ram == "anonymous":
-        return RamSpec()
-    return RamSpec(file=record.ram_file, share=record.ram == "shared")
-
-
 def _files(host: Host, record: CapsuleRecord) -> UndoStack:
     """The undo stack of a capsule's files, as `lifecycle.create` builds it."""
     files = UndoStack(f"capsule {record.id} files")
@@ -195,18 +188,6 @@ async def _remove_slot_network(host: Host, slot: int) -> None:
     first = host.settings.slot_first
     others = frozenset(range(first, first + host.settings.slot_count)) - {slot}
     await cleanup_leftovers(host.system, host.settings, others)
-
-
-def _read_records(state_dir: Path) -> list[CapsuleRecord]:
-    """Every readable record; unreadable ones are logged and left for `_remove_strays`."""
-    records = []
-    base = cap.records_dir(state_dir)
-    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
-        try:
-            records.append(CapsuleRecord.model_validate_json(path.read_bytes()))
-        except (OSError, ValidationError) as err:
-            log.error("unreadable capsule record %s: %s", path.name, err)
-    return records
 
 
 def _remove_strays(state_dir: Path, live: set[str]) -> None:

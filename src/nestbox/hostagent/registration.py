@@ -7,14 +7,12 @@ sending heartbeats (wire format in `protocol/hosts.py`).
 every interval, renews the host token with the refresh token when the control plane says 401,
 and keeps trying quietly through outages (one warning per failure streak).
 
-Not here: the HTTP check of the control plane's calls to the agent; `HostCredentials.
-accepts_agent_token` is what that check asks.
+Not here: the HTTP check of the control plane's calls to the agent, which is `auth`'s
+(`auth.from_credentials` checks them against `HostCredentials.agent_token_sha256`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import platform
@@ -32,6 +30,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nestbox import __version__
+from nestbox.hostagent.auth import sha256_hex
 from nestbox.protocol.errors import ErrorBody
 from nestbox.protocol.hosts import (
     HOST_TOKEN_HEADER,
@@ -84,13 +83,6 @@ class HostCredentials(BaseModel):
     agent_token_sha256: str
     """SHA-256 (hex) of the token the control plane presents in `X-Agent-Token`."""
     registered_at: datetime
-
-    def accepts_agent_token(self, presented: str | None) -> bool:
-        """Whether `presented` is the control plane's agent token (constant time)."""
-        if not presented:
-            return False
-        digest = hashlib.sha256(presented.encode()).hexdigest()
-        return hmac.compare_digest(digest, self.agent_token_sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +229,7 @@ async def register(
         address=address,
         host_token=answer.token,
         refresh_token=answer.refresh_token,
-        agent_token_sha256=hashlib.sha256(answer.agent_token.encode()).hexdigest(),
+        agent_token_sha256=sha256_hex(answer.agent_token),
         registered_at=datetime.now(UTC),
     )
     await anyio.to_thread.run_sync(save_credentials, state_dir, creds)

@@ -50,7 +50,6 @@ from nestbox.hostagent.network import (
 )
 from nestbox.hostagent.storage import templates as tpl
 from nestbox.hostagent.vmm.accel import choose_accel
-from nestbox.hostagent.vmm.base import RamSpec
 from nestbox.hostagent.vmm.qemu import QemuHypervisor
 
 if TYPE_CHECKING:
@@ -60,11 +59,10 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from nestbox.hostagent.image.layout import GuestImage
-    from nestbox.hostagent.network import SlotNetwork
     from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.system import System
     from nestbox.hostagent.vmm.accel import AccelChoice
-    from nestbox.hostagent.vmm.base import DiskFormat, Hypervisor, VmSpec
+    from nestbox.hostagent.vmm.base import DiskFormat, Hypervisor
     from nestbox.protocol.envd import InitRequest
 
 log = logging.getLogger(__name__)
@@ -215,13 +213,11 @@ class VmRuntime:
             dir=cdir, disk=cdir / "disk.qcow2", default_user=default_user,
             env_vars=env_vars or {},
         )  # fmt: skip
-        ram = RamSpec(file=record.ram_file, share=True) if ram_shared else RamSpec()
         with self._timed("capsule booted", cid, template_id):
             return await self._create(
                 record,
                 base=image.rootfs,
                 base_format="raw",
-                ram=ram,
                 restore_from=None,
                 ignore_shared=False,
                 egress=egress,
@@ -298,13 +294,11 @@ class VmRuntime:
             default_user=default_user or meta.default_user,
             env_vars={**meta.default_env, **(env_vars or {})},
         )  # fmt: skip
-        ram = RamSpec(file=template.dir.mem, share=False) if meta.ram == "file" else RamSpec()
         with self._timed("capsule cloned", cid, meta.template_id):
             return await self._create(
                 record,
                 base=template.dir.disk,
                 base_format="qcow2",
-                ram=ram,
                 restore_from=template.dir.state,
                 ignore_shared=meta.ram == "file",
                 egress=egress,
@@ -317,24 +311,15 @@ class VmRuntime:
         *,
         base: Path,
         base_format: DiskFormat,
-        ram: RamSpec,
         restore_from: Path | None,
         ignore_shared: bool,
         egress: bool,
         hook: StepHook,
     ) -> Capsule:
-        incoming = restore_from is not None
-
-        def spec_for(network: SlotNetwork) -> VmSpec:
-            return lifecycle.machine_spec(
-                record, self._run_dir(record.id), network, ram=ram, incoming=incoming
-            )
-
         try:
             run, files = await lifecycle.create(
-                self.host, record, base=base, base_format=base_format, spec_for=spec_for,
-                restore_from=restore_from, ignore_shared=ignore_shared,
-                init=self._init_for(record), egress=egress, hook=hook,
+                self.host, record, base=base, base_format=base_format, restore_from=restore_from,
+                ignore_shared=ignore_shared, init=self._init_for(record), egress=egress, hook=hook,
             )  # fmt: skip
         finally:
             self.networks.refill()  # now that this start-up no longer needs the CPUs
@@ -366,6 +351,7 @@ class VmRuntime:
                     await lifecycle.save(self.host, run, snapshot, ignore_shared=False)
                 except BaseException:
                     snapshot.unlink(missing_ok=True)
+                    lifecycle.reopen_envd(run)
                     self._set_running(capsule, run)
                     raise
                 capsule.run = None
@@ -420,35 +406,13 @@ class VmRuntime:
     async def _restore_run(
         self, record: CapsuleRecord, snapshot: Path, egress: bool, hook: StepHook
     ) -> Run:
-        def spec_for(network: SlotNetwork) -> VmSpec:
-            return lifecycle.machine_spec(
-                record, self._run_dir(record.id), network, ram=RamSpec(), incoming=True
-            )
-
         try:
-            run = await lifecycle.open_run(
-                self.host,
-                spec_for,
-                egress=egress,
-                restore_from=snapshot,
-                ignore_shared=False,
-                hook=hook,
-            )
-            try:
-                await lifecycle.wait_guest(
-                    self.host,
-                    run,
-                    record,
-                    ready_within=self.host.timeouts.envd_ready,
-                    init=self._init_for(record),
-                    hook=hook,
-                )
-            except BaseException:
-                await lifecycle.unwind_after_failure(run.stack, self.host.timeouts.teardown)
-                raise
+            return await lifecycle.start_guest(
+                self.host, record, restore_from=snapshot, ignore_shared=False,
+                init=self._init_for(record), egress=egress, hook=hook,
+            )  # fmt: skip
         finally:
             self.networks.refill()  # now that this start-up no longer needs the CPUs
-        return run
 
     # ── templates ───────────────────────────────────────────────────────────────────────
 
@@ -480,6 +444,7 @@ class VmRuntime:
                     if staging is not None:
                         with anyio.CancelScope(shield=True):
                             await _remove_tree(staging.root)
+                    lifecycle.reopen_envd(run)
                     self._set_running(capsule, run)
                     raise
                 try:
@@ -659,9 +624,6 @@ class VmRuntime:
 
     def _capsule_dir(self, capsule_id: str) -> Path:
         return cap.records_dir(self.settings.state_dir) / capsule_id
-
-    def _run_dir(self, capsule_id: str) -> Path:
-        return self._capsule_dir(capsule_id) / "run"
 
     def _versions_in_use(self) -> set[Path]:
         """Template versions some capsule of this agent (live or only on disk) is based on."""

@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -78,6 +78,13 @@ class AgentSettings(BaseSettings):
         default=120.0, gt=0, description="SIGTERM: pausing every capsule must end within this"
     )
 
+    @field_validator("data_dir", "image_cache")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """Resolved once here, so the directories below are plain joins (they are on hot
+        paths) and always absolute."""
+        return None if path is None else path.resolve()
+
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:
         ipaddress.ip_network(self.slot_cidr)
@@ -86,13 +93,13 @@ class AgentSettings(BaseSettings):
 
     @property
     def images_dir(self) -> Path:
-        return (self.image_cache or self.data_dir / "images").resolve()
+        return self.image_cache or self.data_dir / "images"
 
     @property
     def templates_dir(self) -> Path:
-        return (self.data_dir / "templates").resolve()
+        return self.data_dir / "templates"
 
     @property
     def state_dir(self) -> Path:
         """This agent's own state: records, per-capsule disks, snapshots, sockets, logs."""
-        return (self.data_dir / "agents" / self.agent_id).resolve()
+        return self.data_dir / "agents" / self.agent_id

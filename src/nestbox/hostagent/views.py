@@ -6,8 +6,9 @@ follows the table at the top of `proto/hostagent/v1/hostagent.proto`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -20,7 +21,7 @@ from nestbox.protocol.errors import HTTP_STATUS, ErrorCode
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
     from connectrpc.request import RequestContext
 
@@ -99,6 +100,7 @@ class ErrorMapper:
         ctx: Ctx,
         /,
     ) -> RES:
+        """Unary and client-streaming calls alike (`request` is then the message iterator)."""
         try:
             return await call_next(request, ctx)
         except ConnectError:
@@ -106,19 +108,7 @@ class ErrorMapper:
         except Exception as err:
             raise connect_error(err, ctx.method.name) from err
 
-    async def intercept_client_stream(
-        self,
-        call_next: Callable[[AsyncIterator[REQ], Ctx], Awaitable[RES]],
-        request: AsyncIterator[REQ],
-        ctx: Ctx,
-        /,
-    ) -> RES:
-        try:
-            return await call_next(request, ctx)
-        except ConnectError:
-            raise
-        except Exception as err:
-            raise connect_error(err, ctx.method.name) from err
+    intercept_client_stream = intercept_unary
 
     async def intercept_server_stream(
         self,
@@ -127,9 +117,14 @@ class ErrorMapper:
         ctx: Ctx,
         /,
     ) -> AsyncIterator[RES]:
+        """Closes the method's stream (ending its guest call) as soon as ours is closed, e.g.
+        when the client went away, rather than whenever the garbage collector gets to it."""
         try:
-            async for item in call_next(request, ctx):
-                yield item
+            # the generated service's stream methods are async generators
+            stream = cast("AsyncGenerator[RES, None]", call_next(request, ctx))
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    yield item
         except ConnectError:
             raise
         except Exception as err:

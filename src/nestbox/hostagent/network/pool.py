@@ -227,6 +227,7 @@ class SlotNetworks:
                     self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
                     log.warning("building a warm slot network failed: %r", err)
                     return
+                # (the property: mypy would take `_closing` as still False after the check above)
                 if self.closing:  # aclose() began while this one was being built
                     await self._discard(lease)
                     return

@@ -157,10 +157,8 @@ class VmHandle:
 class SaveResult:
     """What `Hypervisor.save` wrote."""
 
-    state_file: Path
     state_bytes: int
-    ram_bytes: int
-    """RAM bytes the migration stream carried (about 0 when the RAM stayed in a shared file)."""
+    """The state file's size (small when the RAM stayed in a shared file)."""
 
 
 class Hypervisor(Protocol):

@@ -136,15 +136,14 @@ class QemuHypervisor:
             await vm.qmp.execute("stop")
             await vm.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
             await vm.qmp.execute("migrate", {"uri": "fd:state"})
-            info = await _wait_migration(vm.qmp)
+            await _wait_migration(vm.qmp)
             size = os.fstat(fd).st_size
         except (anyio.EndOfStream, anyio.BrokenResourceError) as err:
             code = await vm.process.wait_exit()
             raise VmExited(vm.pid, code, vm.process.output_tail()) from err
         finally:
             os.close(fd)
-        ram = int(info.get("ram", {}).get("transferred", 0))
-        return SaveResult(state_file=state_file, state_bytes=size, ram_bytes=ram)
+        return SaveResult(state_bytes=size)
 
     async def kill(self, vm: VmHandle) -> int | None:
         code = await vm.process.kill()
@@ -203,13 +202,13 @@ async def _wait_incoming(qmp: QmpClient) -> str:
         await anyio.sleep(POLL_S)
 
 
-async def _wait_migration(qmp: QmpClient) -> dict[str, Any]:
+async def _wait_migration(qmp: QmpClient) -> None:
     """Poll `query-migrate` until the outgoing migration ends."""
     while True:
         info: dict[str, Any] = await qmp.execute("query-migrate")
         status = info.get("status", "none")
         if status == "completed":
-            return info
+            return
         if status in ("failed", "cancelled"):
             raise MigrationFailed("save", status, str(info.get("error-desc", "")))
         await anyio.sleep(POLL_S)
