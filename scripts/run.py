@@ -6,6 +6,12 @@ them only over HTTP (it imports nothing of Nestbox). The first run creates the a
 key is in $NESTBOX_DIR/admin-api-key), creates a host and registers the agent with its one-time
 token; later runs find both again (the agent's saved credentials, the capsules it paused).
 
+Recovery: when the saved admin key no longer works (revoked, its team deleted, the admin
+demoted), `nestbox-cp admin reset-key` mints a new one from the database (`admin_key`). The
+agent's saved credentials are moved aside only when the control plane says their host does not
+exist (404) or they name another control plane; any other answer (401, 5xx) stops the launcher
+with the credentials left in place (`saved_host_verdict`).
+
 Ctrl-C (or SIGTERM) stops the agent first, which pauses every running capsule, then the control
 plane. Logs: $NESTBOX_DIR/logs/{cp,agent}.log. Run as root (the agent needs netns, TAP, QEMU).
 """
@@ -91,26 +97,77 @@ def wait_http(child: Child, url: str, ready: Callable[[httpx.Response], bool]) -
     raise SystemExit(f"make run: {child.name} did not come up:\n{child.tail()}")
 
 
-def registration_args(admin: dict[str, str]) -> list[str]:
+def key_works(cp_url: str, key: str) -> bool:
+    """Whether the control plane takes `key` as a platform admin's. :raise SystemExit: it
+    answers something else than yes or no (it is broken: nothing is changed then)."""
+    r = httpx.get(f"{cp_url}/v1/me", headers={"X-API-Key": key}, timeout=10, trust_env=False)
+    if r.status_code == 200:
+        return bool(r.json().get("is_admin"))
+    if r.status_code in (401, 403):
+        return False
+    raise SystemExit(f"make run: the control plane answered /v1/me with {r.status_code} {r.text}")
+
+
+def admin_key(cp_url: str, data: Path, env: dict[str, str], cp_command: list[str]) -> str:
+    """The saved admin API key if it still works, else a new one that `cp_command admin
+    reset-key` mints from the database into `data`/admin-api-key."""
+    path = data / "admin-api-key"
+    key = path.read_text().strip() if path.exists() else ""
+    if key and key_works(cp_url, key):
+        return key
+    say("the saved admin API key does not work; minting a new one (nestbox-cp admin reset-key)")
+    done = subprocess.run([*cp_command, "admin", "reset-key"], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"make run: nestbox-cp admin reset-key failed:\n{done.stderr}")
+    key = path.read_text().strip()
+    if not key_works(cp_url, key):
+        raise SystemExit("make run: the key nestbox-cp admin reset-key made does not work")
+    return key
+
+
+def saved_host_verdict(status: int, saved_url: str, cp_url: str) -> bool:
+    """Whether the agent's saved credentials still hold (True) or name a host this control
+    plane does not have (False: register again), from the answer to GET /v1/hosts/<id>.
+    :raise SystemExit: any other answer, a failure of ours (a bad admin key, the control plane
+    down): the agent's credentials must not be moved aside for it."""
+    if saved_url.rstrip("/") != cp_url:
+        return False  # registered with another control plane
+    if status == 200:
+        return True
+    if status == 404:
+        return False
+    raise SystemExit(f"make run: checking the agent's saved host failed ({status}); its "
+                     "credentials are left in place")  # fmt: skip
+
+
+def registration_args(
+    admin: dict[str, str],
+    *,
+    cp_url: str = CP_URL,
+    data: Path = DATA,
+    agent_id: str = AGENT_ID,
+    agent_listen: str = AGENT_LISTEN,
+) -> list[str]:
     """`--register TOKEN --address …` unless the agent's saved credentials still name a host
     this control plane knows."""
-    creds = DATA / "agents" / AGENT_ID / "host-credentials.json"
+    creds = data / "agents" / agent_id / "host-credentials.json"
     if creds.exists():
         saved = json.loads(creds.read_text())
-        r = httpx.get(f"{CP_URL}/v1/hosts/{saved['host_id']}", headers=admin, trust_env=False)
-        if r.status_code == 200 and saved.get("cp_url", "").rstrip("/") == CP_URL:
-            say(f"agent {AGENT_ID} is registered as {saved['host_id']}")
+        r = httpx.get(f"{cp_url}/v1/hosts/{saved['host_id']}", headers=admin, trust_env=False)
+        if saved_host_verdict(r.status_code, saved.get("cp_url", ""), cp_url):
+            say(f"agent {agent_id} is registered as {saved['host_id']}")
             return []
         stale = creds.with_name(creds.name + f".stale-{int(time.time())}")
         creds.rename(stale)
         say(f"the control plane does not know the agent's host; registering again ({stale})")
-    r = httpx.post(f"{CP_URL}/v1/hosts", json={"provider": "local"}, headers=admin,
+    r = httpx.post(f"{cp_url}/v1/hosts", json={"provider": "local"}, headers=admin,
                    trust_env=False)  # fmt: skip
     if r.status_code != 201:
         raise SystemExit(f"make run: creating the host failed: {r.status_code} {r.text}")
     doc = r.json()
     say(f"created host {doc['host']['id']}; registering the agent")
-    return ["--register", doc["registration_token"], "--address", AGENT_LISTEN]
+    return ["--register", doc["registration_token"], "--address", agent_listen]
 
 
 def warm_up(admin: dict[str, str]) -> None:
@@ -158,7 +215,7 @@ def main() -> int:
     agent: Child | None = None
     try:
         wait_http(cp, f"{CP_URL}/openapi.json", lambda r: r.status_code == 200)
-        key = (DATA / "admin-api-key").read_text().strip()
+        key = admin_key(CP_URL, DATA, env, [str(BIN / "nestbox-cp")])
         admin = {"X-API-Key": key}
         args = registration_args(admin)
         agent = Child("agent", [str(BIN / "nestbox-agent"), "serve", "--cp-url", CP_URL, *args],

@@ -1,7 +1,7 @@
 """`FakeAgent`: an in-process host agent with canned behaviour, implementing the generated
 `HostAgentService` protocol (so mypy checks it against the contract), served over real HTTP/1.1
-on loopback by `serve_fake_agent()` with the agent's `X-Agent-Token` check and a tiny
-`/proxy/{id}/{port}/...` endpoint.
+on loopback by `serve_fake_agent()` with the agent's credential checks (RPCs: `X-Agent-Token`;
+the tiny `/proxy/{id}/{port}/...` endpoint: `X-Nestbox-Proxy-Token`, each refusing the other).
 
 Capsules, processes, terminals and files live in dicts. Commands are not run: `exec` answers
 what the script asks for (`echo X`, `exit N`, `printenv NAME`, `pwd`, `binary`), records the
@@ -31,7 +31,7 @@ from nestbox.protocol.gen.hostagent.v1.hostagent_connect import (
     HostAgentService,
     HostAgentServiceASGIApplication,
 )
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
 from tests.conftest import free_port
 from tests.integration.asgi_server import serve
 
@@ -95,11 +95,13 @@ class FakeCapsule:
 
 
 class FakeAgent(HostAgentService):
-    """The agent's capsules and canned answers. `token` is what it accepts in X-Agent-Token."""
+    """The agent's capsules and canned answers. `token` is what it accepts in X-Agent-Token for
+    RPCs, `proxy_token` what it accepts in X-Nestbox-Proxy-Token for /proxy/."""
 
     def __init__(self, name: str = "fake") -> None:
         self.name = name
         self.token = ""
+        self.proxy_token = ""
         self.address = ""
         self.templates: dict[str, tuple[int, int]] = {"minimal": (1, 256)}
         self.capsules: dict[str, FakeCapsule] = {}
@@ -469,16 +471,23 @@ class FakeAgent(HostAgentService):
 
 
 class FakeAgentApp:
-    """ASGI: the RPC service and `/proxy/...`, both behind the X-Agent-Token check."""
+    """ASGI: the RPC service behind the X-Agent-Token check, `/proxy/...` behind the
+    X-Nestbox-Proxy-Token check."""
 
     def __init__(self, agent: FakeAgent) -> None:
         self.agent = agent
         self.rpc = HostAgentServiceASGIApplication(agent, read_max_bytes=MAX_BUFFERED + 2**20)
         self.proxied: list[dict[str, Any]] = []
+        self.ws_targets: list[bytes] = []
+        """Each WebSocket handshake's raw path and query, as it arrived."""
 
     def _authorised(self, scope: Any) -> bool:
-        want = AGENT_TOKEN_HEADER.lower().encode()
-        return any(k == want and v.decode() == self.agent.token for k, v in scope["headers"])
+        if scope["path"].startswith("/proxy/"):
+            header, token = PROXY_TOKEN_HEADER, self.agent.proxy_token
+        else:
+            header, token = AGENT_TOKEN_HEADER, self.agent.token
+        want = header.lower().encode()
+        return any(k == want and token and v.decode() == token for k, v in scope["headers"])
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -516,6 +525,8 @@ class FakeAgentApp:
         if not self._authorised(scope):
             await send({"type": "websocket.close", "code": 1008})
             return
+        query = scope["query_string"]
+        self.ws_targets.append(scope["raw_path"] + (b"?" + query if query else b""))
         await send({"type": "websocket.accept"})
         while True:
             message = await receive()

@@ -5,9 +5,12 @@ app for bodies, slow answers and endless streams. `FakeTargets` maps capsule ids
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import http.client
 import http.server
+import json
 import socket
 import subprocess
 import sys
@@ -377,3 +380,91 @@ async def test_websocket_echo_and_close_both_ways(proxy: tuple[PortProxy, str]) 
         with anyio.fail_after(5):
             while (4002, "client done") not in closes:  # noqa: ASYNC110 (the state has no event to wait on)
                 await anyio.sleep(0.01)
+
+
+# ---- raw bytes ------------------------------------------------------------------------------
+
+
+class RawCapsule:
+    """A TCP server that records each request line it gets and answers 200 `ok` (or refuses
+    a WebSocket upgrade with 400): what the proxy really sent, byte for byte."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.lines.append(head.split(b"\r\n", 1)[0])
+            status = b"400 Bad Request" if b"upgrade: websocket" in head.lower() else b"200 OK"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\nok")  # fmt: skip
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+def raw_get(base: str, target: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET `target` exactly as given (http.client, no normalising); (status, body)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("GET", target.decode("latin-1"), skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def raw_capsule() -> AsyncIterator[tuple[RawCapsule, int]]:
+    capsule = RawCapsule()
+    server = await asyncio.start_server(capsule.handle, LOOPBACK, 0)
+    async with server:
+        yield capsule, server.sockets[0].getsockname()[1]
+
+
+async def test_upstream_gets_the_exact_bytes(
+    proxy: tuple[PortProxy, str], raw_capsule: tuple[RawCapsule, int]
+) -> None:
+    """httpx would re-encode `{`, `}` and `"` and drop dot segments; the proxy sends the
+    checked request target as it came, for HTTP and for WebSocket handshakes."""
+    capsule, port = raw_capsule
+    target = b'/x{y}/%7e/a;b/"q"//?q=%2e%2e/../&r={}'
+    status, body = await anyio.to_thread.run_sync(
+        raw_get, proxy[1], b"/proxy/cl-a/%d" % port + target
+    )
+    assert (status, body) == (200, b"ok")
+    assert capsule.lines == [b"GET " + target + b" HTTP/1.1"]
+
+    ws_url = proxy[1].replace("http://", "ws://") + f"/proxy/cl-a/{port}/w{{s}}/?a={{b}}"
+    with pytest.raises(InvalidStatus):
+        async with ws_connect(ws_url, proxy=None):
+            pass
+    assert capsule.lines[1] == b"GET /w{s}/?a={b} HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        b"/../../hostagent.v1.HostAgentService/ListCapsules",
+        b"/%2e%2e/%2e%2e/hostagent.v1.HostAgentService/ListCapsules",
+        b"/%252e%252e/x",
+        b"/a\\..\\x",
+        b"/..%2f..%2fx",
+        b"/a%00b",
+    ],
+)
+async def test_refused_paths_never_reach_the_capsule(
+    proxy: tuple[PortProxy, str], raw_capsule: tuple[RawCapsule, int], rest: bytes
+) -> None:
+    capsule, port = raw_capsule
+    status, body = await anyio.to_thread.run_sync(
+        raw_get, proxy[1], b"/proxy/cl-a/%d" % port + rest
+    )
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert capsule.lines == []

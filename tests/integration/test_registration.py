@@ -58,6 +58,7 @@ class FakeControlPlane:
         self.host_tokens: dict[str, str] = {}  # host id -> current host token
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> host id
         self.agent_tokens: dict[str, str] = {}
+        self.proxy_tokens: dict[str, str] = {}
         self.app = Starlette(
             routes=[
                 Route("/v1/hosts/register", self.register, methods=["POST"]),
@@ -77,6 +78,7 @@ class FakeControlPlane:
         self.host_tokens[host_id] = token
         self.refresh_tokens[refresh] = host_id
         self.agent_tokens[host_id] = secrets.token_hex(16)
+        self.proxy_tokens[host_id] = secrets.token_hex(16)
         view = HostView(
             id=host_id,
             status=HostStatus.ONLINE,
@@ -87,7 +89,11 @@ class FakeControlPlane:
             disk_gb=body.disk_gb,
         )
         answer = HostRegisterResponse(
-            host=view, token=token, refresh_token=refresh, agent_token=self.agent_tokens[host_id]
+            host=view,
+            token=token,
+            refresh_token=refresh,
+            agent_token=self.agent_tokens[host_id],
+            proxy_token=self.proxy_tokens[host_id],
         )
         return JSONResponse(answer.model_dump(mode="json"))
 
@@ -159,10 +165,17 @@ async def test_registration_saves_private_credentials_and_is_reused(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_credentials(state) == creds
     agent_auth = from_credentials(creds)
-    assert agent_auth.accepts(fake.agent_tokens["host-1"])
+    agent_token, proxy_token = fake.agent_tokens["host-1"], fake.proxy_tokens["host-1"]
+    assert agent_auth.accepts(agent_token)
     assert not agent_auth.accepts("wrong")
     assert not agent_auth.accepts(None)
-    assert fake.agent_tokens["host-1"] not in path.read_text()  # only its hash is kept
+    # each token for its own purpose only: the proxy token never authorises an RPC
+    assert agent_auth.accepts_proxy(proxy_token)
+    assert not agent_auth.accepts(proxy_token)
+    assert not agent_auth.accepts_proxy(agent_token)
+    saved = path.read_text()
+    assert agent_token not in saved  # only their hashes are kept
+    assert proxy_token not in saved
 
     again = await ensure_registered(url, None, "10.0.0.5:9726", state)  # a second start
     assert again == creds

@@ -24,7 +24,12 @@ from nestbox.protocol.errors import ErrorCode
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 
 SECRET = "s3cret"
-AUTH = AgentAuth(hashlib.sha256(SECRET.encode()).hexdigest(), "test")
+PROXY_SECRET = "pr0xy"
+AUTH = AgentAuth(
+    hashlib.sha256(SECRET.encode()).hexdigest(),
+    "test",
+    hashlib.sha256(PROXY_SECRET.encode()).hexdigest(),
+)
 
 
 @pytest.mark.parametrize(
@@ -32,17 +37,36 @@ AUTH = AgentAuth(hashlib.sha256(SECRET.encode()).hexdigest(), "test")
     [
         ([(b"authorization", b"Bearer s3cret")], True, False),
         ([(b"authorization", b"bearer  s3cret ")], True, False),
-        ([(b"x-agent-token", b"s3cret")], True, True),
+        ([(b"x-agent-token", b"s3cret")], True, False),
         ([(b"authorization", b"Bearer wrong")], False, False),
         ([(b"authorization", b"Basic s3cret")], False, False),
         ([(b"authorization", b"s3cret")], False, False),
         ([(b"x-agent-token", b"")], False, False),
         ([], False, False),
+        # the proxy secret, only in its own header, and only for the proxy
+        ([(b"x-nestbox-proxy-token", b"pr0xy")], False, True),
+        ([(b"x-agent-token", b"pr0xy")], False, False),
+        ([(b"authorization", b"Bearer pr0xy")], False, False),
+        ([(b"x-nestbox-proxy-token", b"s3cret")], False, False),
+        ([(b"x-nestbox-proxy-token", b"")], False, False),
     ],
 )
 def test_secret_check(headers: list[tuple[bytes, bytes]], rpc: bool, proxy: bool) -> None:
     assert AUTH.allows_rpc(headers) is rpc
     assert AUTH.allows_proxy(headers) is proxy
+
+
+def test_no_proxy_secret_allows_no_proxying() -> None:
+    old = AgentAuth(hashlib.sha256(SECRET.encode()).hexdigest(), "old credentials")
+    assert not old.allows_proxy([(b"x-nestbox-proxy-token", b"")])
+    assert not old.allows_proxy([(b"x-agent-token", b"s3cret")])
+    assert old.allows_rpc([(b"x-agent-token", b"s3cret")])
+
+
+def test_the_two_secrets_must_differ() -> None:
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    with pytest.raises(ValueError, match="must differ"):
+        AgentAuth(digest, "test", digest)
 
 
 def test_local_secret_file_is_made_once_with_mode_0600(tmp_path: Path) -> None:
@@ -54,9 +78,20 @@ def test_local_secret_file_is_made_once_with_mode_0600(tmp_path: Path) -> None:
     settings = AgentSettings(data_dir=tmp_path, agent_id="u1")
     settings.state_dir.mkdir(parents=True)
     auth = local_auth(settings)
-    assert auth.source.endswith("agent-secret")
-    assert auth.accepts((settings.state_dir / "agent-secret").read_text().strip())
-    assert local_auth(AgentSettings(data_dir=tmp_path, secret="x")).accepts("x")  # type: ignore[arg-type]
+    assert auth.source.endswith("proxy-secret")
+    rpc = (settings.state_dir / "agent-secret").read_text().strip()
+    proxy = (settings.state_dir / "proxy-secret").read_text().strip()
+    assert stat.S_IMODE((settings.state_dir / "proxy-secret").stat().st_mode) == 0o600
+    assert rpc != proxy
+    assert auth.accepts(rpc)
+    assert auth.accepts_proxy(proxy)
+    assert not auth.accepts(proxy)
+    assert not auth.accepts_proxy(rpc)
+    given = local_auth(AgentSettings(data_dir=tmp_path, secret="x", proxy_secret="y"))  # type: ignore[arg-type]
+    assert given.accepts("x")
+    assert given.accepts_proxy("y")
+    with pytest.raises(ValueError, match="must differ"):
+        local_auth(AgentSettings(data_dir=tmp_path, secret="x", proxy_secret="x"))  # type: ignore[arg-type]
 
 
 def test_every_error_code_has_a_connect_code() -> None:

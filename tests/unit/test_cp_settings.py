@@ -1,14 +1,22 @@
-"""CPSettings: env names, defaults, URL normalisation, the JWT secret file, redaction."""
+"""CPSettings: env names, defaults, URL normalisation, the JWT secret (length, file), the data
+directory's mode, atomic secret files, redaction."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from nestbox.controlplane.settings import CPSettings, jwt_secret, split_listen
+from nestbox.controlplane.settings import (
+    CPSettings,
+    jwt_secret,
+    prepare_data_dir,
+    split_listen,
+    write_private,
+)
 
 
 def test_defaults_and_env_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -58,13 +66,70 @@ def test_jwt_secret_is_made_once_and_private(tmp_path: Path) -> None:
     assert len(first) == 64
     assert jwt_secret(s) == first
     assert stat.S_IMODE((tmp_path / "d" / "jwt-secret").stat().st_mode) == 0o600
-    assert (
-        jwt_secret(CPSettings(data_dir=tmp_path / "d", jwt_secret=SecretStr("given"))) == b"given"
-    )
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["jwt-secret"]  # no temp file left
+    given = "g" * 32
+    assert jwt_secret(CPSettings(data_dir=tmp_path / "d", jwt_secret=SecretStr(given))) == b"g" * 32
+
+
+@pytest.mark.parametrize("short", ["", "x", "x" * 31, "é" * 15])
+def test_short_jwt_secret_is_refused(monkeypatch: pytest.MonkeyPatch, short: str) -> None:
+    monkeypatch.setenv("NESTBOX_CP_JWT_SECRET", short)
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        CPSettings()
+    monkeypatch.setenv("NESTBOX_CP_JWT_SECRET", "é" * 16)  # 32 bytes, 16 characters
+    assert CPSettings().jwt_secret is not None
+
+
+def test_empty_secret_file_is_regenerated_short_one_refused(tmp_path: Path) -> None:
+    """An empty file (an older version's crash mid-write) gets a new secret; a short one an
+    operator put there is an error, never silently replaced."""
+    s = CPSettings(data_dir=tmp_path)
+    (tmp_path / "jwt-secret").write_text("")
+    made = jwt_secret(s)
+    assert len(made) == 64
+    assert (tmp_path / "jwt-secret").read_text().strip().encode() == made
+    assert stat.S_IMODE((tmp_path / "jwt-secret").stat().st_mode) == 0o600
+    (tmp_path / "jwt-secret").write_text("short\n")
+    with pytest.raises(ValueError, match="fewer than 32 bytes"):
+        jwt_secret(s)
+
+
+def test_data_dir_is_tightened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    prepare_data_dir(loose)
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+    assert "set it to 700" in caplog.text
+    made = tmp_path / "new" / "dir"
+    prepare_data_dir(made)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+def test_write_private_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails halfway leaves the old file whole and no temp file behind."""
+    target = tmp_path / "admin-api-key"
+    write_private(target, "old\n")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        write_private(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["admin-api-key"]
+    write_private(target, "newer\n", exclusive=True)  # exclusive: an existing file wins
+    assert target.read_text() == "old\n"
+    write_private(target, "newest\n")
+    assert target.read_text() == "newest\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
 def test_redacted() -> None:
-    s = CPSettings(database_url="postgresql://u:pw@h/d", jwt_secret=SecretStr("s3cret"))
+    s = CPSettings(database_url="postgresql://u:pw@h/d", jwt_secret=SecretStr("s3cret" * 6))
     doc = s.redacted()
     assert "pw" not in doc["database_url"]
-    assert doc["jwt_secret"] != "s3cret"
+    assert doc["jwt_secret"] != "s3cret" * 6

@@ -83,3 +83,48 @@ async def test_connect_timeouts_grow_per_attempt(monkeypatch: pytest.MonkeyPatch
     async with client_with(httpx.MockTransport(handle)) as client:
         await client.init_when_ready(InitRequest, answer_within=7.0)
     assert timeouts == [0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+def token_checking(accepted: str, seen: list[tuple[str, str | None]]) -> httpx.MockTransport:
+    """envd holding `accepted`: 401 without it; records (path, X-Access-Token) of each request."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        token = request.headers.get("X-Access-Token")
+        seen.append((request.url.path, token))
+        if token != accepted:
+            return httpx.Response(401)
+        return httpx.Response(204)
+
+    return httpx.MockTransport(handle)
+
+
+async def test_init_presents_the_old_token_and_the_client_then_sends_the_new_one() -> None:
+    seen: list[tuple[str, str | None]] = []
+    client = EnvdClient("http://10.201.0.5:49983", access_token="template-token")
+    client._http = httpx.AsyncClient(
+        base_url=client.base_url, transport=token_checking("template-token", seen),
+        headers=client._headers,
+    )  # fmt: skip
+    body = init_request(capsule_id="cl-1", template_id="minimal", access_token="clone-token")
+    async with client:
+        await client.init_when_ready(lambda: body, answer_within=1.0)
+        assert seen == [("/init", "template-token")]
+        assert client.access_token == "clone-token"
+        assert client._headers == {"X-Access-Token": "clone-token"}  # process streams too
+        with pytest.raises(EnvdError):  # the mock still holds the template's: refused
+            await client.prepare_snapshot()
+    assert seen[-1] == ("/snapshot/prepare", "clone-token")
+
+
+async def test_a_refused_init_keeps_the_token() -> None:
+    seen: list[tuple[str, str | None]] = []
+    client = EnvdClient("http://10.201.0.5:49983", access_token="stale")
+    client._http = httpx.AsyncClient(
+        base_url=client.base_url, transport=token_checking("current", seen),
+        headers=client._headers,
+    )  # fmt: skip
+    body = init_request(capsule_id="cl-1", template_id="minimal", access_token="next")
+    async with client:
+        with pytest.raises(EnvdError, match="401"):
+            await client.init_when_ready(lambda: body, answer_within=1.0)
+    assert client.access_token == "stale"

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
-from nestbox.hostagent.proxy import PortProxy
+from nestbox.hostagent.proxy import PortProxy, ProxySettings
 from tests.fakes.targets import FakeTargets
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -201,3 +202,50 @@ async def test_bad_port_is_400(setup: Build) -> None:
     response = await client.get("/proxy/cl-a/70000/")
     assert response.status_code == 400
     assert json.loads(response.content)["error"]["code"] == "invalid_request"
+
+
+async def test_target_cache_is_bounded_lru(targets: FakeTargets) -> None:
+    upstream = Upstream(lambda r: (200, {}, b""))
+    closed: list[int] = []
+
+    class Closing(httpx.MockTransport):
+        def __init__(self, number: int) -> None:
+            super().__init__(upstream._handle)
+            self.number = number
+
+        async def aclose(self) -> None:
+            closed.append(self.number)
+
+    def transport() -> httpx.AsyncBaseTransport:
+        upstream.transports += 1
+        return Closing(upstream.transports)
+
+    proxy = PortProxy(targets, ProxySettings(max_cached_targets=2), transport=transport)
+    async with make_client(proxy) as client:
+        for port in (8001, 8002, 8001, 8003):  # 8002 is then the least recently used
+            assert (await client.get(f"/proxy/cl-a/{port}/")).status_code == 200
+        assert proxy.statistics().cached_targets == 2
+        assert (upstream.transports, closed) == (3, [2])  # 8002's pool pushed out and closed
+        await client.get("/proxy/cl-a/8001/")  # still cached
+        assert upstream.transports == 3
+        await client.get("/proxy/cl-a/8002/")  # a new pool; 8003's is now the oldest
+        assert (upstream.transports, closed) == (4, [2, 3])
+        assert proxy.statistics().cached_targets == 2
+    await proxy.aclose()
+
+
+async def test_refusals_never_reach_the_capsule_and_are_logged(
+    setup: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = Upstream(lambda r: (200, {}, b""))
+    _, client = setup(upstream)
+    with caplog.at_level(logging.WARNING, logger="nestbox.hostagent.proxy"):
+        r = await client.get("/proxy/cl-a/80/%2e%2e/hostagent.v1.HostAgentService/Ping")
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request")
+        r = await client.get("/proxy/cl-a/49983/health")
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
+    assert upstream.requests == []
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 2
+    assert "capsule cl-a: the path holds a . or .. segment (percent-encoded)" in lines[0]
+    assert "capsule cl-a: port 49983 (envd) is not proxied" in lines[1]

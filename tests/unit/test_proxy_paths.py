@@ -11,6 +11,7 @@ from nestbox.hostagent.proxy import (
     host_port,
     parse_route,
     rewrite_location,
+    upstream_target,
 )
 
 
@@ -39,12 +40,32 @@ def test_upstream_path_is_concatenated(raw: bytes, rest: str) -> None:
         (b"/proxy/cl-a/", 404),
         (b"/other/cl-a/80/", 404),
         (b"/proxy/../80/", 404),
+        (b"/proxy/cl-a/80/x\n", 400),  # no "$ matches before a newline" trick
+        (b"/proxy/cl-a\n/80/", 404),
+        (b"/proxy/cl-a/49983/health", 403),  # envd is never proxied
+        (b"/proxy/cl-a/49983", 403),
+        (b"/proxy/cl-a/80/../../hostagent.v1.HostAgentService/ListCapsules", 400),
+        (b"/proxy/cl-a/80/%2e%2e/%2e%2e/x", 400),
+        (b"/proxy/cl-a/80/%252e%252e/x", 400),
+        (b"/proxy/cl-a/80/a\\..\\x", 400),
+        (b"/proxy/cl-a/80/..%2f..%2fx", 400),
+        (b"/proxy/cl-a/80/a%00", 400),
+        (b"/proxy/cl-a/80/.", 400),
     ],
 )
 def test_bad_paths_are_refused(raw: bytes, status: int) -> None:
     with pytest.raises(ProxyError) as caught:
         parse_route(raw, b"")
     assert caught.value.status == status
+    if status != 404:  # refused for what it names: logged with the capsule id
+        assert caught.value.capsule_id == "cl-a"
+        assert caught.value.refused_path == raw
+
+
+def test_upstream_target_is_the_raw_path_and_query() -> None:
+    route = parse_route(b"/proxy/cl-a/80/x{y}/%7e/a;b", b"q=%2e%2e&r={}")
+    assert upstream_target(route) == b"/x{y}/%7e/a;b?q=%2e%2e&r={}"
+    assert upstream_target(parse_route(b"/proxy/cl-a/80", b"")) == b"/"
 
 
 ROUTE = Route("cl-a", 8000, "/", "")

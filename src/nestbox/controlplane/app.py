@@ -1,5 +1,6 @@
-"""Wiring only: the Starlette app, its routers, its lifespan (database, migrations, an optional
-`prepare` step, services, a task group for background loops) and the error handler.
+"""Wiring only: the Starlette app, its routers, its lifespan (the data directory made or tightened
+to 0700, database, migrations, an optional `prepare` step, services, a task group for
+background loops) and the error handler.
 
 To add routes: write `api/<resource>.py` exporting `router = Router(...)` and append it to
 `ROUTERS`. To add a background loop: write `async def loop(services, *, task_status=
@@ -36,7 +37,9 @@ from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
 from nestbox.controlplane.api.openapi import build_openapi
 from nestbox.controlplane.db import Database
 from nestbox.controlplane.portproxy import PortProxy
+from nestbox.controlplane.secretbox import load_secret_key
 from nestbox.controlplane.services.container import Services, build_services
+from nestbox.controlplane.settings import prepare_data_dir
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -97,7 +100,9 @@ def create_app(
         db = Database(settings.db_url)
         try:
             try:
-                await db.migrate()
+                await anyio.to_thread.run_sync(prepare_data_dir, settings.data_dir)
+                key = await anyio.to_thread.run_sync(load_secret_key, settings.data_dir)
+                await db.migrate(secret_key=key)
                 if prepare is not None:
                     await prepare(db)
             except Exception as err:

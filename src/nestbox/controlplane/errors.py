@@ -10,6 +10,10 @@ code. `message` is written for the client: never a traceback, a path or a secret
     ├── Conflict                    it already exists / clashes with another (409)
     ├── InvalidState                the resource's state does not allow it (409)
     ├── TooLarge                    a body over its limit (413)
+    ├── QuotaExceeded               the team runs as many capsules as it may (429)
+    ├── RateLimited                 too many requests from one address (429, Retry-After)
+    ├── Busy                        the process holds as much as it may; retry (503, Retry-After)
+    ├── TeamProtected               the team holds a platform admin's key (409)
     ├── HostUnavailable             no host can take it, or its host is gone (503)
     ├── HostHasCapsules             a host to delete still runs capsules (409)
     └── AgentError                  a host agent failed what it was asked (502)
@@ -19,6 +23,7 @@ Resources of another team are `NotFound`, never `Forbidden`: a caller must not l
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from nestbox.protocol.errors import ErrorCode
@@ -38,6 +43,10 @@ class ControlPlaneError(Exception):
 
     def extra(self) -> dict[str, object]:
         """Top-level fields to add next to `error` in the body (none by default)."""
+        return {}
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers to add to the answer (none by default)."""
         return {}
 
 
@@ -80,6 +89,33 @@ class InvalidState(ControlPlaneError):
 
 class TooLarge(ControlPlaneError):
     code = ErrorCode.TOO_LARGE
+
+
+class QuotaExceeded(ControlPlaneError):
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class _RetryLater(ControlPlaneError):
+    """An error the client should retry after `retry_after_s` (whole seconds, at least 1)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimited(_RetryLater):
+    code = ErrorCode.RATE_LIMITED
+
+
+class Busy(_RetryLater):
+    code = ErrorCode.UNAVAILABLE
+
+
+class TeamProtected(ControlPlaneError):
+    code = ErrorCode.TEAM_PROTECTED
 
 
 class HostUnavailable(ControlPlaneError):

@@ -6,16 +6,27 @@
 both forwarded to the owning agent's `/proxy/{capsule_id}/{port}/path` (Wrenn's
 `handler_sandbox_proxy.go`; the seed's checklist (b)):
 
-- No credentials (as upstream): the capsule id is the capability. The caller's `X-API-Key` is
-  never forwarded (a capsule runs untrusted code); `Authorization` is, for the capsule's app.
+- No credentials (as upstream): the capsule id is the capability to the capsule's ports, and
+  to nothing else. The caller's `X-API-Key` is never forwarded (a capsule runs untrusted
+  code); `Authorization` is, for the capsule's app. The control plane has no cookies of its own.
+- The agent is called with the host's proxy token (`X-Nestbox-Proxy-Token`), which the agent
+  accepts for `/proxy/` only, never for an RPC. A request that brings that header or
+  `X-Agent-Token` from outside is refused (400), never forwarded.
+- What the request names is checked before anything else (`common.proxypath`, on the raw
+  path): capsule ids are matched whole in their one format; a dot segment, backslash, encoded
+  slash or control byte, raw or percent-encoded, is 400 `invalid_request`; port 49983 (envd)
+  is 403 `forbidden`. Each refusal is logged once (WARNING, rate-limited, id and reason).
 - A dedicated HTTP/1.1 pool (httpx, 20 idle connections per agent, 120 s idle), never the RPC
   pools of `agent_client.py`; no proxy from the environment; bodies stream both ways as is.
 - The upstream path is built by concatenation, never joined, so a trailing slash survives
-  (python's http.server and Jupyter redirect-loop otherwise).
+  (python's http.server and Jupyter redirect-loop otherwise), and sent as exactly the checked
+  bytes: the request line is set through httpcore's "target" extension, since httpx would
+  normalise a path in the URL.
 - The agent puts `Location` answers under `/proxy/{id}/{port}`; for the subdomain form that
   prefix is stripped back out.
-- Targets (capsule -> agent address and token) are cached 120 s and evicted when the agent
-  cannot be reached (502). 404 unknown capsule, 409 not running, 503 no agent address.
+- Targets (capsule -> agent address and proxy token) are cached 120 s and evicted when the
+  agent cannot be reached (502). 404 unknown capsule, 409 not running, 503 no agent address
+  (or a host registered before proxy tokens: it must register again).
 - WebSockets pass through (`portproxy_ws.py`).
 """
 
@@ -29,12 +40,15 @@ from typing import TYPE_CHECKING, cast
 
 import httpx
 
+from nestbox.common.proxypath import Refusal, RefusalLog, refusal
 from nestbox.controlplane.api.errors import error_response
 from nestbox.controlplane.db.capsules import DESTROYED
+from nestbox.controlplane.errors import HostUnavailable
 from nestbox.controlplane.portproxy_ws import reject_websocket, relay_websocket
 from nestbox.protocol.capsules import CapsuleStatus
 from nestbox.protocol.errors import ErrorCode
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
+from nestbox.protocol.ids import BASE36, ID_LENGTH, IdPrefix
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -45,15 +59,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOST_FORM = re.compile(r"^(?P<port>[0-9]{1,5})-(?P<id>cl-[0-9a-z]{1,40})\.")
-PATH_FORM = re.compile(rb"^/proxy/(?P<id>cl-[0-9a-z]{1,40})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?$")
+_ID = f"{IdPrefix.CAPSULE}-[{BASE36}]{{{ID_LENGTH}}}"
+HOST_FORM = re.compile(rf"(?P<port>[0-9]{{1,5}})-(?P<id>{_ID})\.")
+"""Matched at the start of the Host header (the domain after the dot is not ours to check)."""
+PATH_FORM = re.compile(rb"/proxy/(?P<id>[^/]*)/(?P<port>[^/]*)(?P<rest>/.*)?", re.DOTALL)
+"""Matched whole (`fullmatch`); the id and port are then checked on their own."""
+CAPSULE_ID = re.compile(_ID)
+PORT = re.compile(r"[0-9]{1,5}")
 CACHE_TTL_S = 120.0
+CREDENTIAL_HEADERS = frozenset({AGENT_TOKEN_HEADER.lower(), PROXY_TOKEN_HEADER.lower()})
+"""The control plane's own credentials at an agent: a request from outside bringing one is
+refused."""
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "x-api-key",
-    AGENT_TOKEN_HEADER.lower(),
-})  # fmt: skip
-"""Never forwarded: per-connection headers, the caller's API key, a forged agent token."""
+}) | CREDENTIAL_HEADERS  # fmt: skip
+"""Never forwarded: per-connection headers, the caller's API key, our credentials."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +82,17 @@ class ProxyRoute:
     capsule_id: str
     port: int
     rest: str
-    """What follows the prefix: the capsule-side path, always starting with `/`."""
+    """What follows the prefix: the capsule-side raw path (bytes as latin-1), checked to start
+    with `/` before it is used."""
     subdomain: bool
 
     @property
     def agent_path(self) -> str:
         return f"/proxy/{self.capsule_id}/{self.port}" + self.rest
+
+    def refusal(self, query: bytes) -> Refusal | None:
+        """Why this route (with `query`) may not be proxied, or None (`common.proxypath`)."""
+        return refusal(self.port, self.rest.encode("latin-1"), query)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +100,7 @@ class ProxyTarget:
     host_id: str
     address: str
     token: str
+    """The host's proxy token (never its agent token)."""
     expires: float
 
 
@@ -84,19 +111,23 @@ class ProxyError(Exception):
 
 
 def match(scope: Scope) -> ProxyRoute | None:
-    """The proxy route of a request, or None if it is the API's."""
+    """The proxy route of a request, or None if it is the API's.
+    :raise ProxyError: a `/proxy/` path naming no well-formed capsule id or port (404)."""
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
     raw = raw.split(b"?", 1)[0]
     host = _header(scope, b"host")
     m = HOST_FORM.match(host)
     if m is not None:
-        rest = raw.decode("latin-1") or "/"
-        return ProxyRoute(m["id"], int(m["port"]), rest, subdomain=True)
-    p = PATH_FORM.match(raw)
-    if p is not None:
-        rest = (p["rest"] or b"/").decode("latin-1")
-        return ProxyRoute(p["id"].decode(), int(p["port"]), rest, subdomain=False)
-    return None
+        return ProxyRoute(m["id"], int(m["port"]), raw.decode("latin-1"), subdomain=True)
+    p = PATH_FORM.fullmatch(raw)
+    if p is None:
+        return None
+    capsule_id, port = p["id"].decode("latin-1"), p["port"].decode("latin-1")
+    if CAPSULE_ID.fullmatch(capsule_id) is None or PORT.fullmatch(port) is None:
+        raise ProxyError(404, ErrorCode.NOT_FOUND, "not a /proxy/{capsule_id}/{port}/ path of "
+                                                   "an existing capsule")  # fmt: skip
+    rest = (p["rest"] or b"/").decode("latin-1")
+    return ProxyRoute(capsule_id, int(port), rest, subdomain=False)
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -122,6 +153,7 @@ class PortProxy:
         self.app = app
         self._cache: dict[str, ProxyTarget] = {}
         self._client: httpx.AsyncClient | None = None
+        self._refusals = RefusalLog(log)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -151,9 +183,24 @@ class PortProxy:
             finally:
                 await self.aclose()  # the app has shut down
             return
-        route = match(scope) if scope["type"] in ("http", "websocket") else None
+        try:
+            route = match(scope) if scope["type"] in ("http", "websocket") else None
+        except ProxyError as err:
+            await self._refuse(scope, send, err, receive)
+            return
         if route is None:
             await self.app(scope, receive, send)
+            return
+        refused = route.refusal(scope.get("query_string") or b"") or _forged(scope)
+        if refused is not None:
+            self._refusals.refused(
+                route.capsule_id,
+                refused.reason,
+                route.rest.encode("latin-1"),
+                where="subdomain form" if route.subdomain else "path form",
+            )
+            failed = ProxyError(refused.status, refused.code, refused.reason)
+            await self._refuse(scope, send, failed, receive)
             return
         try:
             target = await self._target(scope, route)
@@ -167,8 +214,6 @@ class PortProxy:
         await self._forward(scope, receive, send, route, target)
 
     async def _target(self, scope: Scope, route: ProxyRoute) -> ProxyTarget:
-        if not 1 <= route.port <= 65535:
-            raise ProxyError(400, ErrorCode.INVALID_REQUEST, f"port {route.port} is out of range")
         now = time.monotonic()
         cached = self._cache.get(route.capsule_id)
         if cached is not None and cached.expires > now:
@@ -183,9 +228,13 @@ class PortProxy:
                 raise ProxyError(409, ErrorCode.INVALID_STATE,
                                  f"capsule {route.capsule_id} is {capsule.status}")  # fmt: skip
             host = await tx.hosts.get(capsule.host_id) if capsule.host_id else None
-        if host is None or not host.address or not host.agent_token:
+        if host is None or not host.address:
             raise ProxyError(503, ErrorCode.HOST_UNAVAILABLE, "the capsule's host is unavailable")
-        target = ProxyTarget(host.id, host.address, host.agent_token, now + CACHE_TTL_S)
+        try:
+            token = services.hosts.proxy_token(host)
+        except HostUnavailable as err:
+            raise ProxyError(503, ErrorCode.HOST_UNAVAILABLE, err.message) from None
+        target = ProxyTarget(host.id, host.address, token, now + CACHE_TTL_S)
         self._cache[route.capsule_id] = target
         return target
 
@@ -203,24 +252,27 @@ class PortProxy:
         host = _header(scope, b"host")
         if host:
             headers.append(("X-Forwarded-Host", host))
-        headers.append((AGENT_TOKEN_HEADER, target.token))
+        headers.append((PROXY_TOKEN_HEADER, target.token))
         return headers
 
     @staticmethod
-    def _query(scope: Scope) -> str:
-        query = scope.get("query_string") or b""
-        return "?" + query.decode("latin-1") if query else ""
+    def _target_bytes(route: ProxyRoute, scope: Scope) -> bytes:
+        """The agent-side request target: the checked path and query, byte for byte."""
+        query: bytes = scope.get("query_string") or b""
+        return route.agent_path.encode("latin-1") + (b"?" + query if query else b"")
 
     def _ws_url(self, target: ProxyTarget, route: ProxyRoute, scope: Scope) -> str:
-        return f"ws://{target.address}{route.agent_path}{self._query(scope)}"
+        # `websockets` sends an ASCII URI's path and query as they are (no normalising).
+        return f"ws://{target.address}" + self._target_bytes(route, scope).decode("ascii")
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, route: ProxyRoute, target: ProxyTarget
     ) -> None:
-        url = f"http://{target.address}{route.agent_path}{self._query(scope)}"
         request = self._http().build_request(
-            scope["method"], url, headers=self._headers(scope, target),
+            scope["method"], f"http://{target.address}/", headers=self._headers(scope, target),
             content=_body(receive) if _has_body(scope) else None,
+            # The URL only says where to connect: httpx would normalise a path in it.
+            extensions={"target": self._target_bytes(route, scope)},
         )  # fmt: skip
         try:
             response = await self._http().send(request, stream=True)
@@ -261,6 +313,15 @@ class PortProxy:
             return
         response = error_response(err.code, err.message, status=err.status)
         await response(scope, _no_receive, send)
+
+
+def _forged(scope: Scope) -> Refusal | None:
+    """A request from outside that brings one of our credentials at the agents."""
+    for raw, _ in scope.get("headers") or []:
+        name = bytes(raw).decode("latin-1").lower()
+        if name in CREDENTIAL_HEADERS:
+            return Refusal(400, ErrorCode.INVALID_REQUEST, f"the {name} header is not accepted")
+    return None
 
 
 def _has_body(scope: Scope) -> bool:

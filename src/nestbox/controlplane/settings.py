@@ -2,15 +2,19 @@
 `NESTBOX_DIR`, `NESTBOX_DATABASE_URL`, `NESTBOX_PROXY_DOMAIN`, `NESTBOX_LOG_LEVEL`) and passed
 down through constructors. Tests build `CPSettings(...)` directly.
 
-Also here: the JWT signing secret, generated on first start into `<data_dir>/jwt-secret` (0600)
-when `NESTBOX_CP_JWT_SECRET` is unset, so sessions survive restarts.
+Also here: the data directory (0700) and its secret files (0600, written atomically: a temp
+file, fsync, rename, so a crash never leaves an empty or partial secret), and the JWT signing
+secret: `NESTBOX_CP_JWT_SECRET` (at least 32 bytes, else the settings do not load), or
+`<data_dir>/jwt-secret`, generated on first start so sessions survive restarts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +22,13 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+log = logging.getLogger(__name__)
+
 JWT_SECRET_FILE = "jwt-secret"
 ADMIN_KEY_FILE = "admin-api-key"
+MIN_JWT_SECRET_BYTES = 32
+"""HS256 keys shorter than the hash output (32 bytes) weaken it (RFC 7518 §3.2)."""
+DATA_DIR_MODE = 0o700
 
 
 class CPSettings(BaseSettings):
@@ -46,6 +55,33 @@ class CPSettings(BaseSettings):
         default=None, description="HS256 key for sessions; default: <data_dir>/jwt-secret"
     )
     jwt_ttl_s: int = Field(default=6 * 3600, gt=0, description="lifetime of a user session JWT")
+    team_capsule_quota: int = Field(
+        default=20, ge=0, description="capsules a team may hold at once (pending, running, "
+        "resuming, ...; paused ones do not count); 0 = no limit",
+    )  # fmt: skip
+    auth_rate_burst: int = Field(
+        default=10, gt=0, description="login, signup and API-key creation: requests per client "
+        "address allowed at once (each route has its own bucket)",
+    )  # fmt: skip
+    auth_rate_per_min: float = Field(
+        default=10.0, gt=0, description="... and how many more each minute refills"
+    )
+    forwarded_allow_ips: str = Field(
+        default="", description="proxies whose X-Forwarded-For is trusted for the client "
+        "address (comma-separated, uvicorn's syntax); empty = none",
+    )  # fmt: skip
+    file_buffer_budget_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="bytes all buffered (non-streamed) file "
+        "reads and writes of this process may hold at once; beyond it 503 unavailable",
+    )  # fmt: skip
+    session_recheck_s: float = Field(
+        default=3.0, gt=0, description="how often an open WebSocket session re-checks its "
+        "credentials (a revoked key or removed member is closed within this)",
+    )  # fmt: skip
+    stuck_after_s: float = Field(
+        default=5.0, ge=0, description="a capsule row in pending/pausing/resuming/snapshotting "
+        "this long, with no call of this process working on it, is settled from its agent",
+    )  # fmt: skip
     signup_enabled: bool = Field(default=True, description="allow POST /v1/auth/signup")
     admin_email: str = Field(default="admin@localhost", description="the first start's admin")
     heartbeat_unreachable_after_s: float = Field(
@@ -65,6 +101,16 @@ class CPSettings(BaseSettings):
         validation_alias=AliasChoices("NESTBOX_CP_LOG_LEVEL", "NESTBOX_LOG_LEVEL", "log_level"),
     )
     log_json: bool = Field(default=False, description="JSON-lines logs instead of key=value")
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(
+                f"NESTBOX_CP_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes "
+                "(unset it to have one generated)"
+            )
+        return value
 
     @field_validator("data_dir")
     @classmethod
@@ -120,30 +166,72 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Make `data_dir` (0700), or tighten an existing one that others may read or enter (with a
+    log line): it holds the database, the admin key and the session secret."""
+    data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    if mode != DATA_DIR_MODE:
+        os.chmod(data_dir, DATA_DIR_MODE)
+        log.warning("%s was mode %o; set it to %o", data_dir, mode, DATA_DIR_MODE)
+
+
 def jwt_secret(settings: CPSettings) -> bytes:
     """The session signing key: the configured one, else `<data_dir>/jwt-secret`, created
-    (0600, 32 random bytes) on first use. :raise OSError: the data directory is unusable."""
+    (0600, 32 random bytes as hex) on first use. An empty file (left by a crash of an older
+    version mid-write) is replaced by a new secret, with a log line; a non-empty one shorter
+    than 32 bytes is refused. :raise OSError: the data directory is unusable.
+    :raise ValueError: the file holds a too short secret."""
     if settings.jwt_secret is not None:
         return settings.jwt_secret.get_secret_value().encode()
     path = settings.data_dir / JWT_SECRET_FILE
     try:
-        return path.read_text().strip().encode()
+        value = path.read_text().strip().encode()
     except FileNotFoundError:
-        pass
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(32)
-    write_private(path, value + "\n", exclusive=True)
+        value = None
+    if value is not None and len(value) >= MIN_JWT_SECRET_BYTES:
+        return value
+    if value:
+        raise ValueError(f"{path} holds fewer than {MIN_JWT_SECRET_BYTES} bytes; remove it to "
+                         "have a new secret generated (every session then ends)")  # fmt: skip
+    prepare_data_dir(settings.data_dir)
+    fresh = secrets.token_hex(32) + "\n"
+    if value is None:
+        write_private(path, fresh, exclusive=True)  # a racing start may have won: read theirs
+    else:
+        log.warning("%s is empty; generating a new session secret", path)
+        write_private(path, fresh)
     return path.read_text().strip().encode()
 
 
 def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
-    """Write `text` to `path` readable by the owner only (0600 from the first byte).
-    With `exclusive`, an existing file is left alone (two starts racing keep one secret)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    """Write `text` to `path` readable by the owner only (0600 from the first byte), atomically:
+    a temp file beside it is written and fsynced, then renamed over `path` (or, `exclusive`,
+    linked to it only if `path` does not exist yet: two starts racing keep one secret), and the
+    directory is fsynced. `path` is never seen empty or partial."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(text)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,8 +1,16 @@
-"""envd's ASGI application: wiring only.
+"""envd's ASGI application: wiring only, and the access-token gate in front of everything.
 
 Plain HTTP routes (health, metrics, envs, init, snapshot/prepare, files) go to Starlette; paths
-under `/process.Process/` and `/filesystem.Filesystem/` go to the Connect applications. Every
-request except `/health` must carry `X-Access-Token` once `/init` has set a token.
+under `/process.Process/` and `/filesystem.Filesystem/` go to the Connect applications.
+
+Once `/init` has set a token (E2B's `accessToken`), every request must carry it in
+`X-Access-Token` (401 otherwise), with two exceptions that reach no handler holding data:
+`GET /health` (liveness and envd's version only) and a browser's CORS preflight (`OPTIONS`
+with `Origin` and `Access-Control-Request-Method`: a preflight never carries custom headers),
+which is answered by the CORS layer alone with CORS headers and is never routed. Any other
+`OPTIONS` without the token is a 401 like the rest. Because the gate covers `/init` too, an
+established token changes only through a request that carries it. Before the first `/init`
+there is no token and envd is open (the cold boot of a template; see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -38,6 +46,14 @@ log = logging.getLogger(__name__)
 READ_MAX_BYTES = 16 * 1024 * 1024
 _TOKEN_HEADER = ACCESS_TOKEN_HEADER.lower().encode()
 """The header's name as it appears in an ASGI scope."""
+CORS: dict[str, Any] = {
+    "allow_origins": ["*"],
+    "max_age": 7200,
+    "allow_methods": ["*"],
+    "allow_headers": ["*"],
+}
+OPEN = frozenset({("GET", "/health"), ("HEAD", "/health")})
+"""(method, path) pairs served without the token: liveness and the version, nothing else."""
 
 
 class EnvdApp:
@@ -55,18 +71,13 @@ class EnvdApp:
                 Route("/files", files.download, methods=["GET"]),
                 Route("/files", files.upload, methods=["POST"]),
             ],
-            middleware=[
-                Middleware(
-                    CORSMiddleware,
-                    allow_origins=["*"],
-                    max_age=7200,
-                    allow_methods=["*"],
-                    allow_headers=["*"],
-                )
-            ],
+            middleware=[Middleware(CORSMiddleware, **CORS)],
             lifespan=self._lifespan,
         )
         self.http.state.runtime = runtime
+        # What a request without the token reaches when it is an OPTIONS: the CORS layer answers
+        # a real preflight itself (CORS headers only); anything else falls through to the 401.
+        self.preflight = CORSMiddleware(_deny, **CORS)
         self.rpc: dict[str, ASGIApp] = {
             "/process.Process/": ProcessASGIApplication(
                 ProcessService(runtime), read_max_bytes=READ_MAX_BYTES
@@ -93,15 +104,23 @@ class EnvdApp:
         if self.runtime.pending is not None:
             # An answered /init whose machine updates have not run yet: before anything else.
             lifecycle.log_clock_step(lifecycle.finish_init(self.runtime))
-        if scope["type"] == "http":
-            path: str = scope["path"]
-            if path != "/health" and scope["method"] != "OPTIONS" and not self._authorised(scope):
-                await _deny(send)
+        if scope["type"] == "lifespan":
+            await self.http(scope, receive, send)
+            return
+        if scope["type"] != "http":  # uvicorn runs with ws="none"; refuse whatever else comes
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path: str = scope["path"]
+        if not self._authorised(scope) and (scope["method"], path) not in OPEN:
+            if scope["method"] == "OPTIONS":
+                await self.preflight(scope, receive, send)
+            else:
+                await _deny(scope, receive, send)
+            return
+        for prefix, app in self.rpc.items():
+            if path.startswith(prefix):
+                await app(scope, receive, send)
                 return
-            for prefix, app in self.rpc.items():
-                if path.startswith(prefix):
-                    await app(scope, receive, send)
-                    return
         await self.http(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
@@ -114,7 +133,8 @@ class EnvdApp:
         return False
 
 
-async def _deny(send: Send) -> None:
+async def _deny(_scope: Scope, _receive: Receive, send: Send) -> None:
+    """The 401 answer (an ASGI app, so that the CORS layer can fall through to it)."""
     body = json.dumps(
         {"error": {"code": "unauthorized", "message": "missing or wrong X-Access-Token"}}
     ).encode()

@@ -145,8 +145,9 @@ async def envs(request: Request) -> Response:
 
 async def init(request: Request) -> Response:
     """`POST /init` → 204. Applies the host's defaults, token, clock, entropy and identity; an
-    older `timestamp` than the last applied one skips the data updates (E2B). Post-restore
-    recovery runs first, so it happens even when the body is rejected."""
+    older `timestamp` than the last applied one skips the data updates (E2B) but not the token.
+    Post-restore recovery runs first, so it happens even when the body is rejected. Only a
+    request carrying the current token gets here once one is set (`app.EnvdApp`)."""
     received = time.monotonic()
     rt = _runtime(request)
     recovery = await recover_if_needed(rt)
@@ -168,6 +169,11 @@ async def init(request: Request) -> Response:
 
     update = MachineUpdate(received)
     async with rt.init_lock:  # E2B's initLock: two /init calls never interleave their updates
+        if req.access_token:
+            # Whatever the timestamp: the request carried the current token (the gate in
+            # `app.py`), and a clone whose host clock stepped back must still drop the
+            # template's token, or clones would share it.
+            rt.access_token = req.access_token
         if _is_newer(host_ns, rt.last_init_ns):
             _apply_data(rt, req, host_ns)
             update.host_ns, update.identity = host_ns, True
@@ -264,8 +270,6 @@ def _apply_data(rt: Runtime, req: InitRequest, host_ns: int | None) -> None:
         rt.last_init_ns = host_ns
     if req.env_vars:
         rt.defaults.env.update(req.env_vars)
-    if req.access_token:
-        rt.access_token = req.access_token
     if req.default_user:
         rt.defaults.user = req.default_user
     if req.default_workdir:

@@ -101,6 +101,8 @@ class Runtime:
     """Clock, identity files and RNG work of an `/init` that has answered; applied right after
     its answer, or by the next request to envd if that comes first (`lifecycle.finish_init`)."""
     access_token: str | None = None
+    """Required in `X-Access-Token` on every request but `GET /health` once set (`app.EnvdApp`);
+    set by `/init` (only a request carrying the current one gets there), never cleared."""
     needs_restore: RestoreFlag = field(default_factory=RestoreFlag)
     last_prepare: str = "unknown"
     """What the last `/snapshot/prepare` did, for the post-restore recovery's log line."""

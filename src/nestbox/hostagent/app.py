@@ -4,7 +4,8 @@
     /proxy/{capsule_id}/{port}/...     the port proxy (`proxy.PortProxy`, HTTP and WebSocket)
     /health                            liveness, no secret needed, says nothing else
 
-RPCs and proxied requests must carry the control plane's secret (`auth`), else 401. The
+RPCs must carry the control plane's RPC secret, proxied requests its proxy secret (`auth`),
+else 401; neither secret is accepted for the other's requests. The
 lifespan owns everything that runs: the VM runtime, the capsule manager and its task group,
 which holds the idle reaper, the heartbeats to the control plane (a registered agent), the
 metrics samplers and the stream pumps. Start-up re-adopts what an earlier run left
@@ -34,6 +35,7 @@ from nestbox.hostagent.system import RealSystem
 from nestbox.hostagent.views import ErrorMapper
 from nestbox.protocol.errors import ErrorCode
 from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentServiceASGIApplication
+from nestbox.protocol.hosts import PROXY_TOKEN_HEADER
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -95,7 +97,7 @@ class AgentApp:
         elif path.startswith("/proxy/"):
             if not self.auth.allows_proxy(headers):
                 await refuse(scope, send, 401, ErrorCode.UNAUTHORIZED,
-                             "a valid X-Agent-Token is required")  # fmt: skip
+                             f"a valid {PROXY_TOKEN_HEADER} is required")  # fmt: skip
                 return
             await self.proxy(scope, receive, send)
         elif path == "/health" and kind == "http":

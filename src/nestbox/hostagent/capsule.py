@@ -149,12 +149,27 @@ class CapsuleRecord(BaseModel):
     dir: Path
     disk: Path
     snapshot: Path | None = None
-    """The state file while PAUSED."""
+    """The state file: while PAUSED and RESUMING, and while PAUSING where it will be (it is
+    renamed into place only once complete, so a PAUSING record whose snapshot exists is a
+    pause that finished)."""
     slot: int | None = None
     host_address: str | None = None
     pid: int | None = None
+    """The VMM of the current run. Recorded as soon as the process exists, before the agent
+    waits for anything (QMP, the restore, envd), and kept through PAUSING and SNAPSHOTTING, so
+    that start-up recovery always finds the VM an interrupted operation left."""
+    staging: Path | None = None
+    """While SNAPSHOTTING: the template staging directory being filled (recovery removes it)."""
     default_user: str = "root"
     env_vars: dict[str, str] = Field(default_factory=dict)
+    access_token: str | None = None
+    """The token envd holds (`X-Access-Token` on every call to it; the record is 0600). A clone
+    starts with its template's, a cold boot with none (envd is open until its first `/init`)."""
+    pending_token: str | None = None
+    """The fresh token the `/init` in flight sets (create, resume): recorded (with STARTING or
+    RESUMING) before that `/init` is sent, and moved to `access_token` in the write that records
+    RUNNING after its answer. A crash in between leaves a STARTING or RESUMING record, whose VM
+    recovery kills: the token dies with it (a resumed snapshot's envd holds `access_token`)."""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def moved_to(self, state: CapsuleState) -> CapsuleRecord:
@@ -162,6 +177,11 @@ class CapsuleRecord(BaseModel):
         if state not in TRANSITIONS[self.state]:
             raise InvalidState(self.id, self.state, frozenset({state}))
         return self.model_copy(update={"state": state})
+
+    @property
+    def pause_snapshot(self) -> Path:
+        """Where a pause writes the capsule's snapshot."""
+        return self.dir / "snapshot.state"
 
     @property
     def run_dir(self) -> Path:
@@ -217,15 +237,40 @@ def records_dir(state_dir: Path) -> Path:
 
 
 def write_record(state_dir: Path, record: CapsuleRecord) -> None:
-    """Atomically replace the record file (write to a temporary name, then rename)."""
-    path = records_dir(state_dir) / f"{record.id}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(record.model_dump_json(indent=2))
+    """Durably replace the record file (`write_atomic`). Blocking: call it in a worker thread."""
+    write_atomic(records_dir(state_dir) / f"{record.id}.json", record.model_dump_json(indent=2))
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace `path` with `text` so that a crash at any point leaves the old file or the new
+    one, never a mix: write a temporary file beside it, fsync it, rename it over `path`, fsync
+    the directory (which makes the rename itself durable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # a temporary file an older run left keeps its mode otherwise
+        with os.fdopen(fd, "w", closefd=False) as f:
+            f.write(text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file (its data) or a directory (its entries: creations, renames, removals)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_record(state_dir: Path, capsule_id: str) -> None:
+    """Remove the record durably (the capsule's files are removed after it, never before)."""
     (records_dir(state_dir) / f"{capsule_id}.json").unlink(missing_ok=True)
+    fsync_path(records_dir(state_dir))
 
 
 def read_records(state_dir: Path) -> list[CapsuleRecord]:

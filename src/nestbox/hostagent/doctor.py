@@ -1,9 +1,11 @@
 """`nestbox-agent doctor`'s checks: can this host run capsules, and how fast?
 
-Static checks first (accelerator and why, QEMU, the guest image, networking, free slots), then
-a real round trip: a capsule cloned from the `minimal` template (built first if missing), `uname
--a` through envd's `process.Process/Start`, pause, resume, destroy, each step timed. Nothing is
-printed here (that is `cli/doctor.py`); every check becomes a `Check` in the `Report`.
+Static checks first (accelerator and why, QEMU, each confinement measure on or off and why, the
+data directory's mode, the guest image, networking, free slots), then a real round trip: a
+capsule cloned from the `minimal` template (built first if missing), its QEMU's confinement as
+observed in /proc, `uname -a` through envd's `process.Process/Start`, pause, resume, destroy,
+each step timed. Nothing is printed here (that is `cli/doctor.py`); every check becomes a
+`Check` in the `Report`.
 
 The round trip runs as its own agent id (`<agent_id>dr`) in the last slot of the agent's range,
 so it never touches a running agent's capsules, and it removes everything it made.
@@ -14,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -25,6 +29,7 @@ from nestbox.hostagent.image.cache import find_image
 from nestbox.hostagent.network import SlotPool, cleanup_leftovers, ensure_blackhole
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.system import RealSystem
+from nestbox.hostagent.vmm import confine, serial
 from nestbox.hostagent.vmm.accel import KVM_DEVICE, choose_accel
 
 if TYPE_CHECKING:
@@ -86,6 +91,7 @@ def _static_checks(settings: AgentSettings, report: Report) -> GuestImage | None
         report.checks.append(Check("accelerator", False, str(err)))
     for binary in (settings.qemu_binary, "qemu-img"):
         report.checks.append(_binary_check(binary))
+    report.checks += _confinement_checks(settings)
     image = find_image(settings)
     if image is None:
         report.checks.append(
@@ -100,6 +106,51 @@ def _static_checks(settings: AgentSettings, report: Report) -> GuestImage | None
             Check("guest image", True, f"{image.version} in {image.rootfs.parent}")
         )
     return image
+
+
+def _confinement_checks(settings: AgentSettings) -> list[Check]:
+    """Each confinement measure on or off, with the reason (`vmm/confine.py`)."""
+    checks = [
+        Check(f"confinement: {item.name}", item.on, ("on: " if item.on else "OFF: ") + item.detail)
+        for item in confine.Confinement.probe(settings).items
+    ]
+    most = settings.serial_log_max_bytes * 3 // 4
+    cap = f"on: {most} bytes on disk + what the guest writes in {serial.CHECK_INTERVAL_S:g} s "
+    cap += f"at most (serial_log_max_bytes {settings.serial_log_max_bytes})"
+    checks.append(Check("confinement: serial log cap", True, cap))
+    tb = settings.vm_tcg_tb_size_mib
+    code_cache = f"{tb} MiB" if tb else "QEMU's default (up to 1 GiB)"
+    checks.append(Check("confinement: TCG code cache", True, code_cache))
+    try:
+        mode = stat.S_IMODE(settings.data_dir.stat().st_mode)
+    except FileNotFoundError:
+        detail = f"{settings.data_dir} does not exist yet (the agent creates it 0700)"
+        checks.append(Check("data dir mode", True, detail))
+    except OSError as err:
+        checks.append(Check("data dir mode", False, f"{settings.data_dir}: {err}"))
+    else:
+        ok = mode & 0o077 == 0
+        detail = f"{settings.data_dir} is {mode:04o}" + ("" if ok else " (the agent sets 0700)")
+        checks.append(Check("data dir mode", ok, detail))
+    return checks
+
+
+def _observed_confinement(pid: int, settings: AgentSettings) -> Check:
+    """What the round trip's QEMU process really runs with."""
+    try:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError as err:
+        return Check("confinement (observed)", False, f"cannot read /proc/{pid}: {err}")
+    uid = status["Uid"].split()[0]
+    seccomp, cap_eff = status["Seccomp"].strip(), status["CapEff"].strip()
+    parent = f"/{settings.cgroup_parent}/{settings.agent_id}/"
+    in_cgroup = parent in cgroups
+    ok = not settings.confine or (uid != "0" and seccomp == "2" and int(cap_eff, 16) == 0)
+    detail = f"uid {uid}, Seccomp {seccomp}, CapEff {cap_eff}, own cgroup: {in_cgroup}"
+    return Check("confinement (observed)", ok, detail)
 
 
 def _binary_check(binary: str) -> Check:
@@ -158,6 +209,8 @@ async def _round_trip(
             if not ok or not clones:
                 return
             capsule = clones[0]
+            if capsule.pid is not None:
+                report.checks.append(_observed_confinement(capsule.pid, settings))
             ok, result = await _step(
                 report, "exec uname -a", lambda: capsule.envd.run("uname", "-a")
             )
@@ -171,8 +224,10 @@ async def _round_trip(
         finally:
             with anyio.CancelScope(shield=True):
                 await rt.destroy_all()
+    confine.remove_agent_cgroups(settings)
     with contextlib.suppress(OSError):
         (settings.state_dir / "capsules").rmdir()
+        (settings.state_dir / confine.CHROOT_DIR).rmdir()
         settings.state_dir.rmdir()
 
 

@@ -1,6 +1,11 @@
 """A minimal async client for one capsule's envd: readiness, `/init`, `/snapshot/prepare`, and
 running a command through the Connect `process.Process/Start` stream.
 
+Every request carries the capsule's envd access token (`X-Access-Token`). The token changes
+at each create and resume: the `/init` that sets a new one is authenticated with the old one
+(the template's, or the capsule's before its pause) and, once envd has answered it, the client
+sends the new one (`init_when_ready`), with no extra round trip.
+
 One client per capsule *run*: after a restore the guest's old TCP connections are dead (new
 netns, new TAP), so the lifecycle makes a fresh client and closes the old one before a snapshot
 (its FINs then reach the guest while envd prepares). Two transports, as the seed's
@@ -25,7 +30,7 @@ from protobuf import Oneof
 from pyqwest import Client as QwestClient
 from pyqwest import HTTPTransport, Proxy
 
-from nestbox.protocol.envd import ENVD_PORT, InitRequest
+from nestbox.protocol.envd import ACCESS_TOKEN_HEADER, ENVD_PORT, InitRequest
 from nestbox.protocol.gen.process.process_connect import ProcessClient
 from nestbox.protocol.gen.process.process_pb import ProcessConfig, ProcessEvent, StartRequest
 
@@ -65,6 +70,11 @@ def envd_url(host_address: str) -> str:
     return f"http://{host_address}:{ENVD_PORT}"
 
 
+def new_access_token() -> str:
+    """A fresh envd access token: 256 random bits, URL-safe (a valid header value)."""
+    return secrets.token_urlsafe(32)
+
+
 def init_request(
     *,
     capsule_id: str,
@@ -89,11 +99,13 @@ def init_request(
 
 
 class EnvdClient:
-    """Talks to envd at `base_url` (`http://<slot host address>:49983`)."""
+    """Talks to envd at `base_url` (`http://<slot host address>:49983`), presenting
+    `access_token` (None: envd has none yet, a cold boot before its first `/init`)."""
 
     def __init__(self, base_url: str, *, access_token: str | None = None) -> None:
         self.base_url = base_url
-        self._headers = {"X-Access-Token": access_token} if access_token else {}
+        self.access_token = access_token
+        self._headers = {ACCESS_TOKEN_HEADER: access_token} if access_token else {}
         # verify=False: envd is plain HTTP, and building the default TLS context (reading the
         # CA bundle) would cost tens of milliseconds on every run's critical path.
         self._http = httpx.AsyncClient(
@@ -149,7 +161,10 @@ class EnvdClient:
         entropy); the body is built per attempt, so its timestamp is when it is sent. Set the
         overall deadline around it.
 
-        :raise EnvdError: envd refused the request.
+        The request carries the client's token; once envd has answered it, a token the body set
+        (`accessToken`) is the one the client sends from then on.
+
+        :raise EnvdError: envd refused the request (401: not the token envd holds).
         :raise httpx.TimeoutException: envd took the request but did not answer within
             `answer_within` seconds.
         """
@@ -168,8 +183,16 @@ class EnvdClient:
                 pass  # refused (envd not listening yet), reset, or closed before the answer
             else:
                 _check(r, "/init")
+                if token := body.get("accessToken"):
+                    self._use_token(token)
                 return
             await anyio.sleep(POLL_S)
+
+    def _use_token(self, token: str) -> None:
+        """Present `token` from now on, on both transports (`run` passes `_headers`)."""
+        self.access_token = token
+        self._headers[ACCESS_TOKEN_HEADER] = token
+        self._http.headers[ACCESS_TOKEN_HEADER] = token
 
     async def prepare_snapshot(self) -> None:
         """`POST /snapshot/prepare`: envd drops idle connections, stops port forwarding and

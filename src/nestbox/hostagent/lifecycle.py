@@ -15,6 +15,7 @@ directory (disk + snapshot).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from nestbox.hostagent.envd_client import EnvdClient, EnvdError, envd_url
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage.templates import TemplateMeta
 from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
+from nestbox.hostagent.vmm import serial
 from nestbox.hostagent.vmm.base import VmSpec
 
 if TYPE_CHECKING:
@@ -53,6 +55,12 @@ a cancellation at any step leaves nothing behind."""
 
 async def no_hook(_step: str) -> None:
     return None
+
+
+RecordVm = Callable[["SlotNetwork", int], Awaitable[None]]
+"""Called with the slot network and the VMM's pid as soon as the VMM process exists, before
+anything waits on it: it writes them into the capsule's record, so that start-up recovery finds
+the VM of an operation a crash interrupted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +123,12 @@ async def open_run(
     restore_from: Path | None,
     ignore_shared: bool,
     hook: StepHook,
+    access_token: str | None = None,
+    on_launch: RecordVm | None = None,
 ) -> Run:
-    """Slot lease (a warm one when there is one) → VMM process [→ snapshot loaded and
-    running] → envd client."""
+    """Slot lease (a warm one when there is one) → VMM process (`on_launch` called with its
+    pid) [→ snapshot loaded and running] → envd client (presenting `access_token`, the one envd
+    holds)."""
     stack = UndoStack("run")
     try:
         lease = await host.networks.acquire(egress=egress)
@@ -125,14 +136,15 @@ async def open_run(
         await hook("slot")
         await hook("network")
         network = lease.network
-        vm = await host.hypervisor.start(spec_for(network))
+        launched = None if on_launch is None else functools.partial(on_launch, network)
+        vm = await host.hypervisor.start(spec_for(network), on_launch=launched)
         stack.push_async_callback(host.hypervisor.kill, vm)
         await hook("vmm")
         if restore_from is not None:
             with anyio.fail_after(host.timeouts.restore):
                 await host.hypervisor.restore(vm, restore_from, ignore_shared=ignore_shared)
             await hook("restore")
-        envd = EnvdClient(envd_url(network.host_address))
+        envd = EnvdClient(envd_url(network.host_address), access_token=access_token)
         stack.push_async_callback(envd.aclose)
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
@@ -194,10 +206,14 @@ async def start_guest(
     init: Callable[[], InitRequest] | None,
     egress: bool,
     hook: StepHook,
+    on_launch: RecordVm | None = None,
 ) -> Run:
     """Run of `record`'s machine (`open_run`, restoring `restore_from` when given) → envd
     ready → `/init` (`wait_guest`, within `timeouts.boot` for a cold boot, else
     `timeouts.envd_ready`). A failure or cancellation unwinds the run.
+
+    The `/init` is authenticated with `record.access_token` (the token envd holds); the
+    client sends the token the `/init` sets from its answer on.
     """
     incoming = restore_from is not None
     run = await open_run(
@@ -207,6 +223,8 @@ async def start_guest(
         restore_from=restore_from,
         ignore_shared=ignore_shared,
         hook=hook,
+        access_token=record.access_token,
+        on_launch=on_launch,
     )
     ready_within = host.timeouts.envd_ready if incoming else host.timeouts.boot
     try:
@@ -229,24 +247,30 @@ async def create(
     egress: bool,
     hook: StepHook = no_hook,
 ) -> tuple[Run, UndoStack]:
-    """Directory → disk overlay on `base` → record → run → envd ready → `/init`.
+    """Directory → disk overlay on `base` → record → run (the record gets its pid and slot as
+    soon as the VMM exists) → envd ready → `/init`.
 
     Returns the run and the stack that removes the capsule's files (its owner keeps both).
     A failure or cancellation at any step removes everything made so far.
     """
     files = UndoStack(f"capsule {record.id} files")
+
+    async def record_vm(network: SlotNetwork, pid: int) -> None:
+        update = {"slot": network.slot, "host_address": network.host_address, "pid": pid}
+        await write_record(host.settings.state_dir, record.model_copy(update=update))
+
     try:
-        await anyio.to_thread.run_sync(lambda: record.dir.mkdir(parents=True))
+        await anyio.to_thread.run_sync(lambda: record.dir.mkdir(mode=0o700, parents=True))
         files.push_async_callback(_rmtree, record.dir)
         await hook("dir")
         await cow.create_overlay(base, base_format, record.disk)
         await hook("disk")
-        cap.write_record(host.settings.state_dir, record)
+        await write_record(host.settings.state_dir, record)
         files.push_async_callback(_remove_record, host.settings.state_dir, record.id)
         await hook("record")
         run = await start_guest(
             host, record, restore_from=restore_from, ignore_shared=ignore_shared, init=init,
-            egress=egress, hook=hook,
+            egress=egress, hook=hook, on_launch=record_vm,
         )  # fmt: skip
     except BaseException:
         await unwind_after_failure(files, host.timeouts.teardown)
@@ -304,21 +328,39 @@ async def _prepare_guest(host: Host, run: Run) -> None:
 def reopen_envd(run: Run) -> None:
     """A new envd client for a run that goes on after `prepare_snapshot` closed its client
     (the save failed)."""
-    run.envd = EnvdClient(run.envd.base_url)
+    run.envd = EnvdClient(run.envd.base_url, access_token=run.envd.access_token)
     run.stack.push_async_callback(run.envd.aclose)
 
 
 async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -> SaveResult:
-    """Stop the guest and write its snapshot. On failure the guest is let run on (`cont`)
-    and the error raised; the caller decides what the capsule's state is then."""
+    """Stop the guest and write its snapshot to `state_file`, atomically and durably: the VMM
+    writes `<state_file>.partial`, which is fsynced and renamed into place only once the
+    migration completed, so `state_file` existing means the snapshot is whole (start-up
+    recovery relies on it). On failure the partial file is removed, the guest is let run on
+    (`cont`) and the error raised; the caller decides what the capsule's state is then."""
+    partial = state_file.with_name(state_file.name + ".partial")
     try:
         with anyio.fail_after(host.timeouts.save):
-            return await host.hypervisor.save(run.vm, state_file, ignore_shared=ignore_shared)
-    except Exception:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(Exception):
-            await run.vm.qmp.execute("migrate_cancel")
-            await run.vm.qmp.execute("cont")
+            result = await host.hypervisor.save(run.vm, partial, ignore_shared=ignore_shared)
+        await anyio.to_thread.run_sync(_move_into_place, partial, state_file)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(5),
+                contextlib.suppress(Exception),
+            ):
+                await run.vm.qmp.execute("migrate_cancel")
+                await run.vm.qmp.execute("cont")
         raise
+    return result
+
+
+def _move_into_place(partial: Path, final: Path) -> None:
+    cap.fsync_path(partial)
+    os.replace(partial, final)
+    cap.fsync_path(final.parent)
 
 
 async def _first_of(ready: Awaitable[None], exit_: Awaitable[int | None]) -> bool:
@@ -369,13 +411,14 @@ def template_meta(
     state_bytes: int,
     accel: Accel,
 ) -> TemplateMeta:
-    """The metadata of a template made from `record`'s machine."""
+    """The metadata of a template made from `record`'s machine (and the token its envd holds)."""
     m = record.machine
     return TemplateMeta(
         template_id=template_id, created_at=datetime.now(UTC), source=source,
         image_version=m.image_version, accel=accel, kernel=m.kernel, initrd=m.initrd,
         cmdline=m.cmdline, vcpus=m.vcpus, memory_mib=m.memory_mib, ram=ram,
         state_bytes=state_bytes, default_user=record.default_user, default_env=record.env_vars,
+        access_token=record.access_token,
     )  # fmt: skip
 
 
@@ -385,16 +428,15 @@ def machine_spec(record: CapsuleRecord, network: SlotNetwork, *, incoming: bool)
     return VmSpec(
         name=record.id, kernel=m.kernel, initrd=m.initrd, cmdline=m.cmdline, disk=record.disk,
         disk_format="qcow2", run_dir=record.run_dir, vcpus=m.vcpus, memory_mib=m.memory_mib,
-        ram=record.ram_spec(), netns=network.netns, tap=network.tap, incoming=incoming,
+        ram=record.ram_spec(), netns=network.netns, tap=network.tap, slot=network.slot,
+        incoming=incoming,
     )  # fmt: skip
 
 
 def _serial_tail(run: Run) -> str:
-    try:
-        data = run.vm.spec.serial_log.read_bytes()[-1500:]
-    except OSError:
-        return ""
-    return "serial console tail:\n" + data.decode(errors="replace")
+    """The console's last lines (read from the end: the log may be up to its cap)."""
+    data = serial.tail(run.vm.spec.serial_log, 1500)
+    return "serial console tail:\n" + data.decode(errors="replace") if data else ""
 
 
 async def _rmtree(path: Path) -> None:
@@ -405,12 +447,20 @@ async def _rmtree(path: Path) -> None:
     await anyio.to_thread.run_sync(remove)
 
 
+async def write_record(state_dir: Path, record: CapsuleRecord) -> None:
+    """`capsule.write_record` in a worker thread (it fsyncs), shielded: once a step is done
+    in memory, its record reaches the disk even if the caller is cancelled meanwhile."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(cap.write_record, state_dir, record)
+
+
 async def _remove_record(state_dir: Path, capsule_id: str) -> None:
-    cap.remove_record(state_dir, capsule_id)
+    await anyio.to_thread.run_sync(cap.remove_record, state_dir, capsule_id)
 
 
 __all__ = [
     "Host",
+    "RecordVm",
     "Run",
     "StepHook",
     "Timeouts",
@@ -429,4 +479,5 @@ __all__ = [
     "unwind",
     "unwind_after_failure",
     "wait_guest",
+    "write_record",
 ]

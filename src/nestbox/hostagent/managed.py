@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from nestbox.hostagent.capsule import write_atomic
 from nestbox.hostagent.errors import CapsuleFailed, StreamInterrupted
 from nestbox.hostagent.metrics import MetricsRing
 from nestbox.hostagent.proxytrack import ConnTracker
@@ -55,10 +56,9 @@ def read_meta(capsule_dir: Path) -> CapsuleMeta:
 
 
 def write_meta(capsule_dir: Path, meta: CapsuleMeta) -> None:
-    path = capsule_dir / META_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(meta.model_dump_json())
-    tmp.replace(path)
+    """Durably replace the saved meta (temporary file, fsync, rename, fsync the directory).
+    Blocking: call it in a worker thread."""
+    write_atomic(capsule_dir / META_FILE, meta.model_dump_json())
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,7 +244,8 @@ class CapsuleManager(GuestCalls):
         answer carries it, and a resumed capsule runs the same envd as before its pause."""
         address = capsule.host_address
         assert address is not None, "a running capsule has an address"
-        entry.envd = CapsuleEnvd(f"http://{address}:{ENVD_PORT}")
+        token = capsule.record.access_token  # the one the runtime's /init just set
+        entry.envd = CapsuleEnvd(f"http://{address}:{ENVD_PORT}", access_token=token)
         entry.error = None
         entry.tracker.reset()
         entry.touch()

@@ -2,15 +2,23 @@
 `http://<capsule address>:{port}/...` (the seed's `internal/hostagent/proxy.go`).
 
 - Own HTTP/1.1 pools, one per capsule+port+address (at most 20 idle connections each, idle
-  120 s), never shared with envd traffic; cached until the capsule is destroyed (`evict`) or
-  its address changes. Bodies stream both ways, bytes untouched (no decompression).
+  120 s), never shared with envd traffic; cached until the capsule is destroyed (`evict`), its
+  address changes, or `max_cached_targets` newer ones push it out (least recently used first;
+  a pool pushed out while requests use it is closed after the last). Bodies stream both ways,
+  bytes untouched (no decompression).
 - Connecting retries 3 times, 100 ms then 200 ms apart: envd's socat forwarder for a port
   starts up to a second after the guest program listens.
-- The upstream path is the request path after the prefix, concatenated, never joined, so a
-  trailing slash survives (`/proxy/x/8000/dir/` -> `/dir/`; `/proxy/x/8000` -> `/`).
+- The upstream path is the raw request path after the prefix, concatenated, never joined, so a
+  trailing slash survives (`/proxy/x/8000/dir/` -> `/dir/`; `/proxy/x/8000` -> `/`). It is
+  checked first (`common.proxypath`: no dot segments, backslashes, encoded slashes or control
+  bytes, raw or percent-encoded; 400) and then sent as exactly those bytes (the request
+  target is set as such, so httpx never normalises it). Port 49983 (envd) is refused (403):
+  envd is reached by the agent's own client only.
 - `Location` answers are rewritten back under the prefix; WebSockets are relayed (`proxyws`).
 - Errors are `ErrorBody` JSON: 404 unknown capsule, 503 draining or not running, 502 when
-  nothing listens on the port. The control plane's `X-Agent-Token` never reaches a capsule.
+  nothing listens on the port. The control plane's tokens (`X-Nestbox-Proxy-Token`, and
+  `X-Agent-Token` should one come) never reach a capsule. Every refusal of a path or port is
+  logged (one rate-limited WARNING with the capsule id and the reason).
 
 Mount it by dispatching every path under `/proxy/` to it unchanged (it reads `raw_path`).
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -26,10 +35,11 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from nestbox.common.proxypath import RefusalLog, refusal
 from nestbox.hostagent.proxytrack import TargetNotFound, TargetUnavailable
 from nestbox.hostagent.proxyws import reject_websocket, relay_websocket
 from nestbox.protocol.errors import ErrorBody, ErrorCode
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -41,14 +51,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ROUTE = re.compile(
-    rb"^/proxy/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,63})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?$"
+    rb"/proxy/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,63})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?",
+    re.DOTALL,
 )
+"""Matched whole (`fullmatch`): no trailing-newline tricks."""
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "trailers", "transfer-encoding", "upgrade", "expect"}
 )  # fmt: skip
 """Headers about one connection, never forwarded (plus those `Connection` names)."""
-_NOT_UPSTREAM = HOP_BY_HOP | {"host", AGENT_TOKEN_HEADER.lower()}
+_NOT_UPSTREAM = HOP_BY_HOP | {"host", AGENT_TOKEN_HEADER.lower(), PROXY_TOKEN_HEADER.lower()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,8 @@ class ProxySettings:
     dial_backoff_s: float = 0.1
     """Sleep `backoff * attempt` after each failed connect but the last: 100 ms, 200 ms."""
     ws_max_message: int = 16 * 1024 * 1024
+    max_cached_targets: int = 256
+    """Pools kept (one per capsule+port+address); the least recently used go first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +96,40 @@ class ProxyStatistics:
 
 
 class ProxyError(Exception):
-    """An answer the proxy gives itself instead of the capsule's."""
+    """An answer the proxy gives itself instead of the capsule's. `refused_path`: the raw path
+    of a request refused for what it names (logged)."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        capsule_id: str = "",
+        refused_path: bytes | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.capsule_id, self.refused_path = capsule_id, refused_path
 
 
 def parse_route(raw_path: bytes, query: bytes) -> Route:
-    """:raise ProxyError: not a `/proxy/{id}/{port}[/...]` path, or a port out of range."""
-    match = _ROUTE.match(raw_path)
+    """:raise ProxyError: not a `/proxy/{id}/{port}[/...]` path (404); a port out of range, a
+    path or query `common.proxypath` refuses (400); envd's port (403)."""
+    match = _ROUTE.fullmatch(raw_path)
     if match is None:
         raise ProxyError(404, ErrorCode.NOT_FOUND, "not a /proxy/{capsule_id}/{port}/ path")
-    port = int(match["port"])
-    if not 1 <= port <= 65535:
-        raise ProxyError(400, ErrorCode.INVALID_REQUEST, f"port {port} is out of range")
-    rest = (match["rest"] or b"/").decode("latin-1")
-    return Route(match["id"].decode(), port, rest, query.decode("latin-1"))
+    capsule_id, port, rest = match["id"].decode(), int(match["port"]), match["rest"] or b"/"
+    refused = refusal(port, rest, query)
+    if refused is not None:
+        raise ProxyError(refused.status, refused.code, refused.reason, capsule_id=capsule_id,
+                         refused_path=raw_path)  # fmt: skip
+    return Route(capsule_id, port, rest.decode("ascii"), query.decode("ascii"))
+
+
+def upstream_target(route: Route) -> bytes:
+    """The request target sent to the capsule: the checked raw path and query, byte for byte."""
+    return (route.rest + (f"?{route.query}" if route.query else "")).encode("ascii")
 
 
 def host_port(address: str, port: int) -> str:
@@ -147,6 +178,16 @@ class DialRetry(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+@dataclass(eq=False, slots=True)
+class _Pool:
+    """One cached target's client and the requests using it now."""
+
+    client: httpx.AsyncClient
+    users: int = 0
+    retired: bool = False
+    """Pushed out of the cache: closed when the last user is done."""
+
+
 class PortProxy:
     """The ASGI app. `targets` finds capsules; `transport` (tests) replaces the network."""
 
@@ -162,9 +203,11 @@ class PortProxy:
         self._settings = settings or ProxySettings()
         self._transport = transport
         self._sleep = sleep
-        # "{capsule_id}/{port}/{address}" -> that target's client. The address is in the key
-        # so that a capsule that comes back elsewhere misses; `evict` drops a capsule's keys.
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        # "{capsule_id}/{port}/{address}" -> that target's pool, least recently used first.
+        # The address is in the key so that a capsule that comes back elsewhere misses;
+        # `evict` drops a capsule's keys.
+        self._clients: OrderedDict[str, _Pool] = OrderedDict()
+        self._refusals = RefusalLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -177,6 +220,8 @@ class PortProxy:
             route = parse_route(raw_path, query)
             lease = self._acquire(route.capsule_id)
         except ProxyError as err:
+            if err.refused_path is not None:
+                self._refusals.refused(err.capsule_id, err.message, err.refused_path)
             await refuse(scope, send, err.status, err.code, err.message)
             return
         try:
@@ -190,10 +235,10 @@ class PortProxy:
     async def evict(self, capsule_id: str) -> None:
         """Forget (and close) every cached target of a capsule: call it when the capsule is
         destroyed or moves. Requests still streaming through them are cut."""
-        await self._drop(lambda key: key.startswith(f"{capsule_id}/"))
+        await self._drop(lambda key: key.startswith(f"{capsule_id}/"), cut=True)
 
     async def aclose(self) -> None:
-        await self._drop(lambda key: True)
+        await self._drop(lambda key: True, cut=True)
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(cached_targets=len(self._clients))
@@ -207,14 +252,29 @@ class PortProxy:
             message = f"capsule {capsule_id} is not available: {err}"
             raise ProxyError(503, ErrorCode.UNAVAILABLE, message) from None
 
-    async def _client(self, route: Route, address: str) -> httpx.AsyncClient:
+    async def _pool(self, route: Route, address: str) -> _Pool:
+        """The target's pool, counted as used (`_done` when finished with it)."""
         key = f"{route.capsule_id}/{route.port}/{address}"
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = self._new_client()  # no await since the get
-            stale = f"{route.capsule_id}/{route.port}/"
-            await self._drop(lambda k: k.startswith(stale) and k != key)
-        return client
+        pool = self._clients.get(key)
+        if pool is not None:
+            self._clients.move_to_end(key)
+            pool.users += 1
+            return pool
+        pool = self._clients[key] = _Pool(self._new_client(), users=1)  # no await since get
+        stale = f"{route.capsule_id}/{route.port}/"
+        gone = {k for k in self._clients if k.startswith(stale) and k != key}
+        oldest = (k for k in self._clients if k not in gone and k != key)
+        excess = len(self._clients) - len(gone) - self._settings.max_cached_targets
+        gone.update(next(oldest) for _ in range(max(0, excess)))
+        with anyio.CancelScope(shield=True):  # the new pool is counted: never leave it so
+            await self._drop(gone.__contains__, cut=False)
+        return pool
+
+    async def _done(self, pool: _Pool) -> None:
+        pool.users -= 1
+        if pool.retired and pool.users == 0:
+            with anyio.CancelScope(shield=True):
+                await pool.client.aclose()
 
     def _new_client(self) -> httpx.AsyncClient:
         s = self._settings
@@ -230,24 +290,51 @@ class PortProxy:
         timeout = httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s)
         return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
 
-    async def _drop(self, matches: Callable[[str], bool]) -> None:
+    async def _drop(self, matches: Callable[[str], bool], *, cut: bool) -> None:
+        """Forget the matching pools and close them: at once with `cut`, else each after the
+        requests using it are done."""
         gone = [self._clients.pop(k) for k in [k for k in self._clients if matches(k)]]
-        for client in gone:
-            await client.aclose()
+        for pool in gone:
+            pool.retired = True
+            if cut or pool.users == 0:
+                await pool.client.aclose()
 
     async def _http(
         self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
     ) -> None:
-        client = await self._client(route, address)
         target = host_port(address, route.port)
         headers = _headers(scope)
         body = _RequestBody(receive, headers)
-        request = httpx.Request(
-            str(scope["method"]),
-            f"http://{target}{route.rest}" + (f"?{route.query}" if route.query else ""),
-            headers=_upstream_headers(scope, headers),
-            content=body.stream() if body.present else None,
-        )
+        raw_target = upstream_target(route)
+        try:
+            # httpx normalises the URL's path; the request line carries `raw_target`, the
+            # checked bytes as they came, through httpcore's "target" extension instead.
+            request = httpx.Request(
+                str(scope["method"]), f"http://{target}{route.rest}" + (
+                    f"?{route.query}" if route.query else ""),
+                headers=_upstream_headers(scope, headers),
+                content=body.stream() if body.present else None,
+                extensions={"target": raw_target},
+            )  # fmt: skip
+        except httpx.InvalidURL as err:
+            await answer_error(send, 400, ErrorCode.INVALID_REQUEST, f"bad path: {err}")
+            return
+        pool = await self._pool(route, address)
+        try:
+            await self._exchange(send, receive, pool.client, request, body, route, target)
+        finally:
+            await self._done(pool)
+
+    async def _exchange(
+        self,
+        send: Send,
+        receive: Receive,
+        client: httpx.AsyncClient,
+        request: httpx.Request,
+        body: _RequestBody,
+        route: Route,
+        target: str,
+    ) -> None:
         try:
             response = await client.send(request, stream=True)
         except httpx.ConnectError:
@@ -270,7 +357,9 @@ class PortProxy:
         self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
     ) -> None:
         target = host_port(address, route.port)
-        url = f"ws://{target}{route.rest}" + (f"?{route.query}" if route.query else "")
+        # `websockets` sends an ASCII URI's path and query as they are (no normalising); the
+        # checked ones hold nothing it would parse differently (no #, no controls).
+        url = f"ws://{target}" + upstream_target(route).decode("ascii")
         await relay_websocket(
             scope, receive, send, url,
             headers=_upstream_headers(scope, _headers(scope), websocket=True),

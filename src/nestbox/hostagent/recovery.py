@@ -1,19 +1,38 @@
 """Agent start-up: take back what an earlier run of this agent left, remove what nobody owns.
 
-QEMU runs in its own session, so a crash or `kill -9` of the agent leaves every VM running.
-For each capsule record in `<state_dir>/capsules/`:
+QEMU runs in its own session, so a crash or `kill -9` of the agent leaves every VM running,
+possibly in the middle of an operation. The record of a capsule names its VM from the moment
+the VMM process exists (`pid`, `slot`), and a snapshot is renamed into place only once it is
+complete and fsynced, so each interrupted state has one decision:
 
-- running (or killed mid-pause) and its QEMU still alive: re-adopt it. Reconnect QMP (a VM
-  stopped by a pause that never finished is continued), claim its slot, rebuild the undo
-  stacks of its run (slot, slot network, VMM, envd client) and files, and give it back to the
-  runtime, which watches it from now on. The guest never noticed.
-- paused with its snapshot on disk: adopt it as paused (a resume interrupted by the crash is
-  rolled back to paused; the snapshot is removed only once a resume succeeded).
-- anything else (the VM is gone, a create or template snapshot was interrupted): kill what is
-  left of it, remove its files, and list it as `error` until the control plane destroys it.
+| record       | what is found                        | outcome                                 |
+|--------------|--------------------------------------|-----------------------------------------|
+| RUNNING      | its VM alive                         | re-adopted, running                     |
+| PAUSING      | the pause's snapshot complete        | VM killed, PAUSED                       |
+| PAUSING      | no complete snapshot, VM alive       | migration cancelled, `cont`, re-adopted |
+| SNAPSHOTTING | VM alive                             | migration cancelled, `cont`, re-adopted;|
+|              |                                      | the template staging directory removed  |
+| PAUSED       | its snapshot                         | PAUSED (any VM left is killed)          |
+| RESUMING     | its snapshot                         | half-restored VM killed, PAUSED         |
+| STARTING     | anything                             | VM killed, files removed, `error`       |
+| any other    | (the VM is gone, snapshot missing…)  | VM killed, files removed, `error`       |
+| STOPPING     | anything                             | VM killed, files removed, forgotten     |
 
-Then remove this agent's network leftovers of every slot no capsule holds, and capsule
-directories no record owns. Nothing of another agent id is ever touched.
+A SNAPSHOTTING capsule whose VM is gone was being consumed into its template (its disk may
+already have moved): it is removed and listed as `error`. Re-adoption reconnects QMP, claims the
+slot and rebuilds the run's undo stack (slot network, VMM, envd client); the guest never
+noticed. A capsule in `error` is listed until the control plane destroys it.
+
+The VMs of a capsule are the recorded pid and any QEMU whose command line names the capsule's
+directory (one launched in the instant before its pid reached the record). Each is held by a
+pidfd opened *before* its command line is checked, and signalled through it, so a recycled pid
+is never killed. Files are removed only after every VM of the capsule has exited.
+
+Then remove this agent's network leftovers of every slot no capsule holds, the cgroups of VMs
+that no longer run, and capsule directories no record owns (after killing any QEMU that names
+them). Nothing of another agent
+id is ever touched: its records, directories and QEMU command lines are under another state
+directory.
 """
 
 from __future__ import annotations
@@ -24,7 +43,8 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,12 +54,13 @@ from nestbox.hostagent.envd_client import EnvdClient, envd_url
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
 from nestbox.hostagent.managed import CapsuleMeta, read_meta
 from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
-from nestbox.hostagent.vmm.base import VmHandle
+from nestbox.hostagent.vmm import confine
+from nestbox.hostagent.vmm.base import QmpError, VmHandle
 from nestbox.hostagent.vmm.process import VmProcess
 from nestbox.hostagent.vmm.qmp import QmpClient
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterable
 
     from nestbox.hostagent.lifecycle import Host
     from nestbox.hostagent.manager import CapsuleManager
@@ -48,6 +69,10 @@ log = logging.getLogger(__name__)
 
 S = CapsuleState
 QMP_CONNECT_S = 10.0
+MIGRATION_CANCEL_S = 10.0
+"""How long a snapshot's migration that a crash interrupted may take to stop once cancelled."""
+MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+"""`query-migrate` statuses of a migration still under way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,25 +91,30 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     """Re-adopt, clean and report (see the module docstring). Call once, before serving."""
     runtime = manager.runtime
     host = runtime.host
+    state_dir = host.settings.state_dir
     report = RecoveryReport([], [], {})
-    for record in await anyio.to_thread.run_sync(cap.read_records, host.settings.state_dir):
+    vms = await anyio.to_thread.run_sync(_qemu_cmdlines, cap.records_dir(state_dir))
+    for record in await anyio.to_thread.run_sync(cap.read_records, state_dir):
         meta = await anyio.to_thread.run_sync(read_meta, record.dir)
+        found = _claim_vms(record, vms)
         try:
-            capsule = await _adopt(host, record, meta)
+            capsule = await _recover(host, record, meta, found)
         except NotAdoptable as why:
             reason = str(why)
+            await _kill_all(found)  # before its files go: never a deleted disk under a VM
             await _discard(host, record)
             if record.state != S.STOPPING:
                 report.failed[record.id] = reason
                 manager.add_failed(record.id, meta, reason)
             log.warning("capsule not re-adopted: %s", reason, extra={"capsule_id": record.id})
             continue
-        runtime.adopt(capsule)
+        await runtime.adopt(capsule)
         await manager.adopt(capsule, meta)
         (report.running if capsule.state == S.RUNNING else report.paused).append(capsule.id)
     await cleanup_leftovers(host.system, host.settings, host.slots.in_use())
-    await anyio.to_thread.run_sync(_remove_strays, host.settings.state_dir,
-                                   {c.id for c in runtime.capsules()})  # fmt: skip
+    running = {c.id for c in runtime.capsules() if c.run is not None}
+    await anyio.to_thread.run_sync(confine.remove_leftover_cgroups, host.settings, running)
+    await _remove_strays(state_dir, {c.id for c in runtime.capsules()})
     host.networks.start()  # the warm pool, now that no leftover shares a slot with it
     if report.running or report.paused or report.failed:
         log.info(
@@ -94,32 +124,56 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     return report
 
 
-async def _adopt(host: Host, record: CapsuleRecord, meta: CapsuleMeta) -> Capsule:
-    """The capsule of `record`, with its run when its VM is alive. :raise NotAdoptable:"""
-    alive = _our_vm(record)
-    if record.state in (S.RUNNING, S.PAUSING):
-        if alive is None:
-            raise NotAdoptable("the VM is gone (it exited while the agent was down)")
+async def _recover(
+    host: Host, record: CapsuleRecord, meta: CapsuleMeta, found: list[VmProcess]
+) -> Capsule:
+    """The capsule of `record` as the table in the module docstring says. Every VM in `found`
+    is either the adopted capsule's or killed when this returns. :raise NotAdoptable: (the
+    caller kills what is left in `found`)"""
+    recorded = next((vm for vm in found if vm.pid == record.pid), None)
+    if record.state in (S.RUNNING, S.PAUSING, S.SNAPSHOTTING) and not _snapshot_done(record):
+        if recorded is None:
+            raise NotAdoptable(_GONE.get(record.state, "the VM is gone (it exited while the "
+                                                       "agent was down)"))  # fmt: skip
         if record.slot is None:
             raise NotAdoptable("the record has no slot")
-        if record.state == S.PAUSING and record.snapshot is not None:
-            record.snapshot.unlink(missing_ok=True)  # an unfinished snapshot
-        capsule = Capsule(record.model_copy(update={"state": S.RUNNING}), _files(host, record))
-        capsule.run = await _adopt_run(host, record, record.slot, alive, meta.egress)
+        await _kill_all(vm for vm in found if vm is not recorded)
+        run = await _adopt_run(host, record, record.slot, recorded, meta.egress)
+        await anyio.to_thread.run_sync(_remove_unfinished, record, True)
+        running = record.model_copy(update={"state": S.RUNNING, "snapshot": None, "staging": None})
+        capsule = Capsule(running, _files(host, record))
+        capsule.run = run
         return capsule
-    if alive is not None:
-        with anyio.CancelScope(shield=True):
-            await VmProcess.adopt(alive, [], record.run_dir / "vmm.log").kill()
-    if record.state in (S.PAUSED, S.RESUMING) and record.snapshot and record.snapshot.exists():
-        paused = record.model_copy(update={"state": S.PAUSED, "slot": None, "pid": None,
-                                           "host_address": None})  # fmt: skip
+    await _kill_all(found)
+    if record.state in (S.PAUSING, S.PAUSED, S.RESUMING) and _snapshot_done(record):
+        await anyio.to_thread.run_sync(_remove_unfinished, record, False)
+        # A paused capsule's RAM is all in its snapshot, and its envd holds `access_token`
+        # (a resume's new token never reached the snapshot).
+        paused = record.model_copy(update={
+            "state": S.PAUSED, "slot": None, "pid": None, "host_address": None,
+            "ram": "anonymous", "ram_file": None, "pending_token": None, "staging": None,
+        })  # fmt: skip
         await anyio.to_thread.run_sync(cap.write_record, host.settings.state_dir, paused)
         return Capsule(paused, _files(host, record))
     raise NotAdoptable(f"the agent stopped while the capsule was {record.state}")
 
 
-async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egress: bool) -> Run:
-    """Reconnect to a running VM and rebuild its run's undo stack. :raise NotAdoptable:"""
+_GONE = {
+    S.PAUSING: "the VM is gone (the agent stopped while the capsule was pausing)",
+    S.SNAPSHOTTING: "the VM is gone (the agent stopped while the capsule became a template)",
+}
+
+
+def _snapshot_done(record: CapsuleRecord) -> bool:
+    """The record's snapshot is complete (it is renamed into place only then)."""
+    return record.snapshot is not None and record.snapshot.exists()
+
+
+async def _adopt_run(
+    host: Host, record: CapsuleRecord, slot: int, process: VmProcess, egress: bool
+) -> Run:
+    """Reconnect to a running VM (cancelling a snapshot a crash interrupted, and letting the
+    guest run on) and rebuild its run's undo stack. :raise NotAdoptable:"""
     network = dataclasses.replace(plan_slot(host.settings, slot), egress=egress)
     stack = UndoStack("run")
     try:
@@ -132,20 +186,19 @@ async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egr
         lease.stack.push_async_callback(_remove_slot_network, host, slot)
         stack.push_async_callback(host.networks.release, lease)
         spec = machine_spec(record, network, incoming=False)
-        process = VmProcess.adopt(pid, [], spec.output_log)
         try:
             with anyio.fail_after(QMP_CONNECT_S):
                 qmp = await QmpClient.connect(spec.qmp_socket)
         except (OSError, TimeoutError, anyio.EndOfStream) as err:
-            await process.kill()
             raise NotAdoptable(f"the VM's QMP socket does not answer: {err!r}") from err
         vm = VmHandle(spec=spec, process=process, qmp=qmp)
         stack.push_async_callback(host.hypervisor.kill, vm)
-        status = (await qmp.execute("query-status"))["status"]
-        if status != "running":  # stopped by a pause the crash interrupted
-            log.info("continuing a VM found %s", status, extra={"capsule_id": record.id})
-            await qmp.execute("cont")
-        envd = EnvdClient(envd_url(network.host_address))
+        try:
+            with anyio.fail_after(QMP_CONNECT_S + MIGRATION_CANCEL_S):
+                await _let_run(record, qmp)
+        except (QmpError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as err:
+            raise NotAdoptable(f"the VM cannot be continued: {err!r}") from err
+        envd = EnvdClient(envd_url(network.host_address), access_token=record.access_token)
         stack.push_async_callback(envd.aclose)
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
@@ -153,19 +206,36 @@ async def _adopt_run(host: Host, record: CapsuleRecord, slot: int, pid: int, egr
     return Run(lease=lease, vm=vm, envd=envd, stack=stack)
 
 
-def _our_vm(record: CapsuleRecord) -> int | None:
-    """The record's QEMU pid if that process is alive and is this capsule's QEMU (a recycled
-    pid must never be adopted or killed)."""
-    if record.pid is None:
-        return None
-    try:
-        with open(f"/proc/{record.pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
-    except OSError:
-        return None
-    if b"qemu" not in cmdline[0] or str(record.disk).encode() not in b" ".join(cmdline):
-        return None
-    return record.pid
+async def _let_run(record: CapsuleRecord, qmp: QmpClient) -> None:
+    """Cancel the snapshot an interrupted pause or template left (a migration may still be
+    writing, or may have completed into a file that was never renamed: either way it is not
+    the capsule's snapshot) and continue a stopped guest. `cont` also takes the disk back
+    from a completed migration."""
+    status: str = (await qmp.execute("query-status"))["status"]
+    if record.state == S.RUNNING and status == "running":
+        return
+    migration: dict[str, Any] = await qmp.execute("query-migrate")
+    if migration.get("status") in MIGRATING:
+        log.info("cancelling a snapshot the agent left", extra={"capsule_id": record.id})
+        await qmp.execute("migrate_cancel")
+        while (await qmp.execute("query-migrate")).get("status") in MIGRATING:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        status = (await qmp.execute("query-status"))["status"]
+    if status != "running":
+        log.info("continuing a VM found %s", status, extra={"capsule_id": record.id})
+        await qmp.execute("cont")
+
+
+def _remove_unfinished(record: CapsuleRecord, running: bool) -> None:
+    """What an interrupted pause, resume or template snapshot left: the partial pause snapshot,
+    the template staging directory and, for a capsule that runs, the pause snapshot (a resume
+    stopped before removing it: it must never pass for a later pause's)."""
+    partial = record.pause_snapshot.with_name(record.pause_snapshot.name + ".partial")
+    partial.unlink(missing_ok=True)
+    if running:
+        record.pause_snapshot.unlink(missing_ok=True)
+    if record.staging is not None:
+        shutil.rmtree(record.staging, ignore_errors=True)
 
 
 def _files(host: Host, record: CapsuleRecord) -> UndoStack:
@@ -177,9 +247,12 @@ def _files(host: Host, record: CapsuleRecord) -> UndoStack:
 
 
 async def _discard(host: Host, record: CapsuleRecord) -> None:
+    """Remove a capsule's record, then its files (its VMs are gone)."""
     with anyio.CancelScope(shield=True):
         await _remove_record(host.settings.state_dir, record.id)
         await _rmtree(record.dir)
+        if record.staging is not None:
+            await _rmtree(record.staging)
 
 
 async def _remove_slot_network(host: Host, slot: int) -> None:
@@ -190,15 +263,80 @@ async def _remove_slot_network(host: Host, slot: int) -> None:
     await cleanup_leftovers(host.system, host.settings, others)
 
 
-def _remove_strays(state_dir: Path, live: set[str]) -> None:
-    """Capsule directories and records no live capsule owns, and half-written records."""
+# ── finding a capsule's VMs ─────────────────────────────────────────────────────────────
+
+
+def _qemu_cmdlines(records_dir: Path) -> dict[int, bytes]:
+    """pid -> command line (NULs as spaces) of every QEMU naming something under
+    `records_dir` (this agent's capsules)."""
+    marker = _marker(records_dir)
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (cmdline := _cmdline(int(name))) and marker in cmdline:
+            found[int(name)] = cmdline
+    return found
+
+
+def _cmdline(pid: int) -> bytes | None:
+    """`pid`'s command line if it is a QEMU, else None (gone, or another program)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    return b" ".join(argv) if b"qemu" in argv[0] else None
+
+
+def _marker(directory: Path) -> bytes:
+    """What the command line of a QEMU using files under `directory` contains."""
+    return str(directory).encode() + b"/"
+
+
+def _claim_vms(record: CapsuleRecord, vms: dict[int, bytes]) -> list[VmProcess]:
+    """The live QEMUs of `record`'s capsule, the recorded pid first."""
+    marker = _marker(record.dir)
+    pids = [record.pid] if record.pid is not None else []
+    pids += [pid for pid, cmdline in vms.items() if marker in cmdline and pid != record.pid]
+    return _claim(pids, marker, record.run_dir / "vmm.log")
+
+
+def _claim(pids: list[int], marker: bytes, output_log: Path) -> list[VmProcess]:
+    """The live QEMUs among `pids` whose command line contains `marker`, each held by a pidfd
+    opened *before* the command line is checked: a pid recycled in between fails the check and
+    is let go, never signalled."""
+    found = []
+    for pid in pids:
+        process = VmProcess.adopt(pid, [], output_log)
+        cmdline = _cmdline(pid)
+        if process.is_running() and cmdline is not None and marker in cmdline:
+            found.append(process)
+        else:
+            process.close()
+    return found
+
+
+async def _kill_all(vms: Iterable[VmProcess]) -> None:
+    """SIGKILL each VM (through its pidfd) and wait until it has exited."""
+    with anyio.CancelScope(shield=True):
+        for vm in list(vms):
+            log.info("killing a VM left by an interrupted operation", extra={"pid": vm.pid})
+            await vm.kill()
+
+
+async def _remove_strays(state_dir: Path, live: set[str]) -> None:
+    """Capsule directories and records no live capsule owns, and half-written records. A QEMU
+    naming a stray directory is killed before the directory goes."""
     base = cap.records_dir(state_dir)
-    if not base.is_dir():
+    if not await anyio.to_thread.run_sync(base.is_dir):
         return
-    for path in base.iterdir():
+    vms = await anyio.to_thread.run_sync(_qemu_cmdlines, base)
+    for path in await anyio.to_thread.run_sync(lambda: sorted(base.iterdir())):
         owner = path.name.removesuffix(".json")
         if path.is_dir() and path.name not in live:
-            shutil.rmtree(path, ignore_errors=True)
+            marker = _marker(path)
+            pids = [pid for pid, cmdline in vms.items() if marker in cmdline]
+            await _kill_all(_claim(pids, marker, Path(os.devnull)))
+            await _rmtree(path)
         elif path.name.endswith(".tmp") or (path.suffix == ".json" and owner not in live):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -212,4 +350,4 @@ async def _rmtree(path: Path) -> None:
 
 
 async def _remove_record(state_dir: Path, capsule_id: str) -> None:
-    cap.remove_record(state_dir, capsule_id)
+    await anyio.to_thread.run_sync(cap.remove_record, state_dir, capsule_id)

@@ -8,7 +8,8 @@ every interval, renews the host token with the refresh token when the control pl
 and keeps trying quietly through outages (one warning per failure streak).
 
 Not here: the HTTP check of the control plane's calls to the agent, which is `auth`'s
-(`auth.from_credentials` checks them against `HostCredentials.agent_token_sha256`).
+(`auth.from_credentials` checks them against `HostCredentials.agent_token_sha256` for RPCs and
+`proxy_token_sha256` for the port proxy).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class HostCredentials(BaseModel):
     """Sent in `X-Host-Token` with every heartbeat."""
     refresh_token: str
     agent_token_sha256: str
-    """SHA-256 (hex) of the token the control plane presents in `X-Agent-Token`."""
+    """SHA-256 (hex) of the token the control plane presents with RPCs (`X-Agent-Token`)."""
+    proxy_token_sha256: str | None = None
+    """SHA-256 (hex) of the token the control plane presents with proxied requests
+    (`X-Nestbox-Proxy-Token`); None in files written before it existed (no proxying then)."""
     registered_at: datetime
 
 
@@ -213,14 +217,18 @@ async def register(
     """
     if machine is None:
         machine = await anyio.to_thread.run_sync(machine_info, state_dir)
-    request = HostRegisterRequest(
-        token=token,
-        address=address,
-        arch=machine.arch,
-        cpu_cores=machine.cpu_cores,
-        memory_mb=machine.memory_mb,
-        disk_gb=machine.disk_gb,
-    )
+    try:
+        request = HostRegisterRequest(
+            token=token,
+            address=address,
+            arch=machine.arch,
+            cpu_cores=machine.cpu_cores,
+            memory_mb=machine.memory_mb,
+            disk_gb=machine.disk_gb,
+        )
+    except ValidationError as err:
+        problems = "; ".join(e["msg"] for e in err.errors(include_url=False))
+        raise RegistrationError(f"register: cannot register {address!r}: {problems}") from err
     async with _cp_client(cp_url, client, REGISTER_TIMEOUT_S) as http:
         answer = await _post(http, REGISTER_PATH, request, HostRegisterResponse, "register")
     creds = HostCredentials(
@@ -230,6 +238,7 @@ async def register(
         host_token=answer.token,
         refresh_token=answer.refresh_token,
         agent_token_sha256=sha256_hex(answer.agent_token),
+        proxy_token_sha256=sha256_hex(answer.proxy_token),
         registered_at=datetime.now(UTC),
     )
     await anyio.to_thread.run_sync(save_credentials, state_dir, creds)

@@ -37,7 +37,7 @@ from nestbox.hostagent.capsule import (
     MachineRecord,
     TeardownError,
 )
-from nestbox.hostagent.envd_client import init_request
+from nestbox.hostagent.envd_client import init_request, new_access_token
 from nestbox.hostagent.image.cmdline import kernel_cmdline
 from nestbox.hostagent.lifecycle import Host, Run, StepHook, Timeouts, no_hook
 from nestbox.hostagent.network import (
@@ -49,6 +49,7 @@ from nestbox.hostagent.network import (
     ensure_blackhole,
 )
 from nestbox.hostagent.storage import templates as tpl
+from nestbox.hostagent.vmm import confine
 from nestbox.hostagent.vmm.accel import choose_accel
 from nestbox.hostagent.vmm.qemu import QemuHypervisor
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from nestbox.hostagent.image.layout import GuestImage
+    from nestbox.hostagent.network import SlotNetwork
     from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.system import System
     from nestbox.hostagent.vmm.accel import AccelChoice
@@ -94,8 +96,8 @@ class VmRuntime:
     ) -> None:
         self.settings = settings
         self.accel = accel or choose_accel(settings.accel)
-        self.hypervisor: Hypervisor = hypervisor or QemuHypervisor(
-            self.accel, binary=settings.qemu_binary
+        self.hypervisor: Hypervisor = hypervisor or QemuHypervisor.from_settings(
+            self.accel, settings
         )
         self.slots = SlotPool(settings)
         timeouts = timeouts or Timeouts()
@@ -135,6 +137,7 @@ class VmRuntime:
         timeouts: Timeouts | None = None,
     ) -> AsyncIterator[VmRuntime]:
         """The runtime, with its task group for exit watchers. VMs outlive the block."""
+        confine.secure_data_dirs(settings)  # made 0700, or made so (logged) if looser
         for path in (
             settings.state_dir,
             cap.records_dir(settings.state_dir),
@@ -151,6 +154,7 @@ class VmRuntime:
             except BaseException as err:
                 body_error = err  # re-raised as is, not wrapped in the task group's group
             await rt.networks.aclose()  # shielded: teardowns in flight end, warm slots go
+            confine.remove_agent_cgroups(settings)  # a few rmdirs; none while a VM is left
             tg.cancel_scope.cancel()
         if body_error is not None:
             raise body_error
@@ -211,7 +215,7 @@ class VmRuntime:
             ram="shared" if ram_shared else "anonymous",
             ram_file=cdir / "mem" if ram_shared else None,
             dir=cdir, disk=cdir / "disk.qcow2", default_user=default_user,
-            env_vars=env_vars or {},
+            env_vars=env_vars or {}, pending_token=new_access_token(),
         )  # fmt: skip
         with self._timed("capsule booted", cid, template_id):
             return await self._create(
@@ -293,6 +297,7 @@ class VmRuntime:
             dir=cdir, disk=cdir / "disk.qcow2",
             default_user=default_user or meta.default_user,
             env_vars={**meta.default_env, **(env_vars or {})},
+            access_token=meta.access_token, pending_token=new_access_token(),
         )  # fmt: skip
         with self._timed("capsule cloned", cid, meta.template_id):
             return await self._create(
@@ -326,7 +331,7 @@ class VmRuntime:
         capsule = Capsule(record, files)
         capsule.run = run
         self._capsules[record.id] = capsule
-        self._set_running(capsule, run)
+        await self._set_running(capsule, run, **_token_set(record))
         return capsule
 
     # ── pause / resume ──────────────────────────────────────────────────────────────────
@@ -342,9 +347,11 @@ class VmRuntime:
         async with capsule.lock:
             run = self._require_run(capsule, S.RUNNING)
             with self._timed("capsule paused", capsule_id, capsule.record.template_id):
-                self._move(capsule, S.PAUSING)
+                snapshot = capsule.record.pause_snapshot
+                # The record names the snapshot before it exists: after a crash, a PAUSING
+                # record whose snapshot exists is a pause that completed (see `recovery`).
+                await self._move(capsule, S.PAUSING, snapshot=snapshot)
                 self._stop_watch(capsule)
-                snapshot = capsule.record.dir / "snapshot.state"
                 try:
                     await lifecycle.prepare_snapshot(self.host, run, ignore_shared=False)
                     await hook("prepare")
@@ -352,21 +359,25 @@ class VmRuntime:
                 except BaseException:
                     snapshot.unlink(missing_ok=True)
                     lifecycle.reopen_envd(run)
-                    self._set_running(capsule, run)
+                    await self._set_running(capsule, run, snapshot=None)
                     raise
                 capsule.run = None
-                # A paused capsule's RAM is all in its snapshot: it resumes into anonymous RAM.
-                self._move(
-                    capsule,
-                    S.PAUSED,
-                    snapshot=snapshot,
-                    slot=None,
-                    host_address=None,
-                    pid=None,
-                    ram="anonymous",
-                    ram_file=None,
-                )
-                await lifecycle.end_run(self.host, run)
+                try:
+                    # The VMM goes first: the record never says PAUSED while it may live.
+                    await lifecycle.end_run(self.host, run)
+                finally:
+                    # A paused capsule's RAM is all in its snapshot: it resumes into anonymous
+                    # RAM.
+                    await self._move(
+                        capsule,
+                        S.PAUSED,
+                        snapshot=snapshot,
+                        slot=None,
+                        host_address=None,
+                        pid=None,
+                        ram="anonymous",
+                        ram_file=None,
+                    )
                 await hook("save")
 
     async def resume(
@@ -394,22 +405,33 @@ class VmRuntime:
                 update["env_vars"] = {**record.env_vars, **(env_vars or {})}
                 record = capsule.record = record.model_copy(update=update)
             with self._timed("capsule resumed", capsule_id, record.template_id):
-                self._move(capsule, S.RESUMING)
+                # A new envd token, recorded before the /init that sets it is sent.
+                await self._move(capsule, S.RESUMING, pending_token=new_access_token())
+                record = capsule.record
                 try:
-                    run = await self._restore_run(record, snapshot, egress, hook)
+                    run = await self._restore_run(
+                        record, snapshot, egress, hook, self._record_vm(capsule)
+                    )
                 except BaseException:
-                    self._move(capsule, S.PAUSED)
+                    # The VM is gone; the snapshot's envd still holds the old token.
+                    await self._move(capsule, S.PAUSED, pending_token=None, slot=None,
+                                     host_address=None, pid=None)  # fmt: skip
                     raise
-                self._set_running(capsule, run, snapshot=None)
+                await self._set_running(capsule, run, snapshot=None, **_token_set(record))
                 snapshot.unlink(missing_ok=True)
 
     async def _restore_run(
-        self, record: CapsuleRecord, snapshot: Path, egress: bool, hook: StepHook
+        self,
+        record: CapsuleRecord,
+        snapshot: Path,
+        egress: bool,
+        hook: StepHook,
+        on_launch: lifecycle.RecordVm,
     ) -> Run:
         try:
             return await lifecycle.start_guest(
                 self.host, record, restore_from=snapshot, ignore_shared=False,
-                init=self._init_for(record), egress=egress, hook=hook,
+                init=self._init_for(record), egress=egress, hook=hook, on_launch=on_launch,
             )  # fmt: skip
         finally:
             self.networks.refill()  # now that this start-up no longer needs the CPUs
@@ -430,12 +452,13 @@ class VmRuntime:
         async with self._template_lock(template_id), capsule.lock:
             run = self._require_run(capsule, S.RUNNING)
             with self._timed("template snapshotted", capsule_id, template_id):
-                self._move(capsule, S.SNAPSHOTTING)
+                await self._move(capsule, S.SNAPSHOTTING)
                 self._stop_watch(capsule)
                 shared = capsule.record.ram == "shared"
                 staging: tpl.TemplateDir | None = None
                 try:
                     staging = tpl.make_staging(self.settings.templates_dir, template_id)
+                    await self._move(capsule, S.SNAPSHOTTING, staging=staging.root)
                     await lifecycle.prepare_snapshot(self.host, run, ignore_shared=shared)
                     result = await lifecycle.save(
                         self.host, run, staging.state, ignore_shared=shared
@@ -445,7 +468,7 @@ class VmRuntime:
                         with anyio.CancelScope(shield=True):
                             await _remove_tree(staging.root)
                     lifecycle.reopen_envd(run)
-                    self._set_running(capsule, run)
+                    await self._set_running(capsule, run, staging=None)
                     raise
                 try:
                     capsule.run = None
@@ -501,12 +524,12 @@ class VmRuntime:
                 pass
             return await self.build_template(image, template_id)
 
-    def adopt(self, capsule: Capsule) -> None:
+    async def adopt(self, capsule: Capsule) -> None:
         """Register a capsule an earlier agent run left (`hostagent/recovery.py` rebuilds its
         run and files); a running one gets its exit watcher."""
         self._capsules[capsule.id] = capsule
         if capsule.run is not None:
-            self._set_running(capsule, capsule.run)
+            await self._set_running(capsule, capsule.run)
 
     # ── destroy ─────────────────────────────────────────────────────────────────────────
 
@@ -520,7 +543,7 @@ class VmRuntime:
             if capsule.state == S.STOPPED:
                 return
             with self._timed("capsule destroyed", capsule_id, capsule.record.template_id):
-                self._move(capsule, S.STOPPING)
+                await self._move(capsule, S.STOPPING)
                 self._stop_watch(capsule)
                 await self._discard(capsule)
 
@@ -552,9 +575,9 @@ class VmRuntime:
 
     # ── exit watching ───────────────────────────────────────────────────────────────────
 
-    def _set_running(self, capsule: Capsule, run: Run, **changes: object) -> None:
+    async def _set_running(self, capsule: Capsule, run: Run, **changes: object) -> None:
         capsule.run = run
-        self._move(
+        await self._move(
             capsule,
             S.RUNNING,
             slot=run.network.slot,
@@ -573,7 +596,7 @@ class VmRuntime:
 
     async def _watch(self, capsule: Capsule, run: Run, scope: anyio.CancelScope) -> None:
         with scope:
-            code = await run.vm.process.wait_exit()
+            code = await self.hypervisor.supervise(run.vm)
         if scope.cancel_called:
             return
         async with capsule.lock:
@@ -584,7 +607,7 @@ class VmRuntime:
                 code,
                 extra={"capsule_id": capsule.id, "pid": run.pid},
             )
-            self._move(capsule, S.STOPPING)
+            await self._move(capsule, S.STOPPING)
             try:
                 await self._discard(capsule)
             except TeardownError as err:
@@ -594,7 +617,9 @@ class VmRuntime:
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────
 
-    def _move(self, capsule: Capsule, state: CapsuleState, **changes: object) -> None:
+    async def _move(self, capsule: Capsule, state: CapsuleState, **changes: object) -> None:
+        """Change the capsule's record in memory and on disk (durably, in a worker thread,
+        shielded: the record on disk never lags a step that was taken)."""
         record = capsule.record
         if state != record.state:
             record = record.moved_to(state)
@@ -606,7 +631,16 @@ class VmRuntime:
                 extra={"capsule_id": capsule.id},
             )
         capsule.record = record.model_copy(update=changes)
-        cap.write_record(self.settings.state_dir, capsule.record)
+        await lifecycle.write_record(self.settings.state_dir, capsule.record)
+
+    def _record_vm(self, capsule: Capsule) -> lifecycle.RecordVm:
+        """`on_launch` of a capsule's new run: its pid and slot go into the record at once."""
+
+        async def record(network: SlotNetwork, pid: int) -> None:
+            await self._move(capsule, capsule.state, slot=network.slot,
+                             host_address=network.host_address, pid=pid)  # fmt: skip
+
+        return record
 
     def _require_run(self, capsule: Capsule, state: CapsuleState) -> Run:
         if capsule.state != state or capsule.run is None:
@@ -620,6 +654,7 @@ class VmRuntime:
             template_id=record.template_id,
             default_user=record.default_user,
             env_vars=record.env_vars,
+            access_token=record.pending_token,
         )
 
     def _capsule_dir(self, capsule_id: str) -> Path:
@@ -646,6 +681,13 @@ class VmRuntime:
                 "duration_ms": _ms_since(started),
             },
         )
+
+
+def _token_set(record: CapsuleRecord) -> dict[str, object]:
+    """The record's changes once envd answered the `/init` that set `record.pending_token`."""
+    if record.pending_token is None:
+        return {}
+    return {"access_token": record.pending_token, "pending_token": None}
 
 
 def _ms_since(started: float) -> int:

@@ -48,6 +48,44 @@ class AgentSettings(BaseSettings):
     tap_burst_mbytes: int = Field(default=100, description="guest egress burst, MB")
     default_vcpus: int = Field(default=1, ge=1)
     default_memory_mib: int = Field(default=256, ge=64)
+    # ── VM confinement (vmm/confine.py) ──
+    confine: bool = Field(
+        default=True,
+        description="confine every QEMU (seccomp, own uid, chroot, cgroup, rlimits); off = root",
+    )
+    vm_uid_base: int = Field(
+        default=2_000_000_000,
+        ge=1_000_000,
+        description="QEMU runs as uid = gid = this + slot (above login.defs, subuid and systemd "
+        "container ranges, below 2^31)",
+    )
+    vm_memory_overhead_mib: int = Field(
+        default=192,
+        ge=32,
+        description="cgroup memory limit = guest RAM + this (QEMU itself, TCG code cache, cache)",
+    )
+    vm_tcg_tb_size_mib: int = Field(
+        default=64,
+        ge=0,
+        description="TCG translation cache size (bounds QEMU's own memory); 0 = QEMU's default",
+    )
+    vm_pids_max: int = Field(
+        default=128,
+        ge=80,
+        description="tasks (threads) per VM: cgroup pids.max and RLIMIT_NPROC of its uid",
+    )
+    vm_nofile_max: int = Field(default=256, ge=64, description="RLIMIT_NOFILE of each QEMU")
+    serial_log_max_bytes: int = Field(
+        default=1 << 20, ge=4096, description="a VM's serial console log on disk is kept under this"
+    )
+    cgroup_root: Path = Field(
+        default=Path("/sys/fs/cgroup"), description="where the cgroup hierarchies are mounted"
+    )
+    cgroup_parent: str = Field(
+        default="nestbox",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
+        description="each VM's cgroup is <cgroup_root>[/<controller>]/<this>/<agent_id>/<capsule>",
+    )
     log_level: str = Field(default="INFO")
     # ── the agent service (RPC, proxy, background loops) ──
     cp_url: str = Field(default="", description="control plane URL; empty = run unregistered")
@@ -60,6 +98,11 @@ class AgentSettings(BaseSettings):
     secret: SecretStr | None = Field(
         default=None,
         description="RPC secret of an unregistered agent; default: <state_dir>/agent-secret",
+    )
+    proxy_secret: SecretStr | None = Field(
+        default=None,
+        description="port-proxy secret of an unregistered agent (must differ from the RPC "
+        "secret); default: <state_dir>/proxy-secret",
     )
     heartbeat_interval_s: float = Field(default=30.0, gt=0, description="heartbeats to the CP")
     reap_interval_s: float = Field(default=2.0, gt=0, description="idle reaper period")
@@ -89,6 +132,8 @@ class AgentSettings(BaseSettings):
     def _check(self) -> AgentSettings:
         ipaddress.ip_network(self.slot_cidr)
         ipaddress.ip_network(self.veth_cidr)
+        if self.vm_uid_base + self.slot_first + self.slot_count > 2**31 - 1:
+            raise ValueError("vm_uid_base + slots must stay below 2^31 (uids above are unsafe)")
         return self
 
     @property

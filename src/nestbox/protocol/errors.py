@@ -28,6 +28,12 @@ class ErrorCode(StrEnum):
     """A host still runs capsules; the body also lists them in a top-level `capsule_ids`."""
     AGENT_ERROR = "agent_error"
     """A host agent failed an operation the control plane asked of it."""
+    QUOTA_EXCEEDED = "quota_exceeded"
+    """The team already runs as many capsules as its quota allows."""
+    RATE_LIMITED = "rate_limited"
+    """Too many requests from this address; the answer's `Retry-After` says when to retry."""
+    TEAM_PROTECTED = "team_protected"
+    """The team holds a platform admin's API key and cannot be deleted."""
     INTERNAL = "internal_error"
 
 
@@ -44,6 +50,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.HOST_UNAVAILABLE: 503,
     ErrorCode.HOST_HAS_CAPSULES: 409,
     ErrorCode.AGENT_ERROR: 502,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TEAM_PROTECTED: 409,
     ErrorCode.INTERNAL: 500,
 }
 

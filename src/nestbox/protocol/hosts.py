@@ -4,13 +4,19 @@
     POST /v1/hosts/auth/refresh      HostRefreshRequest   -> HostRefreshResponse
     POST /v1/hosts/{id}/heartbeat    HeartbeatRequest     -> HeartbeatResponse   (X-Host-Token)
 
-Credentials, one per direction:
+Credentials:
 - agent -> control plane: the host token in `X-Host-Token` (short-lived; renewed with the
   refresh token, which rotates on every use).
-- control plane -> agent: the agent token, issued once at registration, in `X-Agent-Token` on
-  every RPC and port-proxy request. Not `Authorization`: proxied requests must carry the
-  user's own `Authorization` to the capsule untouched. The agent keeps only its SHA-256 and
-  strips the header before anything reaches a capsule.
+- control plane -> agent, two tokens issued at registration, each good for one thing only:
+  the agent token authorises RPCs (`X-Agent-Token` or `Authorization: Bearer`), the proxy
+  token authorises `/proxy/...` requests (`X-Nestbox-Proxy-Token`, never `Authorization`,
+  which belongs to the user's application in the capsule). So a proxied request can never
+  carry an RPC's authority. The agent keeps only their SHA-256s and strips both headers
+  before anything reaches a capsule; the control plane's public proxy refuses requests that
+  bring either header from outside.
+
+Host addresses are `host:port` (`split_host_address`): a DNS name, an IPv4 address or a
+bracketed IPv6 address, and a port 1-65535; no scheme, path, query, fragment or userinfo.
 Errors are `ErrorBody` (`protocol.errors`): a bad or used registration token is 401
 `unauthorized`; an unknown host 404 `not_found`.
 
@@ -25,20 +31,62 @@ Managing hosts (public API, platform admins; a BYOC host also its team's admins)
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import datetime  # noqa: TC003 (pydantic resolves annotations at runtime)
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HOST_TOKEN_HEADER = "X-Host-Token"
 AGENT_TOKEN_HEADER = "X-Agent-Token"
+"""The control plane's RPC credential at an agent (also accepted as `Authorization: Bearer`)."""
+PROXY_TOKEN_HEADER = "X-Nestbox-Proxy-Token"
+"""The control plane's credential for an agent's `/proxy/...`; authorises nothing else."""
 REGISTER_PATH = "/v1/hosts/register"
 REFRESH_PATH = "/v1/hosts/auth/refresh"
 
 
 def heartbeat_path(host_id: str) -> str:
     return f"/v1/hosts/{host_id}/heartbeat"
+
+
+MAX_ADDRESS = 255
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def split_host_address(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port). The host is a DNS name, a dotted IPv4
+    address or an IPv6 address in brackets; the port 1-65535. Nothing else: no scheme, path,
+    query, fragment, userinfo, spaces, zone ids or numeric shorthands (`127.1`).
+
+    :raise ValueError: says what is wrong.
+    """
+    if len(value) > MAX_ADDRESS or not value.isascii():
+        raise ValueError(f"an address is at most {MAX_ADDRESS} ASCII characters")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep or "%" in host:
+            raise ValueError("an address is host:port or [ipv6]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not _HOSTNAME.fullmatch(host):
+            raise ValueError("an address is host:port (a DNS name or IPv4 address, a port)")
+        if host.rstrip(".").replace(".", "").isdigit():
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not a dotted IPv4 address") from None
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be 1-65535")
+    return host, int(port)
 
 
 class HostStatus(StrEnum):
@@ -70,6 +118,12 @@ class HostRegisterRequest(BaseModel):
     cpu_cores: int = Field(ge=1)
     memory_mb: int = Field(ge=1)
     disk_gb: int = Field(ge=0, description="size of the file system holding the data directory")
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_address(value)
+        return value
 
 
 class HostView(BaseModel):
@@ -122,7 +176,10 @@ class HostRegisterResponse(BaseModel):
     host: HostView
     token: str = Field(description="host token for `X-Host-Token` (short-lived)")
     refresh_token: str = Field(description="trades for a new host token; rotates on use")
-    agent_token: str = Field(description="what the CP presents to the agent in X-Agent-Token")
+    agent_token: str = Field(description="what the CP presents for RPCs (X-Agent-Token)")
+    proxy_token: str = Field(
+        description="what the CP presents for /proxy/ requests (X-Nestbox-Proxy-Token)"
+    )
 
 
 class HostRefreshRequest(BaseModel):

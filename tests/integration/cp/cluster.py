@@ -66,6 +66,7 @@ class Cluster:
         assert r.status_code == 200, r.text
         doc = r.json()
         agent.token = doc["agent_token"]
+        agent.proxy_token = doc["proxy_token"]
         host = Host(agent, app, doc["host"]["id"], doc["token"])
         self.hosts.append(host)
         if beat:

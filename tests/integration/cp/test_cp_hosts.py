@@ -4,8 +4,12 @@ monitor (`missing`) and the reconciler (orphans, auto-pauses, stray capsules).""
 
 from __future__ import annotations
 
-import anyio
+import stat
 
+import anyio
+from sqlalchemy import select
+
+from nestbox.controlplane.db.models import HostRow, HostTokenRow
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.hosts import HOST_TOKEN_HEADER
 from tests.integration.cp.cluster import cluster
@@ -222,3 +226,73 @@ async def test_heartbeat_counts_that_disagree_trigger_a_reconcile(settings: CPSe
                 if r.json()["status"] == "paused":
                     break
                 await anyio.sleep(0.05)
+
+
+BAD_ADDRESSES = [
+    "169.254.169.254:80",
+    "127.0.0.1:9725/v1?",
+    "localhost:22",
+    "[::1]:80",
+    "user@host:1",
+    "host:0",
+    "host:70000",
+]
+REGISTRATION = {"arch": "x86_64", "cpu_cores": 2, "memory_mb": 4096, "disk_gb": 20}
+
+
+async def test_byoc_hosts_may_not_point_at_the_control_plane(settings: CPSettings) -> None:
+    async with cluster(settings, hosts=0) as c:
+        _, key = await c.user("ann@example.com")  # a team admin (owner of her team)
+        r = await c.client.post("/v1/hosts", json={"type": "byoc"}, headers=key)
+        assert r.status_code == 201, r.text
+        host_id, token = r.json()["host"]["id"], r.json()["registration_token"]
+        for address in BAD_ADDRESSES:
+            reg = {**REGISTRATION, "token": token, "address": address}
+            r = await c.client.post("/v1/hosts/register", json=reg)
+            assert r.status_code == 400, (address, r.text)
+            assert r.json()["error"]["code"] == "invalid_request", address
+        # refused before the one-time token was spent; the host stays pending and addressless
+        async with c.services.db.transaction() as tx:
+            row = await tx.session.scalar(
+                select(HostTokenRow).where(HostTokenRow.host_id == host_id)
+            )
+        assert row is not None
+        assert row.used_at is None
+        doc = (await c.client.get(f"/v1/hosts/{host_id}", headers=key)).json()
+        assert (doc["status"], doc["address"]) == ("pending", "")
+
+        # a platform admin's regular host may use loopback (as `make run` does), not the rest
+        for address, status in (("169.254.169.254:80", 400), ("host:0", 400),
+                                ("127.0.0.1:9725/v1?", 400), ("127.0.0.1:1", 200),
+                                ("[::1]:1", 200), ("localhost:1", 200)):  # fmt: skip
+            r = await c.client.post("/v1/hosts", json={}, headers=c.admin)
+            reg = {**REGISTRATION, "token": r.json()["registration_token"], "address": address}
+            r = await c.client.post("/v1/hosts/register", json=reg)
+            assert r.status_code == status, (address, r.text)
+
+
+async def test_agent_tokens_are_sealed_at_rest(settings: CPSettings) -> None:
+    async with cluster(settings, hosts=0) as c:
+        r = await c.client.post("/v1/hosts", json={}, headers=c.admin)
+        reg = {**REGISTRATION, "token": r.json()["registration_token"], "address": "127.0.0.1:1"}
+        doc = (await c.client.post("/v1/hosts/register", json=reg)).json()
+        host_id, agent_token, proxy_token = (
+            doc["host"]["id"],
+            doc["agent_token"],
+            doc["proxy_token"],
+        )
+        assert agent_token != proxy_token
+        async with c.services.db.transaction() as tx:
+            row = await tx.session.get(HostRow, host_id)
+            assert row is not None
+            stored = (row.agent_token_enc or "", row.proxy_token_enc or "")
+            host = await tx.hosts.get(host_id)
+        assert stored[0].startswith("v1.")
+        assert stored[1].startswith("v1.")
+        assert agent_token not in stored[0] + stored[1]
+        assert proxy_token not in stored[0] + stored[1]
+        assert host is not None
+        assert c.services.hosts.agent_token(host) == agent_token
+        assert c.services.hosts.proxy_token(host) == proxy_token
+        key = settings.data_dir / "secret-key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600

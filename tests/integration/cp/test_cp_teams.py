@@ -141,14 +141,41 @@ async def test_team_creation_needs_a_session(cp: RunningCP) -> None:
     assert bad.status_code == 400
 
 
-async def test_user_search(cp: RunningCP) -> None:
+async def test_user_search_finds_teammates_or_an_exact_email(cp: RunningCP) -> None:
     owner = await signup(cp.client, "searcher@example.org")
-    await signup(cp.client, "findme@example.org")
-    r = await cp.client.get("/v1/users/search", params={"email": "findme@"}, headers=owner.headers)
-    assert r.status_code == 200
-    assert [u["email"] for u in r.json()] == ["findme@example.org"]
+    mate = await signup(cp.client, "findme-mate@example.org")
+    await signup(cp.client, "findme-stranger@example.org")
+    r = await cp.client.post(f"/v1/teams/{owner.team_id}/members", json={"email": mate.email},
+                             headers=owner.headers)  # fmt: skip
+    assert r.status_code == 201
+
+    async def search(q: str, headers: dict[str, str]) -> list[str]:
+        r = await cp.client.get("/v1/users/search", params={"email": q}, headers=headers)
+        assert r.status_code == 200, r.text
+        return [u["email"] for u in r.json()]
+
+    key = await new_key(cp.client, owner)
+    for headers in (owner.headers, key):
+        # A prefix finds teammates only; strangers only by their exact email.
+        assert await search("findme-mate@", headers) == ["findme-mate@example.org"]
+        assert await search("findme-stranger@", headers) == []
+        assert await search("findme-stranger@example.org", headers) == [
+            "findme-stranger@example.org"
+        ]
+        assert await search("FINDME-STRANGER@example.org", headers) == [
+            "findme-stranger@example.org"
+        ]
+    # The stranger sees nobody by prefix: they share no team with anyone.
+    stranger = await cp.client.post("/v1/auth/login", json={
+        "email": "findme-stranger@example.org", "password": "correct horse"})  # fmt: skip
+    token = {"Authorization": f"Bearer {stranger.json()['token']}"}
+    assert await search("findme-mate@", token) == []
+    assert await search("searcher@", token) == []
     short = await cp.client.get("/v1/users/search", params={"email": "fi"}, headers=owner.headers)
     assert short.status_code == 400
+    no_at = await cp.client.get("/v1/users/search", params={"email": "findme"},
+                                headers=owner.headers)  # fmt: skip
+    assert no_at.status_code == 400
 
 
 async def _switch(cp: RunningCP, account: Account, team_id: str) -> dict[str, str]:

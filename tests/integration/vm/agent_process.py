@@ -3,8 +3,8 @@ small client over its Connect API and port proxy.
 
 The agent shares the VM session's data directory (so the session's `minimal` template is
 there) but has its own agent id and slot range, listens on a free loopback port and runs
-unregistered with a secret the test chooses, without warm slot networks. `leftovers()` of its
-settings lists everything it could leave on the host.
+unregistered with secrets the test chooses (one for RPCs, one for the proxy), without warm
+slot networks. `leftovers()` of its settings lists everything it could leave on the host.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pyqwest import Client, HTTPTransport, HTTPVersion
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentServiceClient
+from nestbox.protocol.hosts import PROXY_TOKEN_HEADER
 from tests.conftest import free_port
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class AgentProcess:
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    proxy_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    """What an unregistered agent takes for `/proxy/` (never for an RPC)."""
 
     @classmethod
     def make(cls, base: AgentSettings, *, slot_first: int, slot_count: int) -> AgentProcess:
@@ -76,6 +79,7 @@ class AgentProcess:
             "NESTBOX_AGENT_SLOT_COUNT": str(s.slot_count),
             "NESTBOX_AGENT_LISTEN": s.listen,
             "NESTBOX_AGENT_SECRET": self.secret,
+            "NESTBOX_AGENT_PROXY_SECRET": self.proxy_secret,
             "NESTBOX_AGENT_ACCEL": s.accel,
             "NESTBOX_AGENT_REAP_INTERVAL_S": "0.5",
             # No warm slot networks: what `agent_leftovers` sees while the agent runs is then
@@ -140,7 +144,7 @@ class AgentProcess:
         await transport.aclose()
 
     def proxy_headers(self) -> dict[str, str]:
-        return {"X-Agent-Token": self.secret}
+        return {PROXY_TOKEN_HEADER: self.proxy_secret}
 
 
 class Rpc:

@@ -34,6 +34,8 @@ from nestbox.hostagent.image.layout import GuestImage
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem
+from nestbox.hostagent.vmm import confine
+from nestbox.hostagent.vmm.cgroups import Cgroups
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -112,6 +114,7 @@ def vm_settings() -> Iterator[AgentSettings]:
         from nestbox.hostagent.network import cleanup_leftovers
 
         anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
+        remove_cgroups(settings)
         shutil.rmtree(data_dir, ignore_errors=True)
         for cidr in (SLOT_CIDR, VETH_CIDR):
             if cidr not in existing:
@@ -212,7 +215,14 @@ def leftovers(settings: AgentSettings, skip_slots: set[int] | None = None) -> di
                         if f"nestbox:{agent}:" in ln and ours(ln)),
         "files": sorted(str(p) for p in capsules.rglob("*")) if capsules.exists() else [],
         "processes": [str(pid) for pid in qemu_pids(settings.data_dir)],
+        "cgroups": vm_cgroups(settings),
     }  # fmt: skip
+
+
+def vm_cgroups(settings: AgentSettings) -> list[str]:
+    """This agent's VM cgroups (every hierarchy), as `<controller dir>/<capsule>`."""
+    tree = Cgroups.detect(settings.cgroup_root, settings.cgroup_parent, settings.agent_id)
+    return sorted(str(d) for name in tree.names() for d in tree.dirs(name))
 
 
 def qemu_pids(data_dir: Path) -> list[int]:
@@ -266,4 +276,11 @@ def remove_agent_leftovers(settings: AgentSettings) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
     anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
+    remove_cgroups(settings)
     shutil.rmtree(settings.state_dir, ignore_errors=True)
+
+
+def remove_cgroups(settings: AgentSettings) -> None:
+    """The agent's VM cgroups (killing what is left in them) and its cgroup directory."""
+    confine.remove_leftover_cgroups(settings, set())
+    confine.remove_agent_cgroups(settings)

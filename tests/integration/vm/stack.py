@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from nestbox.controlplane.secretbox import SECRET_KEY_FILE, SecretBox, host_context
 from tests.conftest import free_port
 from tests.integration.vm.agent_process import AgentProcess
 
@@ -95,6 +97,23 @@ class ControlPlaneProcess:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def host_tokens(self) -> dict[str, tuple[str, str]]:
+        """Each registered host's (agent token, proxy token), opened from the database with the
+        secret key: what the control plane presents to the host's agent (the tests forge
+        requests with them)."""
+        key = bytes.fromhex((self.data_dir / SECRET_KEY_FILE).read_text().strip())
+        box = SecretBox(key)
+        with contextlib.closing(sqlite3.connect(self.data_dir / "cp.db")) as db:
+            rows = db.execute("SELECT id, agent_token_enc, proxy_token_enc FROM hosts "
+                              "WHERE agent_token_enc IS NOT NULL").fetchall()  # fmt: skip
+        return {
+            host_id: (
+                box.open(agent, host_context(host_id, "agent_token")),
+                box.open(proxy, host_context(host_id, "proxy_token")),
+            )
+            for host_id, agent, proxy in rows
+        }
 
     def registration_token(self) -> str:
         r = httpx.post(f"{self.url}/v1/hosts", json={}, headers=self.admin, trust_env=False)

@@ -368,7 +368,9 @@ async def test_every_rpc_needs_the_secret(agent: AgentProcess) -> None:
     url = f"{agent.url}/hostagent.v1.HostAgentService/Ping"
     async with httpx.AsyncClient(trust_env=False) as http:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Agent-Token": "wrong"},
-                        {"Authorization": agent.secret}):  # fmt: skip
+                        {"Authorization": agent.secret}, agent.proxy_headers(),
+                        {"X-Agent-Token": agent.proxy_secret},
+                        {"Authorization": f"Bearer {agent.proxy_secret}"}):  # fmt: skip
             r = await http.post(url, content=b"{}", headers={
                 "Content-Type": "application/json", **headers})  # fmt: skip
             assert r.status_code == 401, headers
@@ -378,6 +380,9 @@ async def test_every_rpc_needs_the_secret(agent: AgentProcess) -> None:
             r = await http.post(url, content=b"{}", headers={
                 "Content-Type": "application/json", **headers})  # fmt: skip
             assert r.status_code == 200, r.text
-        r = await http.get(f"{agent.url}/proxy/cl-x/80/",
-                           headers={"Authorization": f"Bearer {agent.secret}"})  # fmt: skip
-        assert r.status_code == 401  # the proxy takes X-Agent-Token only
+        for headers in ({"Authorization": f"Bearer {agent.secret}"},
+                        {"X-Agent-Token": agent.secret}):  # fmt: skip
+            r = await http.get(f"{agent.url}/proxy/cl-x/80/", headers=headers)
+            assert r.status_code == 401  # the proxy takes its own secret only
+        r = await http.get(f"{agent.url}/proxy/cl-x/80/", headers=agent.proxy_headers())
+        assert r.status_code == 404  # past the check: no such capsule

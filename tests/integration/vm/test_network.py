@@ -28,6 +28,7 @@ from nestbox.hostagent.network import (
 )
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem, System, SystemCommandError
+from nestbox.protocol.envd import ENVD_PORT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 # Test-only ranges (each blackholed while the tests run): slots, veths, the "outside" decoy.
 SLOT_CIDR, VETH_CIDR, OUTSIDE_CIDR = "10.237.0.0/16", "10.236.0.0/16", "10.238.0.0/16"
 OUTSIDE_HOST, OUTSIDE_DECOY = "10.238.0.1", "10.238.0.2"
+OTHER_SOURCE = "10.238.0.9"
 GUEST_PORT = 8000
 PROBE_TIMEOUT = "1.5"
 HAVE_IPV6 = os.path.exists("/proc/sys/net/ipv6")
@@ -153,8 +155,9 @@ while True:
 PROBE = """
 import socket, sys, time
 t = float(sys.argv[3])
+source = (sys.argv[4], 0) if len(sys.argv) > 4 else None
 try:
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=t)
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=t, source_address=source)
     start, data = time.monotonic(), b""
     s.settimeout(30)
     while chunk := s.recv(1 << 16):
@@ -185,10 +188,11 @@ async def listener(
         await proc.wait()
 
 
-async def probe(netns: str | None, host: str, port: int) -> str:
-    """Connect from `netns` (or the root namespace); "<first bytes> <length> <seconds>" or
-    "FAIL <reason>"."""
+async def probe(netns: str | None, host: str, port: int, source: str | None = None) -> str:
+    """Connect from `netns` (or the root namespace; from address `source` if given);
+    "<first bytes> <length> <seconds>" or "FAIL <reason>"."""
     argv = in_ns(netns, sys.executable, "-c", PROBE, host, str(port), PROBE_TIMEOUT)
+    argv += (source,) if source else ()
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode().strip()
@@ -312,6 +316,31 @@ async def test_host_reaches_guest_and_guest_reaches_nothing(outside: str) -> Non
             assert result.startswith("FAIL"), (host, port, result)
 
 
+async def test_envd_port_only_from_the_host_side_of_the_veth(clean: None) -> None:
+    """The guest's envd port takes connections from the host end of the slot's veth (where
+    the host's connections come from) and from nowhere else, even when routing would carry
+    them: not from another source address on the host, not from inside the slot netns. Other
+    guest ports, from the same places, are the positive controls."""
+    s = agent("t" + RUN)
+    async with capsule_network(s, 10) as net:
+        guest = f"nbxt-guest-{s.agent_id}-10"
+        async with (
+            listener(guest, "0.0.0.0", ENVD_PORT, "envd"),
+            listener(guest, "0.0.0.0", GUEST_PORT, "other"),
+        ):
+            assert reached(await probe(None, net.host_address, ENVD_PORT), "envd")
+            assert reached(await probe(net.netns, "169.254.0.21", GUEST_PORT), "other")
+            assert (await probe(net.netns, "169.254.0.21", ENVD_PORT)).startswith("FAIL")
+            # A second host address (test range), with a route back to it from the netns
+            # (removed with the veth and the netns).
+            sh("ip", "addr", "add", f"{OTHER_SOURCE}/32", "dev", net.host_veth)
+            sh("ip", "-n", net.netns, "route", "add", f"{OTHER_SOURCE}/32", "dev", "veth0")
+            other = await probe(None, net.host_address, GUEST_PORT, source=OTHER_SOURCE)
+            assert reached(other, "other"), other
+            envd = await probe(None, net.host_address, ENVD_PORT, source=OTHER_SOURCE)
+            assert envd.startswith("FAIL"), envd
+
+
 async def test_rate_limit_shapes_what_the_guest_sends(clean: None) -> None:
     # 1 MB/s with a 1 MB bucket: 3 MB from the guest take about 2 s (unshaped: milliseconds).
     s = agent("t" + RUN, tap_rate_mbytes=1, tap_burst_mbytes=1)
@@ -338,7 +367,9 @@ async def test_slot_netns_settings(clean: None) -> None:
         sysctl = ("ip", "netns", "exec", net.netns, "sysctl", "-n")
         assert sh(*sysctl, "net.ipv4.ip_forward") == "1\n"
         if HAVE_IPV6:
-            assert sh(*sysctl, "net.ipv6.conf.tap0.disable_ipv6") == "1\n"
+            for conf in ("all", "default", "lo", "tap0", "veth0"):
+                assert sh(*sysctl, f"net.ipv6.conf.{conf}.disable_ipv6") == "1\n", conf
+            assert sh("ip", "-n", net.netns, "-6", "addr", "show") == ""
         assert sh("ip", "-n", net.netns, "route", "show", "default") == ""
 
 

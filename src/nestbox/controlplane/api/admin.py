@@ -44,7 +44,7 @@ async def admin_list_users(request: Request) -> Response:
 async def admin_update_user(request: Request) -> Response:
     req = await deps.body(request, AdminUserUpdate)
     accounts = deps.services(request).accounts
-    user = await accounts.update_user(deps.principal(request), request.path_params["user_id"],
+    user = await accounts.update_user(deps.principal(request), deps.path_param(request, "user_id"),
                                       status=req.status, is_admin=req.is_admin)  # fmt: skip
     return deps.json(user)
 

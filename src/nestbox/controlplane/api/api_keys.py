@@ -25,7 +25,7 @@ async def list_api_keys(request: Request) -> Response:
 
 async def delete_api_key(request: Request) -> Response:
     keys = deps.services(request).api_keys
-    await keys.delete(deps.principal(request), request.path_params["key_id"])
+    await keys.delete(deps.principal(request), deps.path_param(request, "key_id"))
     return deps.no_content()
 
 
@@ -34,7 +34,8 @@ router = Router(
     endpoints=[
         Endpoint("POST", "/v1/api-keys", create_api_key, "Create a team API key",
                  body=ApiKeyCreate, response=ApiKeyView, status=201,
-                 description="The answer's `key` is the only time the full key is shown."),
+                 description="The answer's `key` is the only time the full key is shown.",
+                 rate_limited=True),
         Endpoint("GET", "/v1/api-keys", list_api_keys, "List the team's API keys",
                  response=list[ApiKeyView]),
         Endpoint("DELETE", "/v1/api-keys/{key_id}", delete_api_key, "Revoke an API key",

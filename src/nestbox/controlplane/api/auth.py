@@ -59,9 +59,10 @@ router = Router(
     tag="auth",
     endpoints=[
         Endpoint("POST", "/v1/auth/signup", signup, "Create an account and its personal team",
-                 auth=Auth.PUBLIC, body=SignupCreate, response=AuthView, status=201),
+                 auth=Auth.PUBLIC, body=SignupCreate, response=AuthView, status=201,
+                 rate_limited=True),
         Endpoint("POST", "/v1/auth/login", login, "Log in with email and password",
-                 auth=Auth.PUBLIC, body=LoginRequest, response=AuthView),
+                 auth=Auth.PUBLIC, body=LoginRequest, response=AuthView, rate_limited=True),
         Endpoint("POST", "/v1/auth/switch-team", switch_team, "A session for another of your teams",
                  auth=Auth.SESSION, body=SwitchTeamRequest, response=AuthView),
         Endpoint("GET", "/v1/me", get_me, "Who the credentials speak for", response=MeView),

@@ -5,13 +5,16 @@ body, and a JSON answer. Also the authentication used by `Endpoint` and by WebSo
 from __future__ import annotations
 
 import json as jsonlib
+import re
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from nestbox.controlplane.errors import InvalidRequest, TooLarge, Unauthorized
+from nestbox.controlplane.errors import InvalidRequest, NotFound, TooLarge, Unauthorized
 from nestbox.controlplane.services.auth import Credentials
+from nestbox.protocol.capsules import SAFE_NAME
+from nestbox.protocol.ids import IdPrefix, is_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -54,6 +57,12 @@ async def authenticate(conn: HTTPConnection) -> Principal:
     return await services(conn).auth.authenticate(credentials(conn))
 
 
+def client_address(conn: HTTPConnection) -> str:
+    """The client's address: the TCP peer (uvicorn puts a trusted proxy's X-Forwarded-For
+    there only when `forwarded_allow_ips` names that proxy)."""
+    return conn.client.host if conn.client is not None else "unknown"
+
+
 def require_session(found: Principal) -> None:
     if not found.is_session:
         raise Unauthorized("this needs a user session (Authorization: Bearer), not an API key")
@@ -83,9 +92,33 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+ID_PARAMS: dict[str, tuple[str, IdPrefix]] = {
+    "capsule_id": ("capsule", IdPrefix.CAPSULE),
+    "team_id": ("team", IdPrefix.TEAM),
+    "user_id": ("user", IdPrefix.USER),
+    "key_id": ("API key", IdPrefix.API_KEY),
+    "host_id": ("host", IdPrefix.HOST),
+}
+"""Path parameters that are ids, and what they name."""
+NAME_PARAMS: dict[str, tuple[str, re.Pattern[str]]] = {
+    "name": ("template", re.compile(SAFE_NAME.removeprefix("^").removesuffix("$"))),
+}
+
+
 def path_param(conn: HTTPConnection, name: str) -> str:
-    """A parameter of the route's path (`{capsule_id}`, `{host_id}`, …)."""
-    return str(conn.path_params[name])
+    """A parameter of the route's path (`{capsule_id}`, `{host_id}`, …). An id must be whole
+    and well-formed (`is_id`: nothing before, after or inside it, not even a newline), a
+    template name must match all of `SAFE_NAME`. :raise NotFound: it is not."""
+    value = str(conn.path_params[name])
+    if name in ID_PARAMS:
+        kind, prefix = ID_PARAMS[name]
+        if not is_id(value, prefix):
+            raise NotFound(kind, ascii(value)[1:-1][:80])
+    elif name in NAME_PARAMS:
+        kind, pattern = NAME_PARAMS[name]
+        if pattern.fullmatch(value) is None:
+            raise NotFound(kind, ascii(value)[1:-1][:80])
+    return value
 
 
 def query_bool(request: Request, name: str) -> bool:

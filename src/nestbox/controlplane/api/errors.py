@@ -29,6 +29,7 @@ STATUS_CODES: dict[int, ErrorCode] = {
     405: ErrorCode.INVALID_REQUEST,
     409: ErrorCode.CONFLICT,
     413: ErrorCode.TOO_LARGE,
+    429: ErrorCode.RATE_LIMITED,
     503: ErrorCode.UNAVAILABLE,
 }
 
@@ -49,7 +50,9 @@ async def on_control_plane_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ControlPlaneError)
     if exc.code is ErrorCode.INTERNAL:
         log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(exc.code, exc.message, extra=exc.extra())
+    response = error_response(exc.code, exc.message, extra=exc.extra())
+    response.headers.update(exc.headers())
+    return response
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,9 @@ Uploads are `multipart/form-data` with a `path` field and a `file` part, parsed 
 (`multipart.py`). The buffered write stops at 100 MiB with 413 `too_large`; it reads the rest of
 an over-long body (up to `DRAIN_LIMIT`) before answering, so that clients which send their
 whole body before reading the answer (httpx, hence the SDK) see the 413 instead of a broken
-connection. The streamed routes have no limit and hold one chunk at a time.
+connection. The streamed routes have no limit and hold one chunk at a time. The buffered
+routes also share the process's byte budget (`services/files.py`): beyond it, 503 `unavailable`
+with `Retry-After` (an upload's rest is drained first, as for 413).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.capsules import CAPSULE
 from nestbox.controlplane.api.multipart import Part, Reader
 from nestbox.controlplane.api.routing import Endpoint, Router
-from nestbox.controlplane.errors import InvalidRequest, TooLarge
+from nestbox.controlplane.errors import Busy, InvalidRequest, TooLarge
 from nestbox.protocol.files import (
     MAX_BUFFERED_FILE,
     MAX_PATH,
@@ -32,18 +34,40 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from starlette.requests import Request
+    from starlette.types import Receive, Scope, Send
+
+    from nestbox.controlplane.services.files import Held
 
 FILES = CAPSULE + "/files"
 DRAIN_LIMIT = 256 * 1024 * 1024
 OCTETS = "application/octet-stream"
 
 
+class HeldResponse(Response):
+    """A buffered answer whose bytes go back to the budget once sent (or the send failed)."""
+
+    def __init__(self, content: bytes, held: Held) -> None:
+        super().__init__(content, media_type=OCTETS)
+        self.held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.held.release()
+
+
 async def read_file(request: Request) -> Response:
     capsule_id = deps.path_param(request, "capsule_id")
     req = await deps.body(request, PathRequest)
     files = deps.services(request).files
-    content = await files.read(deps.principal(request), capsule_id, req.path)
-    return Response(content, media_type=OCTETS)
+    held = files.budget.hold()
+    try:
+        content = await files.read(deps.principal(request), capsule_id, req.path, held)
+    except BaseException:
+        held.release()
+        raise
+    return HeldResponse(content, held)
 
 
 async def write_file(request: Request) -> Response:
@@ -52,18 +76,22 @@ async def write_file(request: Request) -> Response:
     await files.running(principal, capsule_id)  # 404/409 before reading 100 MiB
     body = request.stream()
     path, data = request.query_params.get("path"), None
+    held = files.budget.hold()
     try:
-        async for part in Reader(request.headers.get("content-type", ""), body).parts():
-            if part.name == "path":
-                path = await part.text(MAX_PATH)
-            elif part.name == "file" and data is None:
-                data = await _collect(part, MAX_BUFFERED_FILE)
-    except TooLarge:
-        await _drain(body, DRAIN_LIMIT)
-        raise
-    if not path or data is None:
-        raise InvalidRequest("the form needs a `path` field and a `file` part")
-    await files.write(principal, capsule_id, path, data)
+        try:
+            async for part in Reader(request.headers.get("content-type", ""), body).parts():
+                if part.name == "path":
+                    path = await part.text(MAX_PATH)
+                elif part.name == "file" and data is None:
+                    data = await _collect(part, MAX_BUFFERED_FILE, held)
+        except (TooLarge, Busy):
+            await _drain(body, DRAIN_LIMIT)
+            raise
+        if not path or data is None:
+            raise InvalidRequest("the form needs a `path` field and a `file` part")
+        await files.write(principal, capsule_id, path, data)
+    finally:
+        held.release()
     return deps.no_content()
 
 
@@ -127,13 +155,16 @@ async def move_path(request: Request) -> Response:
     return deps.json(moved)
 
 
-async def _collect(part: Part, limit: int) -> bytes:
-    buf = bytearray()
+async def _collect(part: Part, limit: int, held: Held) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in part.data():
-        buf += chunk
-        if len(buf) > limit:
+        size += len(chunk)
+        if size > limit:
             raise TooLarge(f"the file is larger than {limit} bytes; use files/stream/write")
-    return bytes(buf)
+        held.add(len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _drain(body: AsyncIterator[bytes], limit: int) -> None:

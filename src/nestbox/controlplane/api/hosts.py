@@ -1,5 +1,6 @@
 """Hosts: management (`/v1/hosts`, platform admins; team admins for their BYOC hosts) and the
-agents' own calls (register, token refresh, heartbeat: `protocol/hosts.py`)."""
+agents' own calls (register, token refresh, heartbeat: `protocol/hosts.py`). Registration
+checks the agent's address (`services/addresses.py`) before it spends the one-time token."""
 
 from __future__ import annotations
 
@@ -94,7 +95,12 @@ router = Router(
         Endpoint("POST", HOST + "/token", new_host_token, "A new one-time registration token",
                  response=HostTokenView, status=201),
         Endpoint("POST", REGISTER_PATH, register_host, "An agent registers (one-time token)",
-                 auth=Auth.PUBLIC, body=HostRegisterRequest, response=HostRegisterResponse),
+                 auth=Auth.PUBLIC, body=HostRegisterRequest, response=HostRegisterResponse,
+                 description="Answers the agent token (RPCs) and the proxy token (/proxy/), "
+                             "each good for that only. 400 invalid_request: the address is "
+                             "not host:port, or not one this host may use (never link-local "
+                             "or the control plane itself; a BYOC host never loopback or the "
+                             "control plane's machine); the token is then not spent."),
         Endpoint("POST", REFRESH_PATH, refresh_host_token, "An agent renews its host token",
                  auth=Auth.PUBLIC, body=HostRefreshRequest, response=HostRefreshResponse),
         Endpoint("POST", HOST + "/heartbeat", host_heartbeat, "An agent's heartbeat "

@@ -109,6 +109,12 @@ def _operation(
             "application/json": {"schema": schemas.ref(endpoint.response, "serialization")}
         }
     op["responses"] = {str(endpoint.status): ok, "default": error}
+    if endpoint.rate_limited:
+        op["responses"]["429"] = {
+            **error,
+            "description": "rate_limited: too many requests from this address; retry after "
+            "`Retry-After` seconds",
+        }
     return op
 
 

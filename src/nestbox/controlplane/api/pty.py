@@ -7,7 +7,8 @@ frames; `{"type": "resize", "cols", "rows"}`, `{"type": "kill"}`, `{"type": "pon
 
 Server: `{"type": "started", "tag", "pid"}`, output as **binary frames**, `{"type": "exit",
 "exit_code"}` (then close), `{"type": "error", "data", "fatal"}`, and `{"type": "ping"}` every
-30 s. Input is forwarded in order, one frame at a time.
+30 s. Input is forwarded in order, one frame at a time. Credentials that stop working while the
+terminal is open (`wsconn.watch_credentials`) end the session: an error frame, close 1008.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class _Session:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._client, tg.cancel_scope)
             tg.start_soon(self._pings)
+            tg.start_soon(wsconn.watch_credentials, self.ws, tg.cancel_scope.cancel, error_frame)
             try:
                 async for message in events:
                     event = message.event.event if message.event else None

@@ -52,6 +52,9 @@ class Endpoint:
     description: str = ""
     query: Sequence[tuple[str, str]] = ()
     """(name, description) of the query parameters, for the document."""
+    rate_limited: bool = False
+    """Each client address gets its own token bucket for this route (login, signup, key
+    creation); checked before anything else, so refused requests cost nothing."""
 
     @property
     def path_params(self) -> list[str]:
@@ -61,6 +64,8 @@ class Endpoint:
         return Route(self.path, self._endpoint, methods=[self.method], name=self.handler.__name__)
 
     async def _endpoint(self, request: Request) -> Response:
+        if self.rate_limited:
+            deps.services(request).limiter.take(self.path, deps.client_address(request))
         if self.auth is not Auth.PUBLIC:
             principal = await deps.authenticate(request)
             if self.auth is Auth.SESSION:

@@ -110,6 +110,7 @@ async def relay(
     decoders = _Decoders()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_client, ws, target, pid, stoppable, tg.cancel_scope.cancel)
+        tg.start_soon(wsconn.watch_credentials, ws, tg.cancel_scope.cancel, error_frame)
         try:
             async for message in events:
                 event = message.event.event if message.event else None

@@ -34,31 +34,32 @@ async def create_team(request: Request) -> Response:
 
 async def get_team(request: Request) -> Response:
     teams = deps.services(request).teams
-    return deps.json(await teams.get(deps.principal(request), request.path_params["team_id"]))
+    return deps.json(await teams.get(deps.principal(request), deps.path_param(request, "team_id")))
 
 
 async def rename_team(request: Request) -> Response:
     req = await deps.body(request, TeamUpdate)
     teams = deps.services(request).teams
-    team_id = request.path_params["team_id"]
+    team_id = deps.path_param(request, "team_id")
     return deps.json(await teams.rename(deps.principal(request), team_id, req.name))
 
 
 async def delete_team(request: Request) -> Response:
     teams = deps.services(request).teams
-    await teams.delete(deps.principal(request), request.path_params["team_id"])
+    await teams.delete(deps.principal(request), deps.path_param(request, "team_id"))
     return deps.no_content()
 
 
 async def list_members(request: Request) -> Response:
     teams = deps.services(request).teams
-    return deps.json(await teams.members(deps.principal(request), request.path_params["team_id"]))
+    team_id = deps.path_param(request, "team_id")
+    return deps.json(await teams.members(deps.principal(request), team_id))
 
 
 async def add_member(request: Request) -> Response:
     req = await deps.body(request, MemberCreate)
     teams = deps.services(request).teams
-    team_id = request.path_params["team_id"]
+    team_id = deps.path_param(request, "team_id")
     return deps.json(await teams.add_member(deps.principal(request), team_id, req.email, req.role),
                      201)  # fmt: skip
 
@@ -66,21 +67,21 @@ async def add_member(request: Request) -> Response:
 async def update_member(request: Request) -> Response:
     req = await deps.body(request, MemberUpdate)
     teams = deps.services(request).teams
-    p = request.path_params
-    await teams.set_role(deps.principal(request), p["team_id"], p["user_id"], req.role)
+    team_id, user_id = deps.path_param(request, "team_id"), deps.path_param(request, "user_id")
+    await teams.set_role(deps.principal(request), team_id, user_id, req.role)
     return deps.no_content()
 
 
 async def remove_member(request: Request) -> Response:
     teams = deps.services(request).teams
-    p = request.path_params
-    await teams.remove_member(deps.principal(request), p["team_id"], p["user_id"])
+    team_id, user_id = deps.path_param(request, "team_id"), deps.path_param(request, "user_id")
+    await teams.remove_member(deps.principal(request), team_id, user_id)
     return deps.no_content()
 
 
 async def leave_team(request: Request) -> Response:
     teams = deps.services(request).teams
-    await teams.leave(deps.principal(request), request.path_params["team_id"])
+    await teams.leave(deps.principal(request), deps.path_param(request, "team_id"))
     return deps.no_content()
 
 

@@ -7,6 +7,12 @@ SDK's way); else the socket is accepted and the first message must be
 A refusal before the socket is accepted is a plain HTTP answer with the usual error body (401,
 404, 409, …; the SDK raises it as a failed upgrade); after, it is an error frame and a close
 with code 4000 + the HTTP status (e.g. 4404).
+
+An open session re-checks its credentials against the database every `session_recheck_s`
+(`watch_credentials`, run beside every relay): once they no longer authenticate (the key was
+revoked, its maker removed from the team or disabled, the team deleted, the session's user
+removed), the session gets an error frame and is closed with 1008 (policy violation). The
+check reads the database, so a revocation made through any control plane on it counts.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 AUTH_TIMEOUT_S = 5.0
 CLOSE_BASE = 4000
+POLICY_VIOLATION = 1008
+REVOKED_REASON = "credentials revoked"
 
 
 async def open_session(
@@ -64,7 +72,31 @@ async def open_session(
         return None
     if not accepted:
         await ws.accept()
+    ws.state.credentials = creds
     return found
+
+
+async def watch_credentials(
+    ws: WebSocket, stop: Callable[[], None], error_frame: Callable[[str], dict[str, Any]]
+) -> None:
+    """Until cancelled: re-check the credentials `open_session` accepted every
+    `session_recheck_s`; once they fail, send an error frame, close the socket with 1008 and
+    call `stop` (which ends the relay). A database error is logged and retried, never taken
+    for a revocation."""
+    services = deps.services(ws)
+    creds: Credentials = ws.state.credentials
+    while True:
+        await anyio.sleep(services.settings.session_recheck_s)
+        try:
+            await services.auth.authenticate(creds)
+        except Unauthorized as err:
+            log.info("closing a WebSocket session: %s", err.message)
+            await send_json(ws, error_frame(f"{REVOKED_REASON}: {err.message}"))
+            await close(ws, POLICY_VIOLATION, REVOKED_REASON)
+            stop()
+            return
+        except Exception as err:
+            log.warning("could not re-check a WebSocket session's credentials: %r", err)
 
 
 async def refuse(

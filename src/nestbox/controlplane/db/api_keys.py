@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 
-from nestbox.controlplane.db.models import ApiKeyRow, TeamRow
+from nestbox.controlplane.db.models import ApiKeyRow, TeamMemberRow, TeamRow, UserRow
 from nestbox.protocol.ids import IdPrefix, new_id
 
 if TYPE_CHECKING:
@@ -91,3 +91,34 @@ class ApiKeyRepo:
         await self._s.execute(
             update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=when)
         )
+
+    async def delete_by_creator(self, team_id: str, user_id: str) -> tuple[str, ...]:
+        """Revoke every key `user_id` made in `team_id` (they left it); the ids revoked."""
+        ids = tuple(await self._s.scalars(
+            select(ApiKeyRow.id).where(ApiKeyRow.team_id == team_id,
+                                       ApiKeyRow.created_by == user_id)
+        ))  # fmt: skip
+        if ids:
+            await self._s.execute(delete(ApiKeyRow).where(ApiKeyRow.id.in_(ids)))
+        return ids
+
+    async def delete_by_hash(self, key_hash: str) -> bool:
+        result = await self._s.execute(delete(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash))
+        return bool(getattr(result, "rowcount", 0))
+
+    async def delete_team(self, team_id: str) -> None:
+        await self._s.execute(delete(ApiKeyRow).where(ApiKeyRow.team_id == team_id))
+
+    async def admin_held(self, team_id: str) -> bool:
+        """Whether a key of `team_id` works for an active platform admin (made by one who is
+        still a member): the operator's way in, so the team must not be deleted."""
+        found = await self._s.scalar(
+            select(ApiKeyRow.id)
+            .join(UserRow, UserRow.id == ApiKeyRow.created_by)
+            .join(TeamMemberRow, (TeamMemberRow.team_id == ApiKeyRow.team_id)
+                  & (TeamMemberRow.user_id == ApiKeyRow.created_by))
+            .where(ApiKeyRow.team_id == team_id, UserRow.is_admin.is_(True),
+                   UserRow.status == "active")
+            .limit(1)
+        )  # fmt: skip
+        return found is not None

@@ -163,6 +163,30 @@ class CapsuleRepo:
         )
         return {str(status): int(n) for status, n in rows.all()}
 
+    async def count_holding(self, team_id: str) -> int:
+        """How many of the team's capsules hold resources (what its quota counts)."""
+        return int(await self._s.scalar(
+            select(func.count()).select_from(CapsuleRow)
+            .where(CapsuleRow.team_id == team_id, CapsuleRow.status.in_(HOLDS_RESOURCES))
+        ) or 0)  # fmt: skip
+
+    async def in_status(self, statuses: Iterable[str], *, before: datetime) -> list[Capsule]:
+        """Capsules in `statuses` unchanged since `before` (stuck ones, for the reconciler)."""
+        rows = await self._s.scalars(
+            select(CapsuleRow)
+            .where(CapsuleRow.status.in_(tuple(statuses)), CapsuleRow.last_updated <= before)
+            .order_by(CapsuleRow.id)
+        )
+        return [_record(r) for r in rows]
+
+    async def destroy_team(self, team_id: str) -> None:
+        """Every capsule of the team becomes `destroyed` (the team is being deleted)."""
+        await self._s.execute(
+            update(CapsuleRow)
+            .where(CapsuleRow.team_id == team_id, CapsuleRow.status != DESTROYED)
+            .values(status=DESTROYED, host_ip="", last_updated=utcnow())
+        )
+
     async def committed(self) -> dict[str, Committed]:
         """Per host: what its capsules that hold resources add up to."""
         rows = await self._s.execute(
@@ -177,11 +201,15 @@ class CapsuleRepo:
         }
 
     async def update(self, capsule_id: str, *, expect: Expect | None = None, **values: Any) -> bool:
-        """Set columns (`metadata=` for the JSON column); False if `expect` no longer holds."""
+        """Set columns (`metadata=` for the JSON column); False if `expect` no longer holds.
+        `destroyed` is final: a destroyed row is never changed again (a call that finishes
+        after its team was deleted must not bring the capsule back)."""
         if "metadata" in values:
             values["meta"] = values.pop("metadata")
         values.setdefault("last_updated", utcnow())
         query = update(CapsuleRow).where(CapsuleRow.id == capsule_id)
+        if values.get("status") != DESTROYED:
+            query = query.where(CapsuleRow.status != DESTROYED)
         if expect is not None:
             query = query.where(CapsuleRow.status == expect.status)
             if expect.last_updated is not None:

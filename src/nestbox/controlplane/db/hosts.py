@@ -1,6 +1,7 @@
 """Hosts and their credentials (the aggregate: a host, its one-time registration tokens and its
-rotating refresh tokens). Token secrets are stored as SHA-256 hex only; the agent token (what
-the control plane presents to the agent) is kept in clear, since the control plane must send it.
+rotating refresh tokens). Token secrets are stored as SHA-256 hex only; the agent and proxy
+tokens (what the control plane presents to the agent) must be sent, so they are kept sealed
+(`secretbox`; the services seal and open them, this module only stores the sealed text).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ class Host:
     status: str
     """protocol.hosts.HostStatus"""
     last_heartbeat_at: datetime | None
-    agent_token: str | None
+    agent_token_enc: str | None
+    """Sealed (`secretbox`, context `host_context(id, "agent_token")`)."""
+    proxy_token_enc: str | None
+    """Sealed likewise (`"proxy_token"`); None for a host registered before proxy tokens."""
     created_at: datetime
     load: dict[str, Any] = field(default_factory=dict)
 
@@ -44,8 +48,8 @@ def _record(row: HostRow) -> Host:
         id=row.id, type=row.type, team_id=row.team_id, provider=row.provider,
         availability_zone=row.availability_zone, arch=row.arch, cpu_cores=row.cpu_cores,
         memory_mb=row.memory_mb, disk_gb=row.disk_gb, address=row.address, status=row.status,
-        last_heartbeat_at=row.last_heartbeat_at, agent_token=row.agent_token,
-        created_at=row.created_at, load=dict(row.load),
+        last_heartbeat_at=row.last_heartbeat_at, agent_token_enc=row.agent_token_enc,
+        proxy_token_enc=row.proxy_token_enc, created_at=row.created_at, load=dict(row.load),
     )  # fmt: skip
 
 
@@ -117,6 +121,14 @@ class HostRepo:
                                  expires_at=expires_at))  # fmt: skip
         await self._s.flush()
 
+    async def registration_token_host(self, token_hash: str, now: datetime) -> str | None:
+        """The host a live registration token is for (without spending it), else None."""
+        query = select(HostTokenRow).where(HostTokenRow.token_hash == token_hash)
+        row = await self._s.scalar(query)
+        if row is None or row.used_at is not None or row.expires_at <= now:
+            return None
+        return row.host_id
+
     async def use_registration_token(self, token_hash: str, now: datetime) -> str | None:
         """Spend a registration token: the host id, or None if unknown, used or expired."""
         row = await self._s.scalar(
@@ -129,14 +141,22 @@ class HostRepo:
         return row.host_id
 
     async def register(
-        self, host_id: str, reg: Registration, agent_token: str, now: datetime
+        self,
+        host_id: str,
+        reg: Registration,
+        *,
+        agent_token_enc: str,
+        proxy_token_enc: str,
+        now: datetime,
     ) -> Host:
-        """Record the agent's machine and address; the host is online from now on."""
+        """Record the agent's machine, address and (sealed) tokens; the host is online from
+        now on."""
         await self._s.execute(
             update(HostRow).where(HostRow.id == host_id).values(
                 address=reg.address, arch=reg.arch, cpu_cores=reg.cpu_cores,
-                memory_mb=reg.memory_mb, disk_gb=reg.disk_gb, agent_token=agent_token,
-                status="online", last_heartbeat_at=now, updated_at=now,
+                memory_mb=reg.memory_mb, disk_gb=reg.disk_gb, agent_token_enc=agent_token_enc,
+                proxy_token_enc=proxy_token_enc, status="online", last_heartbeat_at=now,
+                updated_at=now,
             )
         )  # fmt: skip
         # Earlier refresh tokens belong to an earlier registration of this host.

@@ -2,10 +2,11 @@
 never leave `db/`: repositories turn them into plain records.
 
 Ids are strings (`team-…`, `usr-…`, `cl-…`; see `protocol/ids.py`). Secrets are stored as
-SHA-256 hex only (API keys, host registration and refresh tokens), except the agent token the
-control plane must present to its agents. Deleting a team is soft (`deleted_at`); deleting a user
-removes their memberships. The initial migration creates exactly these tables; a test compares
-the two on SQLite and PostgreSQL.
+SHA-256 hex only (API keys, host registration and refresh tokens), except the agent and proxy
+tokens the control plane must present to its agents, which are sealed (AES-GCM,
+`secretbox`). Deleting a team is soft (`deleted_at`); deleting a user removes their
+memberships. The migrations create exactly these tables; a test compares the two on SQLite
+and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ class HostRow(Base):
     last_heartbeat_at: Mapped[datetime | None]
     load: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """The last heartbeat's HeartbeatRequest, what the scheduler places capsules by."""
-    agent_token: Mapped[str | None] = mapped_column(String(128))
-    """Presented to the agent in X-Agent-Token (the agent keeps only its hash)."""
+    agent_token_enc: Mapped[str | None] = mapped_column(String(255))
+    """The agent token (RPCs, X-Agent-Token), sealed (`secretbox`); the agent keeps its hash."""
+    proxy_token_enc: Mapped[str | None] = mapped_column(String(255))
+    """The proxy token (the agent's /proxy/, X-Nestbox-Proxy-Token), sealed likewise."""
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

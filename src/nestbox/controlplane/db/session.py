@@ -58,27 +58,32 @@ class Database:
             log.debug("integrity error", exc_info=True)
             raise Conflict("it conflicts with an existing resource") from err
 
-    async def migrate(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
+    async def migrate(self, *, secret_key: bytes | None = None) -> None:
+        """Bring the schema to the newest migration (idempotent). `secret_key`: the control
+        plane's (`secretbox`), for migrations that seal stored secrets."""
         if self.dialect == "sqlite":
             _sqlite_parent(self.url).mkdir(parents=True, exist_ok=True)
         async with self.engine.begin() as conn:
-            await conn.run_sync(_upgrade)
+            await conn.run_sync(_upgrade, secret_key)
 
     async def aclose(self) -> None:
         await self.engine.dispose()
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(
+    connection: Connection | None = None, *, secret_key: bytes | None = None
+) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
         cfg.attributes["connection"] = connection
+    if secret_key is not None:
+        cfg.attributes["secret_key"] = secret_key
     return cfg
 
 
-def _upgrade(connection: Connection) -> None:
-    command.upgrade(alembic_config(connection), "head")
+def _upgrade(connection: Connection, secret_key: bytes | None) -> None:
+    command.upgrade(alembic_config(connection, secret_key=secret_key), "head")
 
 
 def _sqlite_parent(url: str) -> Path:

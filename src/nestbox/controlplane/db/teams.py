@@ -86,6 +86,12 @@ class TeamRepo:
         row = await self._s.get(TeamRow, team_id)
         return _team(row) if row is not None and row.deleted_at is None else None
 
+    async def lock(self, team_id: str) -> None:
+        """Hold the team's row until the transaction ends, so that checks of the team's totals
+        (its capsule quota) are serialised across processes (PostgreSQL: `FOR UPDATE`; SQLite
+        serialises every writing transaction already)."""
+        await self._s.execute(select(TeamRow.id).where(TeamRow.id == team_id).with_for_update())
+
     async def rename(self, team_id: str, name: str) -> None:
         await self._s.execute(update(TeamRow).where(TeamRow.id == team_id).values(name=name))
 

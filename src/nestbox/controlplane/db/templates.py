@@ -91,6 +91,13 @@ class TemplateRepo:
     async def platform_named(self, name: str) -> Template | None:
         return await self.own(PLATFORM_TEAM_ID, name)
 
+    async def of_team(self, team_id: str) -> list[Template]:
+        """The team's own templates (never the platform's)."""
+        rows = await self._s.scalars(
+            select(TemplateRow).where(TemplateRow.team_id == team_id).order_by(TemplateRow.id)
+        )
+        return [_record(r) for r in rows]
+
     async def create(
         self,
         *,

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from nestbox.controlplane.db.models import UserRow
+from nestbox.controlplane.db.models import TeamMemberRow, UserRow
 from nestbox.protocol.ids import IdPrefix, new_id
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import datetime
 
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -73,15 +74,29 @@ class UserRepo:
     async def count(self) -> int:
         return int(await self._s.scalar(select(func.count()).select_from(UserRow)) or 0)
 
-    async def search(self, email_prefix: str, limit: int = 10) -> list[User]:
+    async def search(
+        self, email_prefix: str, *, in_teams: Sequence[str], limit: int = 10
+    ) -> list[User]:
+        """Active users whose email starts with `email_prefix` and who belong to one of
+        `in_teams`."""
         escaped = email_prefix.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        members = select(TeamMemberRow.user_id).where(TeamMemberRow.team_id.in_(tuple(in_teams)))
         rows = await self._s.scalars(
             select(UserRow)
-            .where(UserRow.email.like(escaped + "%", escape="\\"), UserRow.status == "active")
+            .where(UserRow.email.like(escaped + "%", escape="\\"), UserRow.status == "active",
+                   UserRow.id.in_(members))
             .order_by(UserRow.email)
             .limit(limit)
-        )
+        )  # fmt: skip
         return [_record(r) for r in rows]
+
+    async def first_admin(self) -> User | None:
+        """The oldest active platform admin."""
+        row = await self._s.scalar(
+            select(UserRow).where(UserRow.is_admin.is_(True), UserRow.status == "active")
+            .order_by(UserRow.created_at, UserRow.id).limit(1)
+        )  # fmt: skip
+        return _record(row) if row is not None else None
 
     async def list_all(self, *, limit: int = 1000, offset: int = 0) -> list[User]:
         rows = await self._s.scalars(

@@ -2,7 +2,8 @@
 `Bearer` JWT into a `Principal`.
 
 API keys: only their SHA-256 is stored; `last_used_at` is written at most once a minute per key,
-so a busy key does not turn every read into a write. Sessions: HS256 JWTs (`services/jwt.py`)
+so a busy key does not turn every read into a write. A key works only while its maker is an
+active member of its team. Sessions: HS256 JWTs (`services/jwt.py`)
 valid `jwt_ttl_s`; each request re-reads the user and membership, so a disabled user or a removed
 member is locked out at once, whatever their token says.
 """
@@ -22,7 +23,7 @@ from nestbox.controlplane.services import jwt
 from nestbox.controlplane.services.passwords import dummy_hash, hash_password, verify_password
 from nestbox.controlplane.services.principal import Principal
 from nestbox.protocol.accounts import AuthView, Role
-from nestbox.protocol.ids import is_api_key
+from nestbox.protocol.ids import IdPrefix, is_api_key, is_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -114,6 +115,8 @@ class AuthService:
         """A session for another team of the same user. :raise NotFound: not their team."""
         if not principal.is_session or principal.user_id is None:
             raise Unauthorized("switching team needs a user session (Authorization: Bearer)")
+        if not is_id(team_id, IdPrefix.TEAM):
+            raise NotFound("team", ascii(team_id)[1:-1][:80])
         async with self._db.transaction() as tx:
             user = await tx.users.get(principal.user_id)
             membership = await tx.teams.membership(team_id, principal.user_id)
@@ -177,8 +180,9 @@ class AuthService:
         if user is not None and not user.is_active:
             raise Unauthorized("the API key's owner is disabled")
         if user is None or membership is None:
-            return Principal(team_id=found.team_id, role=Role.MEMBER, user_id=None,
-                             api_key_id=found.id)  # fmt: skip
+            # Its maker left the team (their keys were revoked then) or is gone: a key never
+            # outlives its maker's place in the team.
+            raise Unauthorized("the API key's maker is no longer a member of its team")
         return Principal(
             team_id=found.team_id,
             role=membership.role,

@@ -4,8 +4,15 @@ pause, resume, ping, destroy.
 Each verb records its intent in the database first (`pending`, `pausing`, `resuming`), then
 asks the host agent, then records the outcome; the agent call and the outcome are shielded
 from cancellation, so a client that hangs up never leaves a row that disagrees with its host.
-Verbs on one capsule are serialised (`KeyedLocks`); the reconciler never touches a capsule in
-a transitional status, and updates only rows unchanged since it read them.
+Verbs on one capsule are serialised (`KeyedLocks`, held from a create's first write on); the
+reconciler leaves a capsule in a transitional status alone while a call of this process holds
+its lock (and for `stuck_after_s` after its last change), and updates only rows unchanged since
+it read them.
+
+Quota: a team holds at most `quota` capsules that hold resources (`HOLDS_RESOURCES`: pending,
+running, resuming, …; paused ones do not count); a create or resume beyond it is 429
+`quota_exceeded`. The check locks the team's row, so concurrent creates (on several control
+planes too) cannot both take the last place.
 
 Destroy hides the capsule at once (`destroyed`): a GET afterwards is 404, whatever its host
 said. A destroy its host could not carry out is retried by the reconciler when the host
@@ -23,7 +30,7 @@ import anyio
 
 from nestbox.controlplane.agent_client import AgentCallError
 from nestbox.controlplane.db.capsules import DESTROYED, Committed
-from nestbox.controlplane.errors import HostUnavailable, InvalidState, NotFound
+from nestbox.controlplane.errors import HostUnavailable, InvalidState, NotFound, QuotaExceeded
 from nestbox.controlplane.scheduling import Candidate, Demand
 from nestbox.controlplane.services.locks import KeyedLocks
 from nestbox.controlplane.services.views import (
@@ -83,13 +90,16 @@ class CapsuleService:
         targets: Targets,
         placement: Placement,
         *,
+        quota: int = 0,
+        locks: KeyedLocks | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._targets = targets
         self._placement = placement
+        self._quota = quota
         self._clock = clock
-        self.locks = KeyedLocks()
+        self.locks = locks or KeyedLocks()
 
     # ── reads ──
 
@@ -107,12 +117,21 @@ class CapsuleService:
         """Place and start a capsule from `req.template`.
 
         :raise NotFound: no such template. :raise HostUnavailable: no host can take it.
+        :raise QuotaExceeded: the team holds its quota of capsules.
         :raise AgentCallError: the host refused or failed (the capsule is then gone).
         """
+        capsule_id = new_capsule_id()
+        async with self.locks.hold(capsule_id):
+            return await self._create(principal, req, capsule_id)
+
+    async def _create(
+        self, principal: Principal, req: CapsuleCreate, capsule_id: str
+    ) -> CapsuleView:
         async with self._db.transaction() as tx:
             template = await tx.templates.find(principal.team_id, req.template)
             if template is None:
                 raise NotFound("template", req.template)
+            await self._within_quota(tx, principal.team_id)
             demand = Demand(
                 vcpus=template.vcpus or req.vcpus or DEFAULT_VCPUS,
                 memory_mb=template.memory_mb or req.memory_mb or DEFAULT_MEMORY_MB,
@@ -121,7 +140,7 @@ class CapsuleService:
             host = await self._place(tx, principal, template, demand)
             timeout = req.timeout_sec and max(req.timeout_sec, MIN_IDLE_TIMEOUT_S)
             capsule = await tx.capsules.create(
-                new_capsule_id(), team_id=principal.team_id, host_id=host.id,
+                capsule_id, team_id=principal.team_id, host_id=host.id,
                 template=template.name, template_id=template.id, vcpus=demand.vcpus,
                 memory_mb=demand.memory_mb, disk_mb=demand.disk_mb, timeout_sec=timeout,
                 metadata=dict(req.metadata or {}),
@@ -172,6 +191,11 @@ class CapsuleService:
             memory_mb=started.memory_mb or capsule.memory_mb, started_at=now,
             metadata=metadata, **running_values(started, now),
         )  # fmt: skip
+        if fresh.status == DESTROYED:
+            # Its team was deleted meanwhile (or the reconciler settled a create it thought
+            # lost): the VM must not outlive the row.
+            await self._destroy_on(host, capsule.id)
+            raise NotFound("capsule", capsule.id)
         log.info("capsule created", extra={"capsule_id": capsule.id, "host_id": host.id})
         return capsule_view(fresh)
 
@@ -209,6 +233,7 @@ class CapsuleService:
             target = await self._targets.target(principal, capsule_id)
             self._require(target.capsule, CapsuleStatus.PAUSED)
             async with self._db.transaction() as tx:
+                await self._within_quota(tx, principal.team_id)
                 template = (await tx.templates.find(principal.team_id, target.capsule.template)
                             if target.capsule.template_id else None)  # fmt: skip
                 await tx.capsules.update(capsule_id, status=CapsuleStatus.RESUMING.value)
@@ -258,6 +283,18 @@ class CapsuleService:
 
     # ── helpers ──
 
+    async def _within_quota(self, tx: Tx, team_id: str) -> None:
+        """:raise QuotaExceeded: the team already holds `quota` capsules (none if 0)."""
+        if self._quota <= 0:
+            return
+        await tx.teams.lock(team_id)
+        held = await tx.capsules.count_holding(team_id)
+        if held >= self._quota:
+            raise QuotaExceeded(
+                f"the team already has {held} capsules (its quota is {self._quota}); "
+                "pause or destroy one first"
+            )
+
     @staticmethod
     def _require(capsule: Capsule, status: CapsuleStatus) -> None:
         if capsule.status != status:
@@ -283,6 +320,8 @@ class CapsuleService:
                 await self._set(capsule_id, status=undo.value)
                 raise
             row = await self._set_and_get(capsule_id, audit=audit, **outcome(answer))
+        if row.status == DESTROYED:
+            raise NotFound("capsule", capsule_id)  # its team was deleted meanwhile
         return row
 
     async def _set(

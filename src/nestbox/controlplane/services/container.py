@@ -8,13 +8,17 @@ from typing import TYPE_CHECKING
 
 from nestbox.controlplane.agent_client import AgentPool
 from nestbox.controlplane.scheduling import LeastLoaded
+from nestbox.controlplane.secretbox import SecretBox, load_secret_key
 from nestbox.controlplane.services.accounts import AccountService
+from nestbox.controlplane.services.addresses import AddressPolicy
 from nestbox.controlplane.services.api_keys import ApiKeyService
 from nestbox.controlplane.services.auth import AuthService
 from nestbox.controlplane.services.capsules import CapsuleService
 from nestbox.controlplane.services.files import FileService
 from nestbox.controlplane.services.hosts import HostService
+from nestbox.controlplane.services.locks import KeyedLocks
 from nestbox.controlplane.services.processes import ProcessService
+from nestbox.controlplane.services.ratelimit import RateLimiter
 from nestbox.controlplane.services.reconciler import Reconciler
 from nestbox.controlplane.services.snapshots import SnapshotService
 from nestbox.controlplane.services.targets import Targets
@@ -34,6 +38,7 @@ class Services:
     accounts: AccountService
     api_keys: ApiKeyService
     teams: TeamService
+    limiter: RateLimiter
     # capsules, hosts and scheduling
     agents: AgentPool
     hosts: HostService
@@ -47,10 +52,13 @@ class Services:
 def build_services(settings: CPSettings, db: Database) -> Services:
     """:raise OSError: the JWT secret file cannot be read or made."""
     secret = jwt_secret(settings)
+    box = SecretBox(load_secret_key(settings.data_dir))
     agents = AgentPool()
-    targets = Targets(db, agents)
-    reconciler = Reconciler(db, targets)
-    capsules = CapsuleService(db, targets, LeastLoaded())
+    targets = Targets(db, agents, box)
+    locks = KeyedLocks()
+    reconciler = Reconciler(db, targets, busy=locks.held, stuck_after_s=settings.stuck_after_s)
+    capsules = CapsuleService(db, targets, LeastLoaded(), quota=settings.team_capsule_quota,
+                              locks=locks)  # fmt: skip
     return Services(
         settings=settings,
         db=db,
@@ -62,18 +70,21 @@ def build_services(settings: CPSettings, db: Database) -> Services:
         ),
         accounts=AccountService(db),
         api_keys=ApiKeyService(db),
-        teams=TeamService(db),
+        teams=TeamService(db, targets),
+        limiter=RateLimiter(burst=settings.auth_rate_burst, per_s=settings.auth_rate_per_min / 60),
         agents=agents,
         hosts=HostService(
             db,
             agents,
             secret=secret,
+            box=box,
+            addresses=AddressPolicy(settings.listen),
             registration_ttl_s=settings.host_registration_ttl_s,
             on_drift=reconciler.kick,
         ),
         capsules=capsules,
         processes=ProcessService(targets),
-        files=FileService(targets),
+        files=FileService(targets, buffer_budget_bytes=settings.file_buffer_budget_bytes),
         snapshots=SnapshotService(db, targets, capsules.locks),
         reconciler=reconciler,
     )

@@ -6,10 +6,15 @@ Credentials, all random and stored hashed but the last:
 - host token: a JWT (`typ: "host"`, `sub: <host id>`) signed with the sessions' key, which user
   sessions refuse (their `typ` is empty); `HOST_TOKEN_TTL_S`, renewed with the refresh token;
 - refresh token `nbh_…`: 60 days, rotated on every use;
-- agent token `nba_…`: what the control plane presents in `X-Agent-Token`, kept in clear.
+- agent token `nba_…`: what the control plane presents with RPCs (`X-Agent-Token`), and proxy
+  token `nbp_…`: what it presents with proxied requests (`X-Nestbox-Proxy-Token`); the agent
+  accepts each for its own purpose only. Both are kept sealed (`secretbox`, AES-GCM under the
+  control plane's secret key) and opened only to be sent (`agent_token` / `proxy_token`).
 
 Who may manage hosts: platform admins any; a team's admins its own BYOC hosts. Another team's
-host is `NotFound`.
+host is `NotFound`. The address an agent registers is checked by `AddressPolicy` (host:port
+only; a BYOC host not on loopback, link-local, or the control plane's machine) before its
+one-time token is spent: a refused address is 400 `invalid_request`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from nestbox.controlplane.errors import (
     NotFound,
     Unauthorized,
 )
+from nestbox.controlplane.secretbox import SecretError, host_context
 from nestbox.controlplane.services import jwt
 from nestbox.controlplane.services.auth import key_hash
 from nestbox.controlplane.services.views import host_view
@@ -51,6 +57,8 @@ if TYPE_CHECKING:
     from nestbox.controlplane.agent_client import AgentPool
     from nestbox.controlplane.db import Database
     from nestbox.controlplane.db.hosts import Host
+    from nestbox.controlplane.secretbox import SecretBox
+    from nestbox.controlplane.services.addresses import AddressPolicy
     from nestbox.controlplane.services.principal import Principal
     from nestbox.protocol.hosts import (
         HeartbeatRequest,
@@ -76,6 +84,8 @@ class HostService:
         agents: AgentPool,
         *,
         secret: bytes,
+        box: SecretBox,
+        addresses: AddressPolicy,
         registration_ttl_s: int,
         on_drift: Callable[[str], None] = lambda host_id: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -83,6 +93,8 @@ class HostService:
         self._db = db
         self._agents = agents
         self._secret = secret
+        self._box = box
+        self._addresses = addresses
         self._registration_ttl = timedelta(seconds=registration_ttl_s)
         self._on_drift = on_drift
         self._clock = clock
@@ -148,9 +160,10 @@ class HostService:
             held = await tx.capsules.on_host(host.id, statuses=LIVE_STATUSES)
         if held and not force:
             raise HostHasCapsules(host.id, [c.id for c in held])
-        if host.address and host.agent_token:
+        if host.address and host.agent_token_enc:
             try:
-                await self._agents.client(host.id, host.address, host.agent_token).terminate()
+                token = self.agent_token(host)
+                await self._agents.client(host.id, host.address, token).terminate()
             except (AgentCallError, HostUnavailable) as err:
                 log.warning("host %s did not terminate: %s", host.id, err.message)
         self._agents.forget(host.id)
@@ -177,16 +190,30 @@ class HostService:
     # ── the agents' side ──
 
     async def register(self, req: HostRegisterRequest) -> HostRegisterResponse:
-        """Trade a registration token for credentials. :raise Unauthorized: bad token."""
+        """Trade a registration token for credentials. :raise Unauthorized: bad token.
+        :raise InvalidRequest: an address this host may not use (the token stays unspent)."""
         now = self._clock()
+        token_hash = key_hash(req.token)
+        async with self._db.transaction() as tx:
+            host_id = await tx.hosts.registration_token_host(token_hash, now)
+            pending = await tx.hosts.get(host_id) if host_id is not None else None
+        if pending is None:
+            raise Unauthorized("invalid, used or expired registration token")
+        # Resolving may take a while: outside any transaction, before the token is spent.
+        await self._addresses.check(req.address, byoc=pending.type == HostType.BYOC)
         reg = Registration(address=req.address, arch=req.arch, cpu_cores=req.cpu_cores,
                            memory_mb=req.memory_mb, disk_gb=req.disk_gb)  # fmt: skip
-        agent_token, refresh = _secret("nba_"), _secret("nbh_")
+        agent_token, proxy_token = _secret("nba_"), _secret("nbp_")
+        refresh = _secret("nbh_")
         async with self._db.transaction() as tx:
-            host_id = await tx.hosts.use_registration_token(key_hash(req.token), now)
+            host_id = await tx.hosts.use_registration_token(token_hash, now)
             if host_id is None:
                 raise Unauthorized("invalid, used or expired registration token")
-            host = await tx.hosts.register(host_id, reg, agent_token, now)
+            host = await tx.hosts.register(
+                host_id, reg, now=now,
+                agent_token_enc=self._box.seal(agent_token, host_context(host_id, AGENT)),
+                proxy_token_enc=self._box.seal(proxy_token, host_context(host_id, PROXY)),
+            )  # fmt: skip
             await tx.hosts.add_refresh_token(host_id, key_hash(refresh), now + REFRESH_TOKEN_TTL)
             await tx.audit.record(AuditEvent(
                 action="host.register", resource_type="host", resource_id=host_id,
@@ -196,7 +223,16 @@ class HostService:
         self._agents.forget(host_id)
         log.info("host %s registered at %s", host_id, req.address, extra={"host_id": host_id})
         return HostRegisterResponse(host=host_view(host), token=self.host_token(host_id),
-                                    refresh_token=refresh, agent_token=agent_token)  # fmt: skip
+                                    refresh_token=refresh, agent_token=agent_token,
+                                    proxy_token=proxy_token)  # fmt: skip
+
+    # ── the agent's credentials, opened to be sent ──
+
+    def agent_token(self, host: Host) -> str:
+        return agent_token(self._box, host)
+
+    def proxy_token(self, host: Host) -> str:
+        return proxy_token(self._box, host)
 
     async def refresh(self, req: HostRefreshRequest) -> HostRefreshResponse:
         """A new host token and refresh token. :raise Unauthorized: bad refresh token."""
@@ -276,6 +312,35 @@ class HostService:
                 host.id, silent_for_s, len(missing), extra={"host_id": host.id},
             )  # fmt: skip
         return changed
+
+
+AGENT, PROXY = "agent_token", "proxy_token"
+"""The sealed columns' names in their `host_context`."""
+
+
+def agent_token(box: SecretBox, host: Host) -> str:
+    """The token for `host`'s RPCs. :raise HostUnavailable: it never registered, or the
+    sealed token does not open (the secret key changed: register the host again)."""
+    if host.agent_token_enc is None:
+        raise HostUnavailable(f"host {host.id} has no registered agent")
+    return _open(box, host, host.agent_token_enc, AGENT)
+
+
+def proxy_token(box: SecretBox, host: Host) -> str:
+    """The token for `host`'s port proxy. :raise HostUnavailable: as `agent_token`, or it
+    registered before proxy tokens existed."""
+    if host.proxy_token_enc is None:
+        raise HostUnavailable(f"host {host.id} must register again to serve capsule ports")
+    return _open(box, host, host.proxy_token_enc, PROXY)
+
+
+def _open(box: SecretBox, host: Host, sealed: str, column: str) -> str:
+    try:
+        return box.open(sealed, host_context(host.id, column))
+    except SecretError:
+        log.error("the %s of host %s does not open with the secret key; register the host "
+                  "again", column, host.id, extra={"host_id": host.id})  # fmt: skip
+        raise HostUnavailable(f"host {host.id} must register again") from None
 
 
 _MISSABLE = tuple(

@@ -17,6 +17,10 @@ class KeyedLocks:
         # key -> (lock, holders and waiters); an entry lives while its count is above zero.
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
 
+    def held(self, key: str) -> bool:
+        """Whether a call of this process holds (or waits for) `key`'s lock right now."""
+        return key in self._locks
+
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
         lock, users = self._locks.get(key, (anyio.Lock(), 0))

@@ -17,8 +17,8 @@ class Principal:
     """A user session (JWT) or a team API key, acting in one team.
 
     An API key acts as the user who made it, with that user's current role in the key's team;
-    if that user has left the team (or is gone), the key still works as a plain member without
-    a user. Role and admin flag always come from the database, never from the token alone.
+    if that user has left the team, is disabled or gone, the key no longer works. Role and admin
+    flag always come from the database, never from the token alone.
     """
 
     team_id: str

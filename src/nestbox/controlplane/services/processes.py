@@ -9,6 +9,7 @@ turns them into WebSocket frames.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -36,9 +37,12 @@ SIGNALS = {"SIGKILL", "SIGTERM", "KILL", "TERM", "9", "15"}
 Selector = Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str]
 
 
+PID = re.compile(r"[0-9]{1,10}")
+
+
 def selector(value: str) -> Selector:
-    """A process by pid (digits) or tag (anything else)."""
-    if value.isdigit():
+    """A process by pid (ASCII digits, all of it) or tag (anything else)."""
+    if PID.fullmatch(value):
         return Oneof[Literal["pid"], int]("pid", int(value))
     return Oneof[Literal["tag"], str]("tag", value)
 

@@ -7,15 +7,26 @@ and make the database follow the agent.
   `paused`; the host came back: whatever it is now) -> that state;
 - a capsule its user destroyed that the agent still holds -> destroyed on the agent.
 
-Capsules in a transitional status (`pending`, `pausing`, …) belong to the API call doing the
-transition and are left alone; every update is conditional on the row being unchanged since it
-was read, so an API call that changed it meanwhile always wins.
+Capsules in a transitional status (`pending`, `pausing`, `resuming`, `snapshotting`, …) belong
+to the API call doing the transition and are left alone while it runs: while a call of this
+process holds the capsule's lock, and for `stuck_after_s` after the row last changed (a call of
+another control plane on the same database). After that the row is stuck (its call died with
+its process, or never wrote its outcome) and is settled from the agent: a stable state there is
+taken; a create the agent never heard of is `destroyed`, any other capsule it no longer has
+`stopped`; a capsule the agent is still busy with is looked at again next pass. Stuck rows on a
+host that is not online become `missing`, as the host monitor does when a host goes silent, and
+those on no host `stopped`. A pass runs as the loop starts, so a restart settles what the last
+run left at once.
+
+Every update is conditional on the row being unchanged since it was read, so an API call that
+changed it meanwhile always wins.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,11 +39,11 @@ from nestbox.controlplane.services.views import from_unix_ms, status_of
 from nestbox.protocol.capsules import CapsuleStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from anyio.abc import TaskStatus
 
-    from nestbox.controlplane.db import Database
+    from nestbox.controlplane.db import Database, Tx
     from nestbox.controlplane.db.capsules import Capsule
     from nestbox.controlplane.db.hosts import Host
     from nestbox.controlplane.services.targets import Targets
@@ -52,12 +63,24 @@ class Reconciler:
         db: Database,
         targets: Targets,
         *,
+        busy: Callable[[str], bool] = lambda capsule_id: False,
+        stuck_after_s: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._targets = targets
+        self._busy = busy
+        self._stuck_after = timedelta(seconds=stuck_after_s)
         self._clock = clock
         self._kicked = anyio.Event()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Tx]:
+        """A transaction that a stopping app does not cancel halfway (the loop is cancelled
+        at any await; a connection torn down mid-query is not given back cleanly)."""
+        with anyio.CancelScope(shield=True):
+            async with self._db.transaction() as tx:
+                yield tx
 
     def kick(self, host_id: str | None = None) -> None:
         """Run a pass now (a host came back, say) instead of at the next interval."""
@@ -66,17 +89,22 @@ class Reconciler:
     async def run(
         self, interval_s: float, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Reconcile every `interval_s` seconds or when kicked, until cancelled."""
+        """Reconcile now, then every `interval_s` seconds or when kicked, until cancelled."""
         task_status.started()
         while True:
+            try:
+                await self.run_once()
+            except Exception as err:  # the database hiccuped: the next pass tries again
+                log.error("reconcile pass failed: %r", err)
+                log.debug("reconcile traceback", exc_info=err)
             with anyio.move_on_after(interval_s):
                 await self._kicked.wait()
             self._kicked = anyio.Event()
-            await self.run_once()
 
     async def run_once(self) -> None:
-        """One pass over every online host; a host that fails is logged and skipped."""
-        async with self._db.transaction() as tx:
+        """One pass over every online host (a host that fails is logged and skipped), then
+        the stuck rows of hosts that are not online."""
+        async with self._tx() as tx:
             hosts = await tx.hosts.with_status("online", "draining")
         for host in hosts:
             try:
@@ -86,23 +114,58 @@ class Reconciler:
             except Exception as err:  # one host's failure must not stop the others
                 log.error("reconcile %s failed: %r", host.id, err, extra={"host_id": host.id})
                 log.debug("reconcile traceback", exc_info=err)
+        await self.settle_offline({h.id for h in hosts})
+
+    async def settle_offline(self, online: set[str]) -> None:
+        """Stuck rows whose host is not among `online`: `missing` (the host may come back;
+        its heartbeat then has them reconciled) or, with no host at all, `stopped`."""
+        async with self._tx() as tx:
+            stuck = [c for c in await tx.capsules.in_status(
+                TRANSITIONAL, before=self._clock() - self._stuck_after)
+                if c.host_id not in online and not self._busy(c.id)]  # fmt: skip
+        for row in stuck:
+            async with self._tx() as tx:
+                host = await tx.hosts.get(row.host_id) if row.host_id else None
+            status = CapsuleStatus.STOPPED if host is None else CapsuleStatus.MISSING
+            await self._apply(row, {"status": status.value, "host_ip": ""}, set())
 
     async def reconcile_host(self, host: Host) -> None:
         # Rows first, then the agent: a change an API call makes in between is then newer
         # than what we read, and the conditional update leaves it alone.
-        async with self._db.transaction() as tx:
+        async with self._tx() as tx:
             rows = await tx.capsules.on_host(host.id)
         agent = self._targets.agent(host)
         answer = await agent.list_capsules()
         held = {c.capsule_id: c for c in answer.capsules}
         auto_paused = set(answer.auto_paused_ids)
         for row in rows:
-            values = self._drift(row, held.get(row.id))
+            found = held.get(row.id)
+            values = self._settle(row, found) if self._stuck(row) else self._drift(row, found)
             if values:
                 await self._apply(row, values, auto_paused)
         known = {r.id for r in rows}
         for capsule_id in held.keys() - known:
             await self._stray(host, capsule_id)
+
+    def _stuck(self, row: Capsule) -> bool:
+        """A row in a transitional status that no call is working on any more."""
+        return (
+            row.status in TRANSITIONAL
+            and not self._busy(row.id)
+            and self._clock() - row.last_updated >= self._stuck_after
+        )
+
+    def _settle(self, row: Capsule, found: pb.Capsule | None) -> dict[str, Any]:
+        """What a stuck row becomes: what the agent says, or, if it has no such capsule,
+        `destroyed` (a create that never happened) or `stopped`."""
+        if found is None:
+            never_made = row.status in (CapsuleStatus.PENDING, CapsuleStatus.STARTING)
+            return {"status": DESTROYED if never_made else CapsuleStatus.STOPPED.value,
+                    "host_ip": ""}  # fmt: skip
+        values = self._follow(row, found)
+        if values.get("status") == CapsuleStatus.RUNNING and row.started_at is None:
+            values["started_at"] = self._clock()
+        return values
 
     def _drift(self, row: Capsule, found: pb.Capsule | None) -> dict[str, Any]:
         """What to change in `row` so it matches the agent (empty: nothing)."""
@@ -112,9 +175,14 @@ class Reconciler:
             if row.status == CapsuleStatus.STOPPED:
                 return {}
             return {"status": CapsuleStatus.STOPPED.value, "host_ip": ""}
+        return self._follow(row, found)
+
+    def _follow(self, row: Capsule, found: pb.Capsule) -> dict[str, Any]:
+        """The agent's view of a capsule it holds as row values (empty: nothing differs, or
+        the agent is busy with it and we look again next time)."""
         status = status_of(found.state)
         if status in TRANSITIONAL:
-            return {}  # the agent is busy with it; look again next time
+            return {}
         values: dict[str, Any] = {}
         if status != row.status:
             values["status"] = status.value
@@ -127,7 +195,7 @@ class Reconciler:
         return values
 
     async def _apply(self, row: Capsule, values: dict[str, Any], auto_paused: set[str]) -> None:
-        async with self._db.transaction() as tx:
+        async with self._tx() as tx:
             done = await tx.capsules.update(
                 row.id, expect=Expect(row.status, row.last_updated), **values
             )
@@ -149,7 +217,7 @@ class Reconciler:
 
     async def _stray(self, host: Host, capsule_id: str) -> None:
         """A capsule the agent holds and the database does not show on this host."""
-        async with self._db.transaction() as tx:
+        async with self._tx() as tx:
             row = await tx.capsules.get(capsule_id)
         if row is None or row.host_id != host.id:
             log.warning("host %s holds capsule %s the control plane does not know",

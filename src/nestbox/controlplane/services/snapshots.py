@@ -23,7 +23,7 @@ from nestbox.controlplane.errors import (
 )
 from nestbox.controlplane.services.views import status_of, template_view
 from nestbox.protocol.capsules import CapsuleStatus
-from nestbox.protocol.ids import IdPrefix, new_id
+from nestbox.protocol.ids import IdPrefix, is_id, new_id
 
 if TYPE_CHECKING:
     from nestbox.controlplane.db import Database
@@ -54,6 +54,8 @@ class SnapshotService:
         :raise Conflict: the name is a platform template's, or the team's and not `overwrite`.
         :raise InvalidState: the capsule is neither running nor paused.
         """
+        if not is_id(req.sandbox_id, IdPrefix.CAPSULE):
+            raise NotFound("capsule", ascii(req.sandbox_id)[1:-1][:80])
         name = req.name or f"template-{secrets.token_hex(4)}"
         async with self._db.transaction() as tx:
             if await tx.templates.platform_named(name) is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.errors import HostUnavailable, InvalidState, NotFound
+from nestbox.controlplane.services.hosts import agent_token
 from nestbox.protocol.capsules import CapsuleStatus
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from nestbox.controlplane.db import Database
     from nestbox.controlplane.db.capsules import Capsule
     from nestbox.controlplane.db.hosts import Host
+    from nestbox.controlplane.secretbox import SecretBox
     from nestbox.controlplane.services.principal import Principal
 
 
@@ -28,9 +30,10 @@ class Target:
 
 
 class Targets:
-    def __init__(self, db: Database, agents: AgentPool) -> None:
+    def __init__(self, db: Database, agents: AgentPool, box: SecretBox) -> None:
         self._db = db
         self.agents = agents
+        self._box = box
 
     async def find(self, principal: Principal, capsule_id: str) -> tuple[Capsule, Host | None]:
         """The caller's capsule and its host. :raise NotFound:"""
@@ -42,10 +45,11 @@ class Targets:
         return capsule, host
 
     def agent(self, host: Host) -> AgentClient:
-        """The agent client of `host`. :raise HostUnavailable: it never registered."""
-        if not host.address or not host.agent_token:
+        """The agent client of `host`. :raise HostUnavailable: it never registered (or its
+        sealed token does not open)."""
+        if not host.address:
             raise HostUnavailable(f"host {host.id} has no registered agent")
-        return self.agents.client(host.id, host.address, host.agent_token)
+        return self.agents.client(host.id, host.address, agent_token(self._box, host))
 
     async def target(self, principal: Principal, capsule_id: str) -> Target:
         """The caller's capsule, its host and agent, whatever its status.

@@ -89,9 +89,12 @@ class CapsuleEnvd(PtyOps, FileOps):
             await anyio.sleep(POLL_S)
 
     async def init(self, request: InitRequest) -> None:
-        """`POST /init` (after every boot and restore). :raise EnvdCallError:"""
+        """`POST /init` (after every boot and restore), presenting the current token; a token
+        the request sets is the one later calls present. :raise EnvdCallError:"""
         body = json.dumps(request.model_dump(by_alias=True, exclude_none=True)).encode()
         await self._call("POST", "/init", content=body, json_body=True)
+        if request.access_token:
+            self._conn.access_token = request.access_token
 
     async def prepare_snapshot(self) -> None:
         """`POST /snapshot/prepare`: envd closes idle connections, stops port forwarding and

@@ -4,6 +4,10 @@ Inside the netns (applied in one atomic `iptables-restore`, removed with the net
   - nat PREROUTING: `-i veth0 -d <host_address>` DNAT to the guest, 169.254.0.21;
   - FORWARD policy DROP; veth0 -> tap0 to the guest is allowed, tap0 -> veth0 only for
     ESTABLISHED,RELATED (replies), so the guest can answer but never start a connection;
+  - envd's port (TCP 49983) only from the host end of the slot's veth, the source address of
+    every connection the host opens to the capsule (the DNAT changes only the destination),
+    so nothing forwarded from elsewhere reaches envd even if the root namespace's rules let
+    it through; OUTPUT to it over tap0 is dropped (no process in the netns talks to envd);
   - INPUT from tap0: only ESTABLISHED,RELATED; the netns itself offers the guest nothing;
   - no default route and no MASQUERADE, unless the capsule has egress.
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from nestbox.hostagent.network.slots import GUEST_IP, NETNS_VETH, TAP_NAME, SlotNetwork
+from nestbox.protocol.envd import ENVD_PORT
 
 if TYPE_CHECKING:
     import contextlib
@@ -58,7 +63,10 @@ def netns_ruleset(plan: SlotNetwork) -> str:
     guest = f"{GUEST_IP}/32"
     dnat = f"-j DNAT --to-destination {GUEST_IP}"
     nat = [f"-A PREROUTING -i {NETNS_VETH} -d {plan.host_address}/32 {dnat}"]
+    to_envd = f"-o {TAP_NAME} -d {guest} -p tcp --dport {ENVD_PORT}"
     forward = [
+        f"-A FORWARD -i {NETNS_VETH} {to_envd} -s {plan.veth_host_ip}/32 -j ACCEPT",
+        f"-A FORWARD {to_envd} -j DROP",
         f"-A FORWARD -i {NETNS_VETH} -o {TAP_NAME} -d {guest} -j ACCEPT",
         f"-A FORWARD -i {TAP_NAME} -o {NETNS_VETH} {' '.join(A_REPLY)} -j ACCEPT",
     ]
@@ -80,6 +88,7 @@ def netns_ruleset(plan: SlotNetwork) -> str:
         f"-A INPUT -i {TAP_NAME} {' '.join(A_REPLY)} -j ACCEPT",
         f"-A INPUT -i {TAP_NAME} -j DROP",
         *forward,
+        f"-A OUTPUT {to_envd} -j DROP",
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"

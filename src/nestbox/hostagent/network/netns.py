@@ -8,6 +8,8 @@ the netns removes them.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import TYPE_CHECKING
 
 from nestbox.hostagent.network.slots import NETNS_VETH, VETH_PREFIX, SlotNetwork
@@ -26,11 +28,20 @@ async def create_netns(system: System, name: str, stack: contextlib.AsyncExitSta
 
 
 async def disable_ipv6(system: System, netns: str) -> None:
-    """The plan is IPv4 only; without IPv6 the guest cannot talk to the netns over link-local
-    addresses that no firewall rule here mentions. Not checked: a host booted without IPv6
-    has no such sysctl, and then there is nothing to disable."""
+    """The plan is IPv4 only; without IPv6 the guest cannot talk to the netns (nor envd be
+    reached from it) over link-local addresses that no firewall rule here mentions. `all`
+    covers the interfaces that exist (lo), `default` those made after (tap0, veth0). A failure
+    is an error, unless the host runs without IPv6: then there is no such sysctl, and nothing
+    to disable."""
+    check = host_has_ipv6()
     for scope in ("all", "default"):
-        await system.sysctl(netns, f"net.ipv6.conf.{scope}.disable_ipv6", "1", check=False)
+        await system.sysctl(netns, f"net.ipv6.conf.{scope}.disable_ipv6", "1", check=check)
+
+
+@functools.cache
+def host_has_ipv6() -> bool:
+    """Whether the kernel has IPv6 (its sysctls exist); read once."""
+    return os.path.exists("/proc/sys/net/ipv6")
 
 
 async def enable_forwarding(system: System, netns: str) -> None:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
+FILE_MODE = 0o600
+"""Disks hold the guest's data: owner (root) only."""
 
 
 class StorageError(Exception):
@@ -62,6 +64,7 @@ async def create_overlay(base: Path, base_format: DiskFormat, overlay: Path) -> 
     if await anyio.to_thread.run_sync(write_overlay, base, base_format, overlay):
         return
     await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format, str(overlay))
+    await anyio.to_thread.run_sync(os.chmod, overlay, FILE_MODE)
 
 
 # ── the qcow2 overlay writer ─────────────────────────────────────────────────────────────
@@ -117,7 +120,7 @@ def write_overlay(base: Path, base_format: DiskFormat, overlay: Path) -> bool:
         b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS, size, 0, l1_size, 3 * CLUSTER,
         CLUSTER, 1, 0, 0, 0, 0, 0, 4, header_length, b"",
     )  # fmt: skip
-    fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         os.pwrite(fd, header + extensions + name, 0)
         os.pwrite(fd, struct.pack(">Q", 2 * CLUSTER), CLUSTER)  # refcount table -> block
@@ -142,6 +145,7 @@ async def flatten(
     """
     extra = ["-B", str(backing), "-F", backing_format] if backing is not None else []
     await _qemu_img("convert", "-q", "-O", "qcow2", *extra, str(source), str(dest))
+    await anyio.to_thread.run_sync(os.chmod, dest, FILE_MODE)
 
 
 async def backing_chain(path: Path) -> list[Path]:

@@ -5,7 +5,7 @@
       disk.qcow2      the frozen disk: clones get a qcow2 overlay on top of it
       mem             guest RAM as a file (ram="file"): clones map it copy-on-write
       state           device state (and, for ram="state", the RAM too) from the migration
-      template.json   TemplateMeta
+      template.json   TemplateMeta (0600: it holds the envd access token of the snapshot)
     templates/.<template>.build-<random>/               a version being built
 
 A version is built in a staging directory, fsync'ed (a template must survive a reboot), renamed
@@ -62,6 +62,9 @@ class TemplateMeta(BaseModel):
     state_bytes: int
     default_user: str = "root"
     default_env: dict[str, str] = {}
+    access_token: str | None = None
+    """The token the snapshot's envd holds (that of the capsule it was made from): a clone's
+    `/init` presents it and sets the clone's own. None for a template whose envd has none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ def make_staging(templates_dir: Path, template_id: str) -> TemplateDir:
     template_path(templates_dir, template_id)  # validates the id
     templates_dir.mkdir(parents=True, exist_ok=True)
     root = templates_dir / f".{template_id}.build-{secrets.token_hex(4)}"
-    root.mkdir()
+    root.mkdir(mode=0o700)
     return TemplateDir(root)
 
 
@@ -139,10 +142,11 @@ async def publish(staging: TemplateDir, templates_dir: Path, meta: TemplateMeta)
     version = staging.root.with_name(staging.root.name.replace(".build-", ".v-", 1))
 
     def _publish() -> None:
-        staging.meta_file.write_text(meta.model_dump_json(indent=2))
+        _write_private(staging.meta_file, meta.model_dump_json(indent=2))
         for path in (staging.disk, staging.mem, staging.state, staging.meta_file):
             if path.exists():
                 _fsync(path)
+        _fsync(staging.root)  # the files' names, before the version's name points at them
         staging.root.rename(version)
         tmp_link = templates_dir / f".{meta.template_id}.link-{secrets.token_hex(4)}"
         tmp_link.symlink_to(version.name)
@@ -169,6 +173,13 @@ async def prune(templates_dir: Path, template_id: str, in_use: set[Path]) -> lis
         return removed
 
     return await anyio.to_thread.run_sync(_prune)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create `path` (owner read/write only, whatever the umask) holding `text`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _fsync(path: Path) -> None:

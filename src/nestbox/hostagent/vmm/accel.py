@@ -23,11 +23,13 @@ class AccelChoice:
     accel: Accel
     reason: str
 
-    @property
-    def qemu_args(self) -> list[str]:
+    def qemu_args(self, *, tb_size_mib: int = 0) -> list[str]:
+        """`tb_size_mib` bounds TCG's translation cache (QEMU 7.2's default is 1 GiB or an
+        eighth of host RAM, whichever is less, touched as code is translated); 0 keeps it."""
         if self.accel == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
-        return ["-accel", "tcg", "-cpu", "max"]
+        tcg = f"tcg,tb-size={tb_size_mib}" if tb_size_mib else "tcg"
+        return ["-accel", tcg, "-cpu", "max"]
 
 
 def _virt_flags(cpuinfo: Path) -> set[str]:

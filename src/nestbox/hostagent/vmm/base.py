@@ -14,6 +14,7 @@ implements. Errors raised by drivers are the `VmError` tree below:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 Accel = Literal["kvm", "tcg"]
 DiskFormat = Literal["raw", "qcow2"]
+LaunchHook = Callable[[int], Awaitable[None]]
+"""Called with the VMM's pid as soon as the process exists (`Hypervisor.start`)."""
 
 UNIX_PATH_MAX = 107
 """`sun_path` holds 108 bytes including the terminating NUL."""
@@ -117,6 +120,8 @@ class VmSpec:
     ram: RamSpec = field(default_factory=RamSpec)
     netns: str | None = None
     tap: str | None = None
+    slot: int | None = None
+    """The slot the VM runs in: a confined VMM's uid is derived from it (unique per running VM)."""
     mac: str = "02:fc:00:00:00:01"
     incoming: bool = False
     """Start paused, waiting for `Hypervisor.restore`."""
@@ -167,9 +172,11 @@ class Hypervisor(Protocol):
     @property
     def accel(self) -> Accel: ...
 
-    async def start(self, spec: VmSpec) -> VmHandle:
+    async def start(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
         """Launch the VMM and return once its API answers (the guest runs unless
-        `spec.incoming`). :raise VmLaunchError:"""
+        `spec.incoming`). `on_launch(pid)` is awaited as soon as the process exists, before
+        anything waits on it (the agent records the pid there, so a crash cannot orphan the
+        VMM); if it raises, the VMM is killed. :raise VmLaunchError:"""
         ...
 
     async def restore(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> None:
@@ -188,5 +195,12 @@ class Hypervisor(Protocol):
         ...
 
     async def kill(self, vm: VmHandle) -> int | None:
-        """Kill the VMM process, wait for it to exit, return its exit status."""
+        """Kill the VMM process, wait for it to exit, remove what it was given (its cgroup),
+        return its exit status."""
+        ...
+
+    async def supervise(self, vm: VmHandle) -> int | None:
+        """Wait for the VMM to exit on its own, keeping its output bounded meanwhile (the
+        guest's serial log); return its exit status (None for an adopted VMM). Run by the
+        capsule's exit watcher."""
         ...

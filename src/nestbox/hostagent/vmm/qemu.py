@@ -9,6 +9,11 @@ the pipe.
 Guest RAM is always the named backend `mem0` (anonymous or file-backed), because migration
 matches RAM blocks by name: a clone whose RAM maps the template's file must be able to save a
 snapshot that a VM with anonymous RAM restores.
+
+Every QEMU is confined (`confine.py`: seccomp, its own uid, an empty chroot, its own cgroup,
+rlimits), so after start-up it can open no path: everything it needs later (migration files)
+arrives as a file descriptor over QMP. Its serial log is kept bounded while it runs
+(`supervise`, `serial.py`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from nestbox.hostagent.vmm import process
+from nestbox.hostagent.vmm import process, serial
 from nestbox.hostagent.vmm.base import (
     Accel,
+    LaunchHook,
     MigrationFailed,
     SaveResult,
     VmExited,
@@ -29,11 +35,13 @@ from nestbox.hostagent.vmm.base import (
     VmLaunchError,
     VmSpec,
 )
+from nestbox.hostagent.vmm.confine import Confinement
 from nestbox.hostagent.vmm.qmp import QmpClient
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.vmm.accel import AccelChoice
 
 log = logging.getLogger(__name__)
@@ -48,9 +56,31 @@ MAX_BANDWIDTH = 64 << 30
 class QemuHypervisor:
     """Runs capsules as `qemu-system-x86_64 -M microvm` processes, each inside its slot's netns."""
 
-    def __init__(self, accel: AccelChoice, *, binary: str = "qemu-system-x86_64") -> None:
+    def __init__(
+        self,
+        accel: AccelChoice,
+        *,
+        binary: str = "qemu-system-x86_64",
+        confinement: Confinement | None = None,
+        tb_size_mib: int = 0,
+        serial_max_bytes: int = 1 << 20,
+    ) -> None:
         self._accel = accel
         self.binary = binary
+        self.confinement = confinement or Confinement.off()
+        self.tb_size_mib = tb_size_mib
+        self.serial_max_bytes = serial_max_bytes
+
+    @classmethod
+    def from_settings(cls, accel: AccelChoice, settings: AgentSettings) -> QemuHypervisor:
+        """The driver as `settings` configure it, confinement probed on this host (blocking,
+        ~25 ms; once at start-up), with a WARNING for each measure the host lacks."""
+        confinement = Confinement.probe(settings)
+        confinement.warn_missing()
+        return cls(
+            accel, binary=settings.qemu_binary, confinement=confinement,
+            tb_size_mib=settings.vm_tcg_tb_size_mib, serial_max_bytes=settings.serial_log_max_bytes,
+        )  # fmt: skip
 
     @property
     def accel(self) -> Accel:
@@ -61,18 +91,24 @@ class QemuHypervisor:
         argv = [
             self.binary, "-name", spec.name,
             "-M", "microvm,x-option-roms=off,memory-backend=mem0",
-            *self._accel.qemu_args,
+            *self._accel.qemu_args(tb_size_mib=self.tb_size_mib),
             "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
             "-object", _memory_backend(spec),
             # -no-reboot: a guest panic (panic=-1) or reboot ends QEMU, which we notice.
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(spec.kernel), "-append", spec.cmdline,
-            "-serial", f"file:{spec.serial_log}",
+            # append=on: the agent truncates the log to keep it bounded (`serial.py`).
+            "-chardev", f"file,id=serial0,path={spec.serial_log},append=on",
+            "-serial", "chardev:serial0",
             "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
             "-pidfile", str(spec.pidfile),
             # cache=unsafe: no host fsync per guest flush; a capsule disk need not survive a
             # host crash, and every snapshot ends with QEMU writing out its qcow2 metadata.
-            "-drive", f"id=root,file={spec.disk},format={spec.disk_format},if=none,cache=unsafe",
+            # auto-read-only=off: a migration's end drops the write permission and its start
+            # takes it back; with -drive's default (on) QEMU then reopens the image by path,
+            # which fails once it is chrooted and unprivileged.
+            "-drive", f"id=root,file={spec.disk},format={spec.disk_format},if=none,"
+                      "cache=unsafe,auto-read-only=off",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-rng-device",
         ]  # fmt: skip
@@ -85,21 +121,36 @@ class QemuHypervisor:
             ]  # fmt: skip
         if spec.incoming:
             argv += ["-incoming", "defer"]
+        argv += self.confinement.qemu_args(spec)
         if spec.netns is not None:
             argv = ["ip", "netns", "exec", spec.netns, *argv]
         return argv
 
-    async def start(self, spec: VmSpec) -> VmHandle:
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+    async def start(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
+        spec.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in (spec.qmp_socket, spec.pidfile):
             stale.unlink(missing_ok=True)
         argv = self.command(spec)
-        proc = process.launch(argv, output_log=spec.output_log)
         try:
+            procs = await anyio.to_thread.run_sync(self.confinement.prepare, spec)
+            argv = self.confinement.wrap(argv, procs)
+            proc = process.launch(argv, output_log=spec.output_log)
+        except BaseException as err:
+            with anyio.CancelScope(shield=True):
+                await self._release(spec)
+            if isinstance(err, OSError):
+                raise VmLaunchError(
+                    "cannot confine the VMM", command=argv, exit_code=None, output_tail=str(err)
+                ) from err
+            raise
+        try:
+            if on_launch is not None:
+                await on_launch(proc.pid)
             qmp = await _connect_qmp(spec.qmp_socket, proc)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await proc.kill()
+                await self._release(spec)
             raise
         _check_pidfile(spec, proc)
         return VmHandle(spec=spec, process=proc, qmp=qmp)
@@ -150,7 +201,30 @@ class QemuHypervisor:
         await vm.qmp.aclose()
         for path in (vm.spec.qmp_socket, vm.spec.pidfile):
             path.unlink(missing_ok=True)
+        await self._release(vm.spec)
         return code
+
+    async def supervise(self, vm: VmHandle) -> int | None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._cap_serial_log, vm.spec.serial_log)
+            code = await vm.process.wait_exit()
+            tg.cancel_scope.cancel()
+        return code
+
+    async def _cap_serial_log(self, path: Path) -> None:
+        """Keep the serial log under its cap (`serial.py`): a `stat` per interval."""
+        while True:
+            await anyio.sleep(serial.CHECK_INTERVAL_S)
+            if serial.needs_rotation(path, self.serial_max_bytes):
+                await anyio.to_thread.run_sync(serial.rotate, path, self.serial_max_bytes)
+
+    async def _release(self, spec: VmSpec) -> None:
+        """Remove the VM's cgroup (its VMM has exited or never started); logged, not raised:
+        start-up recovery removes what is left."""
+        try:
+            await anyio.to_thread.run_sync(self.confinement.release, spec.name)
+        except OSError as err:
+            log.error("cannot remove the cgroup of %s: %s", spec.name, err)
 
 
 def _memory_backend(spec: VmSpec) -> str:
