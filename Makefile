@@ -9,7 +9,7 @@ PYTEST := $(BIN)/pytest
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install every program and dev tool (idempotent)
 
@@ -32,9 +32,10 @@ fmt: install ## format the code
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-lint: install ## ruff (format check + lint)
+lint: install ## ruff (format check + lint) and the import contracts (pyproject.toml)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install ## mypy --strict on src/
 	$(BIN)/mypy
@@ -48,8 +49,11 @@ test-integration: install system-deps ## integration tier: real envd on localhos
 test-vm: install system-deps image ## VM tier: real QEMU microVMs (root; TCG where KVM is not usable)
 	$(PYTEST) tests/integration/vm
 
+test-e2e: install system-deps image ## end-to-end tier: control plane + agents + QEMU guests, SQLite and PostgreSQL (root)
+	$(PYTEST) tests/e2e --durations=30
+
 test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier
-	$(PYTEST) tests
+	$(PYTEST) tests --durations=30
 
 check: test ## what CI runs, in CI's order
 
@@ -65,4 +69,4 @@ bench-vm: install system-deps ## VM benchmark: raw QEMU vs Nestbox restore/boot/
 run: install system-deps image ## start the control plane (127.0.0.1:9725) and a host agent; Ctrl-C stops both (root)
 	$(BIN)/python scripts/run.py
 
-.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test check dev-cp dev-envd run bench-vm
+.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test-e2e test check dev-cp dev-envd run bench-vm

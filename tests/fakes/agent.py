@@ -480,6 +480,8 @@ class FakeAgentApp:
         self.proxied: list[dict[str, Any]] = []
         self.ws_targets: list[bytes] = []
         """Each WebSocket handshake's raw path and query, as it arrived."""
+        self.rpcs: list[str] = []
+        """The method of each authorised RPC, in order (`Exec`, `ListCapsules`, …)."""
 
     def _authorised(self, scope: Any) -> bool:
         if scope["path"].startswith("/proxy/"):
@@ -501,6 +503,7 @@ class FakeAgentApp:
         if scope["path"].startswith("/proxy/"):
             await self._proxy(scope, receive, send)
             return
+        self.rpcs.append(scope["path"].rsplit("/", 1)[-1])
         await self.rpc(scope, receive, send)
 
     async def _proxy(self, scope: Any, receive: Any, send: Any) -> None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from tests.conftest import eventually
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
@@ -267,17 +269,11 @@ async def test_interrupted_upload_leaves_nothing(envd: EnvdProcess, tmp_path: Pa
     )
     writer.write(b"x" * MiB)
     await writer.drain()
-    for _ in range(500):  # the temporary file appears as the body streams in
-        if names(work):
-            break
-        await asyncio.sleep(0.01)
-    assert names(work)[0].startswith(".nestbox-upload-")
-    writer.close()  # the client goes away mid-body
-    for _ in range(500):
-        if not names(work):
-            break
-        await asyncio.sleep(0.01)
-    assert names(work) == []
+    # The temporary file appears as the body streams in ...
+    [partial] = await eventually(lambda: names(work), what="the upload's temporary file")
+    assert partial.startswith(".nestbox-upload-")
+    writer.close()  # ... and goes when the client goes away mid-body
+    await eventually(lambda: names(work) == [], what="the temporary file removed")
     del reader
 
 

@@ -1,11 +1,12 @@
 """Loopback port forwarding with a real envd, real socat and a real HTTP server: forwarded on
-127.0.0.2 (loopback range, so nothing leaves the machine), stopped by /snapshot/prepare,
+127.x.y.2 (loopback range, so nothing leaves the machine), stopped by /snapshot/prepare,
 back after /init's recovery, gone with its listener and with envd."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
 
-FORWARD = "127.0.0.2"
+# Loopback addresses (127/8: nothing leaves the machine) of this session's own, so that
+# another test session on the machine, whose envds forward every loopback server too, never
+# answers for ours.
+_NET = f"127.{secrets.randbelow(250) + 1}.{secrets.randbelow(256)}"
+FORWARD = f"{_NET}.2"
+CONTROL = f"{_NET}.3"  # where a second envd, the positive control, forwards to
 SCAN = {"NESTBOX_ENVD_PORT_SCAN_INTERVAL_S": "0.2"}
 
 
@@ -98,7 +104,7 @@ def in_groups(pgids: list[int]) -> list[int]:
     return found
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> float:
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0) -> float:
     """Seconds it took for `cond` to hold; fails the test after `timeout`."""
     start = time.monotonic()
     while not cond():
@@ -106,6 +112,26 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> float:
             pytest.fail(f"condition not met within {timeout} s")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def forwarded_by(address: str, port: int) -> bool:
+    try:
+        r = httpx.get(f"http://{address}:{port}/", timeout=2)
+    except httpx.TransportError:
+        return False
+    return r.status_code == 200
+
+
+def scans_seen(control: EnvdProcess, scans: int = 2) -> None:
+    """Positive control for a "nothing is forwarded" check: returns once `control` (an envd
+    forwarding onto CONTROL, same scan interval) has picked up `scans` new loopback servers
+    one after the other, each started after the previous one was forwarded. So at least
+    `scans - 1` whole scan periods passed, on this machine at its current speed, since this
+    was called: a scanner that were running would have seen a server started before that."""
+    for _ in range(scans):
+        with loopback_server() as port:
+            wait_until(lambda: forwarded_by(CONTROL, port))
+    assert control.proc.poll() is None
 
 
 def test_forward_prepare_recover(tmp_path: Path) -> None:
@@ -126,9 +152,17 @@ def test_forward_prepare_recover(tmp_path: Path) -> None:
         assert refused(port), "forwarding must stop before prepare answers"
         assert socats(envd, forks=True) == []
         assert in_groups(groups) == [], "no socat or fork of one survives the prepare"
-        time.sleep(0.6)  # three scan periods: the scanner is stopped, nothing comes back
-        assert refused(port)
-        assert socats(envd, forks=True) == []
+        # The scanner is stopped: nothing comes back, for the old server or a new one, while
+        # an envd that scans (same interval) picks up two new servers in turn.
+        with (
+            run_envd(tmp_path, "--forward-address", CONTROL, env=SCAN) as control,
+            loopback_server() as new_port,
+        ):
+            scans_seen(control)
+            assert forwarded_by(CONTROL, new_port)
+            assert refused(port)
+            assert refused(new_port)
+            assert socats(envd, forks=True) == []
 
         assert httpx.post(f"{envd.url}/init", json={}).status_code == 204
         took = wait_until(lambda: forwarded(port))
@@ -152,8 +186,13 @@ def test_listener_gone_means_socat_gone_and_envd_leaves_none(tmp_path: Path) -> 
             assert refused(port2)
 
 
-def test_forwarding_is_off_by_default_outside_a_vm(envd: EnvdProcess) -> None:
-    with loopback_server() as port:
-        time.sleep(1.5)  # longer than the default scan interval
+def test_forwarding_is_off_by_default_outside_a_vm(envd: EnvdProcess, tmp_path: Path) -> None:
+    # The control scans at envd's default interval, as `envd` would if forwarding were on.
+    with (
+        loopback_server() as port,
+        run_envd(tmp_path, "--forward-address", CONTROL) as control,
+    ):
+        scans_seen(control)
+        assert forwarded_by(CONTROL, port)
         assert refused(port)
         assert socats(envd, forks=True) == []  # none at all: not even for other servers

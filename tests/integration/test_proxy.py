@@ -245,10 +245,15 @@ async def test_404_for_unknown_capsule(client: httpx.AsyncClient) -> None:
     assert response.json()["error"]["code"] == "not_found"
 
 
-async def test_dial_retry_covers_a_late_listener(client: httpx.AsyncClient) -> None:
-    """The capsule's forwarder starts 150 ms after the first attempt: attempts at 0, 100 ms
-    and 300 ms, the third connects."""
+async def test_dial_retry_covers_a_late_listener(targets: FakeTargets) -> None:
+    """Nothing listens at the first two attempts; the capsule's forwarder comes up during the
+    second backoff (as socat does after a restore) and the third attempt connects.
+
+    The listener binds inside that backoff (the proxy's `sleep` is the test's), so no thread
+    start or busy scheduler can move it before the second attempt or after the third; the
+    backoffs themselves are real sleeps."""
     port = free_port()
+    backoffs: list[float] = []
     servers: list[http.server.ThreadingHTTPServer] = []
 
     class Hello(http.server.BaseHTTPRequestHandler):
@@ -261,27 +266,33 @@ async def test_dial_retry_covers_a_late_listener(client: httpx.AsyncClient) -> N
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    def start_late() -> None:
-        time.sleep(0.15)
-        server = http.server.ThreadingHTTPServer((LOOPBACK, port), Hello)
-        servers.append(server)
-        server.serve_forever()
+    async def backoff(seconds: float) -> None:
+        backoffs.append(seconds)
+        if len(backoffs) == 2:  # bound and listening when this returns: the next dial connects
+            server = http.server.ThreadingHTTPServer((LOOPBACK, port), Hello)
+            servers.append(server)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        await anyio.sleep(seconds)
 
-    thread = threading.Thread(target=start_late, daemon=True)
-    thread.start()
+    app = PortProxy(targets, sleep=backoff)
+    proxy_port = free_port()
     try:
-        started = time.monotonic()
-        response = await client.get(f"/proxy/cl-a/{port}/")
+        async with (
+            serve(app, proxy_port),
+            httpx.AsyncClient(trust_env=False, timeout=30) as client,
+        ):
+            started = time.monotonic()
+            response = await client.get(f"http://{LOOPBACK}:{proxy_port}/proxy/cl-a/{port}/")
+            elapsed = time.monotonic() - started
         assert response.status_code == 200, response.text
         assert response.text == "hello"
-        assert 0.15 <= time.monotonic() - started < 2
+        assert backoffs == [0.1, 0.2]  # two refused dials, then the one that connected
+        assert elapsed >= 0.3  # both backoffs were slept
     finally:
-        with anyio.fail_after(5):
-            while not servers:  # noqa: ASYNC110 (the state has no event to wait on)
-                await anyio.sleep(0.01)
-        servers[0].shutdown()
-        servers[0].server_close()
-        thread.join(5)
+        await app.aclose()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 async def test_503_while_draining(
@@ -304,7 +315,9 @@ async def test_503_while_draining(
             results.append(await tracker.drain(timeout_s=10))
 
         tg.start_soon(drain)
-        await anyio.sleep(0.05)
+        with anyio.fail_after(10):
+            while not tracker.statistics().draining:  # noqa: ASYNC110 (the state has no event to wait on)
+                await anyio.sleep(0.01)
         refused = await client.get(f"/proxy/cl-a/{port}/echo/x")
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "unavailable"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import secrets
 import stat
+import threading
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -266,3 +268,22 @@ async def test_machine_info_and_host_load(tmp_path: Path) -> None:
     assert load.memory_total_mb > 0
     assert 0 <= load.cpu_used_pct <= 100
     assert load.agent_version
+
+
+def test_cpu_use_is_measured_whatever_thread_samples(tmp_path: Path) -> None:
+    """Heartbeats sample from whichever worker thread is free: every sample measures the
+    machine's CPU use since the one before, also from a thread that never sampled (psutil's
+    own `cpu_percent(interval=None)` answers 0.0 there)."""
+    seen: list[float] = []
+
+    def beat() -> None:
+        seen.append(anyio.run(host_load, tmp_path).cpu_used_pct)
+
+    for _ in range(2):
+        busy_until = time.process_time() + 0.3  # CPU time: at least 0.3 s of one core
+        while time.process_time() < busy_until:
+            pass
+        thread = threading.Thread(target=beat)  # a new thread each time, as heartbeats may get
+        thread.start()
+        thread.join()
+    assert all(pct > 0 for pct in seen), seen

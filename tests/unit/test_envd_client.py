@@ -1,130 +1,108 @@
-"""The runtime's envd client: `/init` as the readiness probe after a restore."""
+"""The agent's one envd client (`envdconn.CapsuleEnvd`): `/init` as the readiness probe after a
+restore, and the access token it presents before and after, against the tiny fake envd of
+`tests/fakes/envd.py` on loopback (real HTTP over the client's real pools)."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
-import httpx
 import pytest
 
-from nestbox.hostagent import envd_client
-from nestbox.hostagent.envd_client import EnvdClient, EnvdError, init_request
+from nestbox.hostagent.envdconn import CapsuleEnvd, PoolSettings, init_request
+from nestbox.hostagent.envdconn.errors import DeadlineExceeded, InvalidRequest, Unauthorized
 from nestbox.protocol.envd import InitRequest
+from tests.conftest import free_port
+from tests.fakes.envd import FakeEnvd, FakeGuest
+
+POOL = PoolSettings(connect_timeout_s=1.0)
 
 
-def client_with(handler: httpx.MockTransport) -> EnvdClient:
-    client = EnvdClient("http://10.201.0.5:49983")
-    client._http = httpx.AsyncClient(base_url=client.base_url, transport=handler)
-    return client
+@asynccontextmanager
+async def envd_with(guest: FakeGuest, **kw: object) -> AsyncIterator[FakeEnvd]:
+    async with FakeEnvd.serving({"g": guest}.get, **kw) as envd:  # type: ignore[arg-type]
+        yield envd
 
 
-async def test_init_is_retried_until_envd_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(envd_client, "POLL_S", 0.0)
-    seen: list[dict[str, object]] = []
-    failures = [httpx.ConnectError("refused"), httpx.ConnectTimeout("no SYN-ACK"),
-                httpx.RemoteProtocolError("closed before the answer")]  # fmt: skip
+def body(token: str | None = None) -> InitRequest:
+    return init_request(capsule_id="cl-1", template_id="minimal", access_token=token)
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/init"
-        seen.append(json.loads(request.content))
-        if failures:
-            raise failures.pop(0)
-        return httpx.Response(204)
 
+async def test_init_is_retried_until_envd_takes_it() -> None:
+    """Refused (nothing listens yet), then lost before the answer, then answered: a fresh body
+    (timestamp, entropy) per attempt."""
+    guest = FakeGuest(drop=2)
+    port = free_port()
     built = 0
 
-    def body() -> InitRequest:
+    def request() -> InitRequest:
         nonlocal built
         built += 1
-        return init_request(capsule_id="cl-1", template_id="minimal")
+        return body()
 
-    async with client_with(httpx.MockTransport(handle)) as client:
-        with anyio.fail_after(5):
+    done = anyio.Event()
+    async with CapsuleEnvd(f"http://127.0.0.1:{port}/g", pool=POOL) as client:
+
+        async def init() -> None:
+            await client.init_when_ready(request, answer_within=1.0)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(init)
+            with anyio.fail_after(5):
+                while built < 2:  # noqa: ASYNC110 (refused at least once)
+                    await anyio.sleep(0.01)
+            async with envd_with(guest, port=port):
+                with anyio.fail_after(5):
+                    await done.wait()
+    inits = [s for s in guest.seen if s.path == "/init"]
+    assert len(inits) == 3  # two dropped, one answered
+    assert built >= 4
+    answered = guest.inits[-1]
+    assert answered.body is not None
+    assert answered.body["capsuleId"] == "cl-1"
+
+
+async def test_init_taken_but_not_answered_fails_after_answer_within() -> None:
+    guest = FakeGuest(hang={"/init"})
+    async with envd_with(guest) as envd, CapsuleEnvd(f"{envd.url}/g", pool=POOL) as client:
+        with anyio.fail_after(10), pytest.raises(DeadlineExceeded):
+            await client.init_when_ready(body, answer_within=0.3)
+    assert len(guest.inits) == 1  # never sent again
+
+
+async def test_init_refused_fails_at_once() -> None:
+    guest = FakeGuest(status={"/init": 400})
+    async with envd_with(guest) as envd, CapsuleEnvd(f"{envd.url}/g", pool=POOL) as client:
+        with pytest.raises(InvalidRequest):
             await client.init_when_ready(body, answer_within=1.0)
-    assert len(seen) == 4
-    assert built == 4  # a fresh body (timestamp, entropy) per attempt
-    assert len({str(s["entropy"]) for s in seen}) == 4
-    assert all(s["capsuleId"] == "cl-1" for s in seen)
-
-
-@pytest.mark.parametrize(
-    ("answer", "error"),
-    [(httpx.ReadTimeout("no answer"), httpx.ReadTimeout), (httpx.Response(400), EnvdError)],
-)
-async def test_init_taken_but_not_answered_or_refused_fails_at_once(
-    answer: httpx.Response | Exception, error: type[Exception]
-) -> None:
-    calls = 0
-
-    def handle(_request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async with client_with(httpx.MockTransport(handle)) as client:
-        with pytest.raises(error):
-            await client.init_when_ready(InitRequest, answer_within=1.0)
-    assert calls == 1
-
-
-async def test_connect_timeouts_grow_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(envd_client, "POLL_S", 0.0)
-    timeouts: list[float | None] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        timeouts.append(request.extensions["timeout"]["connect"])
-        if len(timeouts) < 5:
-            raise httpx.ConnectTimeout("no SYN-ACK")
-        return httpx.Response(204)
-
-    async with client_with(httpx.MockTransport(handle)) as client:
-        await client.init_when_ready(InitRequest, answer_within=7.0)
-    assert timeouts == [0.5, 1.0, 2.0, 2.0, 2.0]
-
-
-def token_checking(accepted: str, seen: list[tuple[str, str | None]]) -> httpx.MockTransport:
-    """envd holding `accepted`: 401 without it; records (path, X-Access-Token) of each request."""
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        token = request.headers.get("X-Access-Token")
-        seen.append((request.url.path, token))
-        if token != accepted:
-            return httpx.Response(401)
-        return httpx.Response(204)
-
-    return httpx.MockTransport(handle)
+    assert len(guest.inits) == 1
 
 
 async def test_init_presents_the_old_token_and_the_client_then_sends_the_new_one() -> None:
-    seen: list[tuple[str, str | None]] = []
-    client = EnvdClient("http://10.201.0.5:49983", access_token="template-token")
-    client._http = httpx.AsyncClient(
-        base_url=client.base_url, transport=token_checking("template-token", seen),
-        headers=client._headers,
-    )  # fmt: skip
-    body = init_request(capsule_id="cl-1", template_id="minimal", access_token="clone-token")
-    async with client:
-        await client.init_when_ready(lambda: body, answer_within=1.0)
-        assert seen == [("/init", "template-token")]
+    guest = FakeGuest(token="template-token")
+    async with (
+        envd_with(guest) as envd,
+        CapsuleEnvd(f"{envd.url}/g", access_token="template-token", pool=POOL) as client,
+    ):
+        await client.init_when_ready(lambda: body("clone-token"), answer_within=1.0)
+        assert [(s.path, s.token) for s in guest.seen] == [("/init", "template-token")]
+        assert guest.token == "clone-token"
         assert client.access_token == "clone-token"
-        assert client._headers == {"X-Access-Token": "clone-token"}  # process streams too
-        with pytest.raises(EnvdError):  # the mock still holds the template's: refused
-            await client.prepare_snapshot()
-    assert seen[-1] == ("/snapshot/prepare", "clone-token")
+        assert client._conn.headers() == {"X-Access-Token": "clone-token"}  # streams too
+        await client.prepare_snapshot()
+        assert (guest.seen[-1].path, guest.seen[-1].token) == ("/snapshot/prepare", "clone-token")
 
 
 async def test_a_refused_init_keeps_the_token() -> None:
-    seen: list[tuple[str, str | None]] = []
-    client = EnvdClient("http://10.201.0.5:49983", access_token="stale")
-    client._http = httpx.AsyncClient(
-        base_url=client.base_url, transport=token_checking("current", seen),
-        headers=client._headers,
-    )  # fmt: skip
-    body = init_request(capsule_id="cl-1", template_id="minimal", access_token="next")
-    async with client:
-        with pytest.raises(EnvdError, match="401"):
-            await client.init_when_ready(lambda: body, answer_within=1.0)
-    assert client.access_token == "stale"
+    guest = FakeGuest(token="current")
+    async with (
+        envd_with(guest) as envd,
+        CapsuleEnvd(f"{envd.url}/g", access_token="stale", pool=POOL) as client,
+    ):
+        with pytest.raises(Unauthorized):
+            await client.init_when_ready(lambda: body("next"), answer_within=1.0)
+        assert client.access_token == "stale"
+        assert guest.token == "current"
+        assert await client.is_healthy()  # /health needs no token

@@ -13,6 +13,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from nestbox.envd.conntrack import ConnState, ConnStatistics, ConnTracker, tracking_protocol
+from tests.conftest import eventually
 
 
 @dataclass(eq=False)
@@ -266,10 +267,7 @@ async def test_connections_from_envds_listener_have_nagle_off() -> None:
     async with server:
         _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
         try:
-            for _ in range(100):
-                if made:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: made, what="the server's protocol for the connection")
             [proto] = made
             sock = proto.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

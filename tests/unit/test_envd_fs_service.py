@@ -7,7 +7,6 @@ import os
 import pwd
 from typing import TYPE_CHECKING, Any, cast
 
-import anyio
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -32,6 +31,7 @@ from nestbox.protocol.gen.filesystem.filesystem_pb import (
     StatRequest,
     WatchDirRequest,
 )
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable
@@ -160,15 +160,16 @@ async def test_watch_dir_starts_then_keeps_alive(
 async def test_polling_watcher_lifecycle(service: FilesystemService, tmp_path: Path) -> None:
     created = await service.create_watcher(CreateWatcherRequest(path=str(tmp_path)), ctx())
     (tmp_path / "x").touch()
-    events = []
-    for _ in range(200):
+    events: list[tuple[str, EventType]] = []
+
+    async def got_some() -> bool:  # the loop reads inotify between the polls
         got = await service.get_watcher_events(
             GetWatcherEventsRequest(watcher_id=created.watcher_id), ctx()
         )
-        events += [(e.name, e.type) for e in got.events]
-        if events:
-            break
-        await anyio.sleep(0.005)  # let the loop read inotify
+        events.extend((e.name, e.type) for e in got.events)
+        return bool(events)
+
+    await eventually(got_some, every=0.005, what="the watcher's event")
     assert events == [("x", EventType.CREATE)]
     await service.remove_watcher(RemoveWatcherRequest(watcher_id=created.watcher_id), ctx())
 

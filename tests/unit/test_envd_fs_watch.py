@@ -10,7 +10,6 @@ import os
 import pwd
 from typing import TYPE_CHECKING
 
-import anyio
 import pytest
 
 from nestbox.envd.errors import NotFound
@@ -23,6 +22,7 @@ from nestbox.envd.filesystem.watch import (
 )
 from nestbox.envd.users import User, lookup_user
 from nestbox.protocol.gen.filesystem.filesystem_pb import EventType, FilesystemEvent
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -150,12 +150,8 @@ async def test_overflow_fails_the_watch(registry: WatcherRegistry, tmp_path: Pat
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run (and read inotify) until `condition` holds, for at most 5 s."""
-    for _ in range(1000):
-        if condition():
-            return
-        await anyio.sleep(0.005)
-    raise AssertionError("condition never held")
+    """Let the loop run (and read inotify) until `condition` holds (at most 30 s: a hang)."""
+    await eventually(condition, every=0.005)
 
 
 async def test_polling_registry(registry: WatcherRegistry, tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ async def test_a_waiting_build_takes_the_lock_once_released(tmp_path: Path) -> N
     assert holder.acquire(blocking=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(build._acquire, waiter, report)
-        await anyio.sleep(0.1)
+        await anyio.wait_all_tasks_blocked()  # it tried, failed, and now waits to poll again
         assert report.status == "done"  # the default: still waiting
         holder.release()
     assert report.status == "waited"

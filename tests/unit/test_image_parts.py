@@ -17,6 +17,7 @@ from nestbox.hostagent.image import cmdline, initramfs, kernel, rootfs
 from nestbox.hostagent.image.commands import run
 from nestbox.hostagent.image.errors import ImageBuildError
 from nestbox.hostagent.image.progress import Progress
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -254,9 +255,12 @@ async def test_run_missing_program() -> None:
 async def test_cancelling_run_stops_the_process(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    with anyio.move_on_after(2.0):  # ample for the child to start and write its pid
-        await run([sys.executable, "-c", code])
-    pid = int(await anyio.Path(pidfile).read_text())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, [sys.executable, "-c", code])
+        # Cancelled once the child runs (it wrote its pid), however long it took to start.
+        text = await eventually(lambda: pidfile.exists() and pidfile.read_text(), what="the pid")
+        tg.cancel_scope.cancel()
+    pid = int(text)
     assert not await anyio.Path(f"/proc/{pid}").exists()
 
 

@@ -135,7 +135,7 @@ async def test_a_background_teardown_holds_the_slot_until_done_and_is_awaited() 
         lease.background_teardown = True
         with anyio.fail_after(1):
             await pool.release(lease)  # returns before the network is gone
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the teardown is as far as it gets: at the gate
         assert pool.statistics().in_use == 1  # the slot is not handed out meanwhile
         other = await pool.acquire(egress=False)
         assert other.slot == 2
@@ -250,7 +250,7 @@ async def test_with_every_slot_held_a_teardown_in_flight_is_waited_for() -> None
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(resume)
-            await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()  # as far as it gets before the gate opens
             assert got == []  # waiting, not failing with NoFreeSlot
             gate.set()
         assert [le.slot for le in got] == [1]

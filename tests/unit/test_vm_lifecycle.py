@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -16,22 +14,10 @@ from nestbox.hostagent.capsule import (
     CapsuleState,
     InvalidState,
     MachineRecord,
-    TeardownError,
 )
-from nestbox.hostagent.envd_client import EnvdClient
-from nestbox.hostagent.lifecycle import (
-    Run,
-    Timeouts,
-    UndoStack,
-    prepare_snapshot,
-    reopen_envd,
-    unwind,
-    unwind_after_failure,
-)
+from nestbox.hostagent.lifecycle import UndoStack, unwind, unwind_after_failure
+from nestbox.hostagent.undo import TeardownError
 from nestbox.hostagent.vmm.base import RamSpec
-
-if TYPE_CHECKING:
-    from nestbox.hostagent.lifecycle import Host
 
 S = CapsuleState
 
@@ -105,29 +91,6 @@ def test_ram_spec_and_run_dir_follow_the_record(tmp_path: Path) -> None:
     )
     assert r.model_copy(update={"ram": "shared"}).ram_spec() == RamSpec()  # no file recorded
     assert r.run_dir == tmp_path / "c" / "run"
-
-
-async def test_prepare_snapshot_closes_the_client_and_reopen_gives_a_new_one() -> None:
-    prepared: list[bool] = []
-
-    class Hypervisor:
-        async def prepare_save(self, _vm: object, *, ignore_shared: bool) -> None:
-            prepared.append(ignore_shared)
-
-    host = cast("Host", SimpleNamespace(hypervisor=Hypervisor(), timeouts=Timeouts(prepare=2)))
-    old = EnvdClient("http://127.0.0.1:1")  # refused: the prepare fails, the snapshot goes on
-    run = Run(lease=cast("Any", None), vm=cast("Any", None), envd=old, stack=UndoStack("run"))
-    run.stack.push_async_callback(old.aclose)
-    await prepare_snapshot(host, run, ignore_shared=True)
-    assert prepared == [True]
-    assert run.envd is old
-    assert old.is_closed  # none of its connections lives into the snapshot
-    reopen_envd(run)  # the save failed: the run goes on with a new client
-    new = run.envd
-    assert new is not old
-    assert new.base_url == old.base_url
-    assert not new.is_closed
-    await unwind(run.stack, 5)
 
 
 async def test_undo_runs_every_step_in_reverse_and_collects_failures() -> None:

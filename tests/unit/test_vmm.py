@@ -163,7 +163,7 @@ async def test_detached_process_exit_is_seen(tmp_path: Path) -> None:
 
             tg.start_soon(waiter)
             tg.start_soon(waiter)  # two waiters at once
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()  # both are waiting before the kill
             assert await proc.kill() == -signal.SIGKILL
         assert codes == [-signal.SIGKILL, -signal.SIGKILL]
         assert not proc.is_running()

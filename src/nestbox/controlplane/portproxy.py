@@ -27,7 +27,7 @@ both forwarded to the owning agent's `/proxy/{capsule_id}/{port}/path` (Wrenn's
 - Targets (capsule -> agent address and proxy token) are cached 120 s and evicted when the
   agent cannot be reached (502). 404 unknown capsule, 409 not running, 503 no agent address
   (or a host registered before proxy tokens: it must register again).
-- WebSockets pass through (`portproxy_ws.py`).
+- WebSockets pass through (`common.wsrelay`, the relay the agent uses too).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, cast
 import httpx
 
 from nestbox.common.proxypath import Refusal, RefusalLog, refusal
+from nestbox.common.wsrelay import reject_websocket, relay_websocket
 from nestbox.controlplane.api.errors import error_response
 from nestbox.controlplane.db.capsules import DESTROYED
 from nestbox.controlplane.errors import HostUnavailable
-from nestbox.controlplane.portproxy_ws import reject_websocket, relay_websocket
 from nestbox.protocol.capsules import CapsuleStatus
 from nestbox.protocol.errors import ErrorCode
 from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
@@ -208,8 +208,11 @@ class PortProxy:
             await self._refuse(scope, send, err, receive)
             return
         if scope["type"] == "websocket":
-            await relay_websocket(scope, receive, send, self._ws_url(target, route, scope),
-                                  headers=self._headers(scope, target, websocket=True))  # fmt: skip
+            await relay_websocket(
+                scope, receive, send, address=target.address,
+                target=self._target_bytes(route, scope), headers=self._headers(scope),
+                credentials=[(PROXY_TOKEN_HEADER, target.token)], error_code=ErrorCode.AGENT_ERROR,
+            )  # fmt: skip
             return
         await self._forward(scope, receive, send, route, target)
 
@@ -238,21 +241,18 @@ class PortProxy:
         self._cache[route.capsule_id] = target
         return target
 
-    def _headers(
-        self, scope: Scope, target: ProxyTarget, *, websocket: bool = False
-    ) -> list[tuple[str, str]]:
-        skip = HOP_BY_HOP | ({"sec-websocket-key", "sec-websocket-version",
-                              "sec-websocket-extensions", "sec-websocket-protocol"}
-                             if websocket else set())  # fmt: skip
+    @staticmethod
+    def _headers(scope: Scope) -> list[tuple[str, str]]:
+        """The client's headers as forwarded (without our credentials: the caller adds the
+        proxy token)."""
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope.get("headers") or []
-            if k.decode("latin-1").lower() not in skip
+            if k.decode("latin-1").lower() not in HOP_BY_HOP
         ]
         host = _header(scope, b"host")
         if host:
             headers.append(("X-Forwarded-Host", host))
-        headers.append((PROXY_TOKEN_HEADER, target.token))
         return headers
 
     @staticmethod
@@ -261,15 +261,12 @@ class PortProxy:
         query: bytes = scope.get("query_string") or b""
         return route.agent_path.encode("latin-1") + (b"?" + query if query else b"")
 
-    def _ws_url(self, target: ProxyTarget, route: ProxyRoute, scope: Scope) -> str:
-        # `websockets` sends an ASCII URI's path and query as they are (no normalising).
-        return f"ws://{target.address}" + self._target_bytes(route, scope).decode("ascii")
-
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, route: ProxyRoute, target: ProxyTarget
     ) -> None:
         request = self._http().build_request(
-            scope["method"], f"http://{target.address}/", headers=self._headers(scope, target),
+            scope["method"], f"http://{target.address}/",
+            headers=[*self._headers(scope), (PROXY_TOKEN_HEADER, target.token)],
             content=_body(receive) if _has_body(scope) else None,
             # The URL only says where to connect: httpx would normalise a path in it.
             extensions={"target": self._target_bytes(route, scope)},

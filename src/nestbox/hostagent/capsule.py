@@ -4,8 +4,9 @@
     CapsuleError
     ├── CapsuleNotFound   no capsule with that id on this agent
     ├── InvalidState      the operation is not allowed in the capsule's current state
-    ├── GuestUnreachable  envd did not answer in time after a boot or restore
-    └── TeardownError     one or more undo steps failed (all of them were still attempted)
+    └── GuestUnreachable  envd did not answer in time after a boot or restore
+
+A failed teardown raises `undo.TeardownError` (not a `CapsuleError`: slot networks unwind too).
 
 State machine (QEMU `Runstate` style: an enum plus the table of legal moves):
 
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nestbox.hostagent.vmm.base import RamSpec
 
 if TYPE_CHECKING:
-    from nestbox.hostagent.envd_client import EnvdClient
+    from nestbox.hostagent.envdconn import CapsuleEnvd
     from nestbox.hostagent.lifecycle import Run, UndoStack
 
 log = logging.getLogger(__name__)
@@ -94,17 +95,6 @@ class GuestUnreachable(CapsuleError):
         self.step = step
 
 
-class TeardownError(CapsuleError):
-    """Undo steps failed; `errors` holds each failure (every step was still attempted)."""
-
-    def __init__(self, what: str, errors: list[BaseException]) -> None:
-        super().__init__(
-            f"{what}: {len(errors)} undo step(s) failed: " + "; ".join(repr(e) for e in errors)
-        )
-        self.what = what
-        self.errors = errors
-
-
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -156,8 +146,8 @@ class CapsuleRecord(BaseModel):
     host_address: str | None = None
     pid: int | None = None
     """The VMM of the current run. Recorded as soon as the process exists, before the agent
-    waits for anything (QMP, the restore, envd), and kept through PAUSING and SNAPSHOTTING, so
-    that start-up recovery always finds the VM an interrupted operation left."""
+    waits for anything (the VMM's API, the restore, envd), and kept through PAUSING and
+    SNAPSHOTTING, so that start-up recovery always finds the VM an interrupted operation left."""
     staging: Path | None = None
     """While SNAPSHOTTING: the template staging directory being filled (recovery removes it)."""
     default_user: str = "root"
@@ -185,7 +175,7 @@ class CapsuleRecord(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        """The VMM's runtime files (QMP socket, pid file, serial and VMM logs)."""
+        """The VMM's runtime files (API socket, pid file, serial and VMM logs)."""
         return self.dir / "run"
 
     def ram_spec(self) -> RamSpec:
@@ -217,7 +207,7 @@ class Capsule:
         return self.record.state
 
     @property
-    def envd(self) -> EnvdClient:
+    def envd(self) -> CapsuleEnvd:
         """The envd client of the running VM. :raise InvalidState: not running."""
         if self.run is None:
             raise InvalidState(self.id, self.state, frozenset({CapsuleState.RUNNING}))

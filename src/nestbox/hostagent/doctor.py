@@ -212,7 +212,7 @@ async def _round_trip(
             if capsule.pid is not None:
                 report.checks.append(_observed_confinement(capsule.pid, settings))
             ok, result = await _step(
-                report, "exec uname -a", lambda: capsule.envd.run("uname", "-a")
+                report, "exec uname -a", lambda: capsule.envd.exec("uname", ["-a"])
             )
             if ok and result is not None:
                 report.checks[-1].detail = result.stdout.decode(errors="replace").strip()

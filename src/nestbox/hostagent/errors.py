@@ -20,11 +20,11 @@ from nestbox.hostagent.capsule import (
     CapsuleNotFound,
     GuestUnreachable,
     InvalidState,
-    TeardownError,
 )
 from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.network import NoFreeSlot
 from nestbox.hostagent.storage.templates import TemplateNotFound
+from nestbox.hostagent.undo import TeardownError
 from nestbox.hostagent.vmm.base import VmError
 from nestbox.protocol.errors import ErrorCode
 

@@ -7,9 +7,10 @@ own deadline, attempting every one and collecting the failures: what exists is e
 the stack says exists. Nothing here keeps state between calls; `runtime.VmRuntime` does.
 
 A `Run` is one VMM process with its slot lease (`network.SlotNetworks`: often a warm one) and
-envd client. A capsule has a run while it is RUNNING; pausing closes the run (`end_run`: the
-VMM is gone when it returns, the slot network goes in the background) and keeps the capsule's
-directory (disk + snapshot).
+the capsule's one envd client (`envdconn.CapsuleEnvd`, made as soon as the VM is up, closed by
+the run's stack). A capsule has a run while it is RUNNING; pausing closes the run (`end_run`:
+the VMM is gone when it returns, the slot network goes in the background) and keeps the
+capsule's directory (disk + snapshot). The VMM is driven through the `Hypervisor` protocol only.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-import httpx
 
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import CapsuleRecord, GuestUnreachable
-from nestbox.hostagent.envd_client import EnvdClient, EnvdError, envd_url
+from nestbox.hostagent.envdconn import CapsuleEnvd, envd_url
+from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage.templates import TemplateMeta
 from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
@@ -57,6 +58,15 @@ async def no_hook(_step: str) -> None:
     return None
 
 
+EnvdOpener = Callable[["SlotNetwork", "str | None"], CapsuleEnvd]
+"""Makes a run's envd client: envd in slot `network`, presenting the token (or None)."""
+
+
+def open_envd(network: SlotNetwork, access_token: str | None) -> CapsuleEnvd:
+    """The envd client of a VM in slot `network`: its envd at the slot's host address."""
+    return CapsuleEnvd(envd_url(network.host_address), access_token=access_token)
+
+
 RecordVm = Callable[["SlotNetwork", int], Awaitable[None]]
 """Called with the slot network and the VMM's pid as soon as the VMM process exists, before
 anything waits on it: it writes them into the capsule's record, so that start-up recovery finds
@@ -81,6 +91,10 @@ class Timeouts:
     teardown: float = 30.0
 
 
+CANCEL_SAVE_S = 5.0
+"""How long letting the guest run on after a failed save may take."""
+
+
 @dataclass(frozen=True, slots=True)
 class Host:
     """What the steps act on."""
@@ -91,16 +105,19 @@ class Host:
     slots: SlotPool
     networks: SlotNetworks
     timeouts: Timeouts
+    open_envd: EnvdOpener = open_envd
+    """How a run's envd client is made (tests point it at a fake envd)."""
 
 
 @dataclass(slots=True)
 class Run:
-    """A running VMM, the slot lease (network) it sits in, and the envd client that reaches
-    it. `stack` kills the VMM, closes the client and releases the lease."""
+    """A running VMM, the slot lease (network) it sits in, and the capsule's one envd client
+    (every call into the guest goes over it). `stack` kills the VMM, closes the client and
+    releases the lease."""
 
     lease: SlotLease
     vm: VmHandle
-    envd: EnvdClient
+    envd: CapsuleEnvd
     stack: UndoStack
 
     @property
@@ -127,8 +144,8 @@ async def open_run(
     on_launch: RecordVm | None = None,
 ) -> Run:
     """Slot lease (a warm one when there is one) → VMM process (`on_launch` called with its
-    pid) [→ snapshot loaded and running] → envd client (presenting `access_token`, the one envd
-    holds)."""
+    pid) [→ snapshot loaded and running] → the run's envd client (presenting `access_token`, the
+    one envd holds)."""
     stack = UndoStack("run")
     try:
         lease = await host.networks.acquire(egress=egress)
@@ -137,14 +154,14 @@ async def open_run(
         await hook("network")
         network = lease.network
         launched = None if on_launch is None else functools.partial(on_launch, network)
-        vm = await host.hypervisor.start(spec_for(network), on_launch=launched)
+        vm = await host.hypervisor.launch(spec_for(network), on_launch=launched)
         stack.push_async_callback(host.hypervisor.kill, vm)
         await hook("vmm")
         if restore_from is not None:
             with anyio.fail_after(host.timeouts.restore):
                 await host.hypervisor.restore(vm, restore_from, ignore_shared=ignore_shared)
             await hook("restore")
-        envd = EnvdClient(envd_url(network.host_address), access_token=access_token)
+        envd = host.open_envd(network, access_token)
         stack.push_async_callback(envd.aclose)
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
@@ -183,10 +200,10 @@ async def wait_guest(
         ready = run.envd.init_when_ready(init, answer_within=host.timeouts.init)
     try:
         with anyio.fail_after(ready_within):
-            exited = await _first_of(ready, run.vm.process.wait_exit())
+            exited = await _first_of(ready, host.hypervisor.supervise(run.vm))
     except TimeoutError as err:
         raise GuestUnreachable(record.id, "wait_ready", _serial_tail(run)) from err
-    except (httpx.HTTPError, EnvdError) as err:
+    except EnvdCallError as err:
         # Fatal, unlike in the seed: a clone that missed /init still has the template's RNG
         # state and identity, which must never leak into a capsule that runs user code.
         raise GuestUnreachable(record.id, "init", repr(err)) from err
@@ -302,57 +319,43 @@ async def prepare_snapshot(host: Host, run: Run, *, ignore_shared: bool) -> None
 
 
 async def _prepare_guest(host: Host, run: Run) -> None:
-    """`/snapshot/prepare` over the run's client, which is closed right after.
-
-    The request goes over the client's keep-alive connection when it has one (the one `/init`
-    used): that makes the connection active, so envd answers `Connection: close` and closes
-    it, and closes any other idle one itself; no TCP handshake into a guest where every new
-    code path is slow. The client is closed right after the answer: none of its connections
-    lives into the snapshot. A run that goes on (the save failed) needs `reopen_envd`.
-    """
+    """The seed's order: close the idle connections of both of the run's pools (their FINs
+    reach the guest first: no connection of ours lives into the snapshot), then
+    `/snapshot/prepare` on a fresh connection, which envd answers with `Connection: close`.
+    Streams in flight (exec, PTY) keep their connections; the caller cuts them once the VM is
+    gone. A run that goes on (the save failed) keeps using the same client."""
     try:
         with anyio.fail_after(host.timeouts.prepare):
-            try:
-                await run.envd.prepare_snapshot()
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                # envd closed that connection (its keep-alive idle timeout) just as it was
-                # reused; a prepare that did arrive is harmless to repeat.
-                await run.envd.prepare_snapshot()
-    except (TimeoutError, httpx.HTTPError, EnvdError) as err:
+            await run.envd.close_idle()
+            await run.envd.prepare_snapshot()
+    except (TimeoutError, EnvdCallError) as err:
         log.warning("snapshot/prepare failed, snapshotting anyway: %r", err)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await run.envd.aclose()
-
-
-def reopen_envd(run: Run) -> None:
-    """A new envd client for a run that goes on after `prepare_snapshot` closed its client
-    (the save failed)."""
-    run.envd = EnvdClient(run.envd.base_url, access_token=run.envd.access_token)
-    run.stack.push_async_callback(run.envd.aclose)
+        with anyio.CancelScope(shield=True), contextlib.suppress(EnvdCallError):
+            await run.envd.close_idle()  # whatever that attempt left in the pool
 
 
 async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -> SaveResult:
-    """Stop the guest and write its snapshot to `state_file`, atomically and durably: the VMM
-    writes `<state_file>.partial`, which is fsynced and renamed into place only once the
-    migration completed, so `state_file` existing means the snapshot is whole (start-up
-    recovery relies on it). On failure the partial file is removed, the guest is let run on
-    (`cont`) and the error raised; the caller decides what the capsule's state is then."""
+    """Stop the guest (`Hypervisor.pause`) and write its snapshot to `state_file`, atomically
+    and durably: the VMM writes `<state_file>.partial`, which is fsynced and renamed into place
+    only once it is complete, so `state_file` existing means the snapshot is whole (start-up
+    recovery relies on it). On failure or cancellation the partial file is removed, the save
+    is cancelled and the guest let run on (`Hypervisor.cancel_save`), and the error raised;
+    the caller decides what the capsule's state is then."""
     partial = state_file.with_name(state_file.name + ".partial")
     try:
         with anyio.fail_after(host.timeouts.save):
+            await host.hypervisor.pause(run.vm)
             result = await host.hypervisor.save(run.vm, partial, ignore_shared=ignore_shared)
         await anyio.to_thread.run_sync(_move_into_place, partial, state_file)
-    except BaseException as err:
+    except BaseException:
         partial.unlink(missing_ok=True)
-        if isinstance(err, Exception):
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(5),
-                contextlib.suppress(Exception),
-            ):
-                await run.vm.qmp.execute("migrate_cancel")
-                await run.vm.qmp.execute("cont")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SAVE_S) as scope:
+            try:
+                await host.hypervisor.cancel_save(run.vm)
+            except Exception as err:
+                log.warning("cannot let the guest run on after a failed save: %r", err)
+        if scope.cancelled_caught:
+            log.warning("cannot let the guest run on after a failed save: timed out")
         raise
     return result
 
@@ -459,6 +462,7 @@ async def _remove_record(state_dir: Path, capsule_id: str) -> None:
 
 
 __all__ = [
+    "EnvdOpener",
     "Host",
     "RecordVm",
     "Run",
@@ -470,9 +474,9 @@ __all__ = [
     "freeze_into_template",
     "machine_spec",
     "no_hook",
+    "open_envd",
     "open_run",
     "prepare_snapshot",
-    "reopen_envd",
     "save",
     "start_guest",
     "template_meta",

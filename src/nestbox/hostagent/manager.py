@@ -1,24 +1,25 @@
 """`CapsuleManager`: the agent's registry of capsules and its lifecycle verbs.
 
 A small registry over `VmRuntime` (which does the VM, network and disk work) that adds what
-the RPC service needs: one `CapsuleEnvd` per running capsule, per-capsule locks, last-activity
-timestamps, the proxy's per-capsule connection tracker (`acquire`: it is the proxy's
-`CapsuleTargets`), metrics sampling, templates, and the `error` state of a capsule whose VM
-died. Guest calls are in `guestcalls`, the idle reaper in `reaper`, recovery in `recovery`.
+the RPC service needs: the running capsule's envd client (the run's one `CapsuleEnvd`, which
+the runtime made for `/init`), per-capsule locks, last-activity timestamps, the proxy's
+per-capsule connection tracker (`acquire`: it is the proxy's `CapsuleTargets`), metrics
+sampling, templates, and the `error` state of a capsule whose VM died. Guest calls are in
+`guestcalls`, the idle reaper in `reaper`, recovery in `recovery`.
 
 Pause order (the seed's, `Manager.Pause`): stop the capsule's metrics sampler; drain proxied
-requests (up to `drain_timeout_s`; new ones get 503 meanwhile); close both envd pools' idle
-connections, so their FINs reach the guest *before* `/snapshot/prepare`; then the runtime
-prepares (3 s, best effort, over its own keep-alive connection, which envd closes after
-answering; the migration is set up meanwhile) and snapshots. On any
-failure after the drain the tracker is reset and the VM runs on (the runtime `cont`s it).
-After every restore (create from a template, resume) the runtime has had envd answer `/init`
-(identity, time, entropy, default user and env; sent as soon as envd takes connections, so it
-is the readiness probe too) before the manager makes the run's envd client.
+requests (up to `drain_timeout_s`; new ones get 503 meanwhile); then the runtime closes both
+envd pools' idle connections, so their FINs reach the guest *before* `/snapshot/prepare` (3 s,
+best effort; the migration is set up meanwhile), and snapshots. On any failure after the drain
+the tracker is reset and the VM runs on (the runtime lets the guest run again). After every
+restore (create from a template, resume) the runtime has had envd answer `/init` (identity,
+time, entropy, default user and env; sent as soon as envd takes connections, so it is the
+readiness probe too) over the run's client, which the manager then uses for everything else.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -30,7 +31,6 @@ import anyio
 
 from nestbox import __version__
 from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, InvalidState, new_capsule_id
-from nestbox.hostagent.envdconn import CapsuleEnvd
 from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.errors import BadRequest, CapsuleExists, NoGuestImage
 from nestbox.hostagent.guestcalls import GuestCalls
@@ -39,7 +39,6 @@ from nestbox.hostagent.managed import CapsuleMeta, CapsuleView, ManagedCapsule, 
 from nestbox.hostagent.metrics import sample_loop
 from nestbox.hostagent.proxytrack import Draining, Lease, TargetNotFound, TargetUnavailable
 from nestbox.hostagent.storage import templates as tpl
-from nestbox.protocol.envd import ENVD_PORT
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -238,14 +237,12 @@ class CapsuleManager(GuestCalls):
     # ── the run: what exists only while the VM runs ────────────────────────────────────
 
     async def _start_run(self, entry: ManagedCapsule, capsule: Capsule) -> None:
-        """After create or resume: a fresh envd client, proxied traffic let in, sampling.
+        """After create or resume: the run's envd client (the one that sent `/init`), proxied
+        traffic let in, sampling.
 
         envd's version is asked for only while unknown (create, re-adoption): the create
         answer carries it, and a resumed capsule runs the same envd as before its pause."""
-        address = capsule.host_address
-        assert address is not None, "a running capsule has an address"
-        token = capsule.record.access_token  # the one the runtime's /init just set
-        entry.envd = CapsuleEnvd(f"http://{address}:{ENVD_PORT}", access_token=token)
+        entry.envd = capsule.envd
         entry.error = None
         entry.tracker.reset()
         entry.touch()
@@ -259,17 +256,18 @@ class CapsuleManager(GuestCalls):
 
     def _start_sampler(self, entry: ManagedCapsule, capsule: Capsule) -> None:
         entry.stop_sampler()
-        pid, record = capsule.pid, capsule.record
-        if pid is None:
+        vm, record = capsule.run.vm if capsule.run else None, capsule.record
+        if vm is None:
             return
         scope = entry.sampler = anyio.CancelScope()
         interval = self.settings.metrics_interval_s
+        stats = functools.partial(self.runtime.hypervisor.stats, vm)
 
         async def run() -> None:
             with scope:
                 try:
                     await sample_loop(
-                        entry.metrics, pid, record.disk, record.machine.vcpus, interval
+                        entry.metrics, stats, record.disk, record.machine.vcpus, interval
                     )
                 except Exception as err:  # a sampler must never take the agent down
                     log.warning("metrics sampler failed: %r", err, extra={"capsule_id": entry.id})
@@ -328,8 +326,6 @@ class CapsuleManager(GuestCalls):
             log.info("pausing with %d proxied requests in flight", active,
                      extra={"capsule_id": entry.id})  # fmt: skip
         try:
-            if entry.envd is not None:
-                await entry.envd.close_idle()
             return await action(entry.id)
         except BaseException:
             entry.tracker.reset()

@@ -1,6 +1,6 @@
-"""Host-side metrics of one running capsule: CPU, memory and disk of its VM, sampled from
-`/proc` and the file system, never from the guest (a sample costs the guest nothing and works
-while envd is busy or hung).
+"""Host-side metrics of one running capsule: CPU, memory and disk of its VM, sampled on the host
+(`Hypervisor.stats`: /proc, never the guest or the VMM's API; a sample costs the guest nothing
+and works while envd is busy or hung) and from the file system.
 
 - cpu_pct: the VMM's CPU time (user + system) over the interval, of the capsule's vCPUs
   (100 = every vCPU busy; QEMU's own threads are counted too, so TCG may exceed 100).
@@ -14,7 +14,6 @@ A `MetricsRing` keeps the last `capacity` samples (10 minutes at 1 s). The manag
 from __future__ import annotations
 
 import collections
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,9 +21,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+    from nestbox.hostagent.vmm.base import VmStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,30 +52,6 @@ class MetricsRing:
         return [p for p in self._points if p.ts_unix_ms >= oldest]
 
 
-def cpu_ticks(pid: int) -> int | None:
-    """utime + stime of `pid` in clock ticks, or None if it is gone."""
-    try:
-        stat = f"/proc/{pid}/stat"
-        with open(stat, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def allocated_bytes(path: Path) -> int:
     try:
         return path.stat().st_blocks * 512
@@ -84,25 +60,30 @@ def allocated_bytes(path: Path) -> int:
 
 
 async def sample_loop(
-    ring: MetricsRing, pid: int, disk: Path, vcpus: int, interval_s: float
+    ring: MetricsRing,
+    stats: Callable[[], VmStats | None],
+    disk: Path,
+    vcpus: int,
+    interval_s: float,
 ) -> None:
-    """Add a sample to `ring` every `interval_s` until cancelled or the process is gone."""
-    previous = cpu_ticks(pid)
+    """Add a sample to `ring` every `interval_s` until cancelled or the VM is gone (`stats()`:
+    its `Hypervisor.stats`)."""
+    previous = stats()
     last = time.monotonic()
     while previous is not None:
         await anyio.sleep(interval_s)
-        ticks = cpu_ticks(pid)
-        if ticks is None:
+        current = stats()
+        if current is None:
             return
         now = time.monotonic()
-        busy_s = (ticks - previous) / CLOCK_TICKS
+        busy_s = current.cpu_s - previous.cpu_s
         cpu = 100.0 * busy_s / max(now - last, 1e-3) / max(vcpus, 1)
         ring.add(
             MetricPoint(
                 ts_unix_ms=int(time.time() * 1000),
                 cpu_pct=round(cpu, 2),
-                mem_bytes=rss_bytes(pid),
+                mem_bytes=current.rss_bytes,
                 disk_bytes=allocated_bytes(disk),
             )
         )
-        previous, last = ticks, now
+        previous, last = current, now

@@ -14,7 +14,8 @@
   bytes, raw or percent-encoded; 400) and then sent as exactly those bytes (the request
   target is set as such, so httpx never normalises it). Port 49983 (envd) is refused (403):
   envd is reached by the agent's own client only.
-- `Location` answers are rewritten back under the prefix; WebSockets are relayed (`proxyws`).
+- `Location` answers are rewritten back under the prefix; WebSockets are relayed
+  (`common.wsrelay`, the relay the control plane uses too; connects retried as above).
 - Errors are `ErrorBody` JSON: 404 unknown capsule, 503 draining or not running, 502 when
   nothing listens on the port. The control plane's tokens (`X-Nestbox-Proxy-Token`, and
   `X-Agent-Token` should one come) never reach a capsule. Every refusal of a path or port is
@@ -36,8 +37,8 @@ import anyio
 import httpx
 
 from nestbox.common.proxypath import RefusalLog, refusal
+from nestbox.common.wsrelay import RelayLimits, reject_websocket, relay_websocket
 from nestbox.hostagent.proxytrack import TargetNotFound, TargetUnavailable
-from nestbox.hostagent.proxyws import reject_websocket, relay_websocket
 from nestbox.protocol.errors import ErrorBody, ErrorCode
 from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
 
@@ -356,19 +357,18 @@ class PortProxy:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
     ) -> None:
-        target = host_port(address, route.port)
-        # `websockets` sends an ASCII URI's path and query as they are (no normalising); the
-        # checked ones hold nothing it would parse differently (no #, no controls).
-        url = f"ws://{target}" + upstream_target(route).decode("ascii")
+        s = self._settings
+        limits = RelayLimits(
+            max_message=s.ws_max_message,
+            open_timeout_s=s.connect_timeout_s,
+            dial_attempts=s.dial_attempts,
+            dial_backoff_s=s.dial_backoff_s,
+        )
         await relay_websocket(
-            scope, receive, send, url,
-            headers=_upstream_headers(scope, _headers(scope), websocket=True),
-            nothing_listens=f"proxy error: nothing listens on port {route.port} in capsule "
-            f"{route.capsule_id}",
-            attempts=self._settings.dial_attempts,
-            backoff_s=self._settings.dial_backoff_s,
-            max_message=self._settings.ws_max_message,
-            sleep=self._sleep,
+            scope, receive, send, address=host_port(address, route.port),
+            target=upstream_target(route), headers=_upstream_headers(scope, _headers(scope)),
+            limits=limits, unreachable=f"proxy error: nothing listens on port {route.port} in "
+            f"capsule {route.capsule_id}", sleep=self._sleep,
         )  # fmt: skip
 
 
@@ -449,12 +449,11 @@ def _forwardable(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _upstream_headers(
-    scope: Scope, request_headers: list[tuple[str, str]], *, websocket: bool = False
+    scope: Scope, request_headers: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """`request_headers` (`_headers(scope)`) as sent on to the capsule."""
+    """`request_headers` (`_headers(scope)`) as sent on to the capsule (a WebSocket relay also
+    leaves out the handshake's own)."""
     headers = [(k, v) for k, v in _forwardable(request_headers) if k not in _NOT_UPSTREAM]
-    if websocket:  # the websocket client makes its own handshake headers
-        headers = [(k, v) for k, v in headers if not k.startswith("sec-websocket-")]
     client = scope.get("client")
     if isinstance(client, (list, tuple)) and client:
         forwarded = [v for k, v in headers if k == "x-forwarded-for"]

@@ -7,10 +7,10 @@ complete and fsynced, so each interrupted state has one decision:
 
 | record       | what is found                        | outcome                                 |
 |--------------|--------------------------------------|-----------------------------------------|
-| RUNNING      | its VM alive                         | re-adopted, running                     |
+| RUNNING      | its VM alive                         | re-adopted, running (resumed if stopped)|
 | PAUSING      | the pause's snapshot complete        | VM killed, PAUSED                       |
-| PAUSING      | no complete snapshot, VM alive       | migration cancelled, `cont`, re-adopted |
-| SNAPSHOTTING | VM alive                             | migration cancelled, `cont`, re-adopted;|
+| PAUSING      | no complete snapshot, VM alive       | save cancelled, resumed, re-adopted     |
+| SNAPSHOTTING | VM alive                             | save cancelled, resumed, re-adopted;    |
 |              |                                      | the template staging directory removed  |
 | PAUSED       | its snapshot                         | PAUSED (any VM left is killed)          |
 | RESUMING     | its snapshot                         | half-restored VM killed, PAUSED         |
@@ -19,9 +19,10 @@ complete and fsynced, so each interrupted state has one decision:
 | STOPPING     | anything                             | VM killed, files removed, forgotten     |
 
 A SNAPSHOTTING capsule whose VM is gone was being consumed into its template (its disk may
-already have moved): it is removed and listed as `error`. Re-adoption reconnects QMP, claims the
-slot and rebuilds the run's undo stack (slot network, VMM, envd client); the guest never
-noticed. A capsule in `error` is listed until the control plane destroys it.
+already have moved): it is removed and listed as `error`. Re-adoption claims the slot, takes the
+VMM back (`Hypervisor.adopt`), lets the guest run (`resume`, or `cancel_save` after an
+interrupted snapshot) and rebuilds the run's undo stack (slot network, VMM, envd client); the
+guest never noticed. A capsule in `error` is listed until the control plane destroys it.
 
 The VMs of a capsule are the recorded pid and any QEMU whose command line names the capsule's
 directory (one launched in the instant before its pid reached the record). Each is held by a
@@ -44,20 +45,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import Capsule, CapsuleRecord, CapsuleState
-from nestbox.hostagent.envd_client import EnvdClient, envd_url
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
 from nestbox.hostagent.managed import CapsuleMeta, read_meta
 from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
 from nestbox.hostagent.vmm import confine
-from nestbox.hostagent.vmm.base import QmpError, VmHandle
+from nestbox.hostagent.vmm.base import VmError
 from nestbox.hostagent.vmm.process import VmProcess
-from nestbox.hostagent.vmm.qmp import QmpClient
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -68,11 +67,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S = CapsuleState
-QMP_CONNECT_S = 10.0
-MIGRATION_CANCEL_S = 10.0
-"""How long a snapshot's migration that a crash interrupted may take to stop once cancelled."""
-MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
-"""`query-migrate` statuses of a migration still under way."""
+ADOPT_S = 10.0
+"""How long reconnecting to a left VMM's API may take."""
+CANCEL_SAVE_S = 10.0
+"""How long a snapshot that a crash interrupted may take to stop once cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,9 +170,10 @@ def _snapshot_done(record: CapsuleRecord) -> bool:
 async def _adopt_run(
     host: Host, record: CapsuleRecord, slot: int, process: VmProcess, egress: bool
 ) -> Run:
-    """Reconnect to a running VM (cancelling a snapshot a crash interrupted, and letting the
-    guest run on) and rebuild its run's undo stack. :raise NotAdoptable:"""
+    """Take a running VM back (cancelling a snapshot a crash interrupted, and letting the guest
+    run on) and rebuild its run's undo stack. :raise NotAdoptable:"""
     network = dataclasses.replace(plan_slot(host.settings, slot), egress=egress)
+    hypervisor = host.hypervisor
     stack = UndoStack("run")
     try:
         try:
@@ -187,43 +186,28 @@ async def _adopt_run(
         stack.push_async_callback(host.networks.release, lease)
         spec = machine_spec(record, network, incoming=False)
         try:
-            with anyio.fail_after(QMP_CONNECT_S):
-                qmp = await QmpClient.connect(spec.qmp_socket)
-        except (OSError, TimeoutError, anyio.EndOfStream) as err:
-            raise NotAdoptable(f"the VM's QMP socket does not answer: {err!r}") from err
-        vm = VmHandle(spec=spec, process=process, qmp=qmp)
-        stack.push_async_callback(host.hypervisor.kill, vm)
+            with anyio.fail_after(ADOPT_S):
+                vm = await hypervisor.adopt(spec, process)
+        except (VmError, TimeoutError) as err:
+            raise NotAdoptable(f"the VM cannot be taken back: {str(err) or repr(err)}") from err
+        stack.push_async_callback(hypervisor.kill, vm)
         try:
-            with anyio.fail_after(QMP_CONNECT_S + MIGRATION_CANCEL_S):
-                await _let_run(record, qmp)
-        except (QmpError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as err:
+            with anyio.fail_after(ADOPT_S + CANCEL_SAVE_S):
+                if record.state == S.RUNNING:
+                    await hypervisor.resume(vm)  # a no-op unless it was found stopped
+                else:
+                    # An interrupted pause or template: its migration may still be writing, or
+                    # may have completed into a file that was never renamed; either way it is
+                    # not the capsule's snapshot.
+                    await hypervisor.cancel_save(vm)
+        except (VmError, TimeoutError) as err:
             raise NotAdoptable(f"the VM cannot be continued: {err!r}") from err
-        envd = EnvdClient(envd_url(network.host_address), access_token=record.access_token)
+        envd = host.open_envd(network, record.access_token)
         stack.push_async_callback(envd.aclose)
     except BaseException:
         await unwind_after_failure(stack, host.timeouts.teardown)
         raise
     return Run(lease=lease, vm=vm, envd=envd, stack=stack)
-
-
-async def _let_run(record: CapsuleRecord, qmp: QmpClient) -> None:
-    """Cancel the snapshot an interrupted pause or template left (a migration may still be
-    writing, or may have completed into a file that was never renamed: either way it is not
-    the capsule's snapshot) and continue a stopped guest. `cont` also takes the disk back
-    from a completed migration."""
-    status: str = (await qmp.execute("query-status"))["status"]
-    if record.state == S.RUNNING and status == "running":
-        return
-    migration: dict[str, Any] = await qmp.execute("query-migrate")
-    if migration.get("status") in MIGRATING:
-        log.info("cancelling a snapshot the agent left", extra={"capsule_id": record.id})
-        await qmp.execute("migrate_cancel")
-        while (await qmp.execute("query-migrate")).get("status") in MIGRATING:  # noqa: ASYNC110
-            await anyio.sleep(0.02)
-        status = (await qmp.execute("query-status"))["status"]
-    if status != "running":
-        log.info("continuing a VM found %s", status, extra={"capsule_id": record.id})
-        await qmp.execute("cont")
 
 
 def _remove_unfinished(record: CapsuleRecord, running: bool) -> None:

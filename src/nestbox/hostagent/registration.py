@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +111,39 @@ def machine_info(data_dir: Path) -> MachineInfo:
     )
 
 
+class CpuUse:
+    """Whole-machine CPU use between successive `percent()` calls, whichever thread makes them.
+
+    Not `psutil.cpu_percent(interval=None)`: psutil keeps its last sample per thread, and
+    heartbeats sample from whichever worker thread is free, so a thread sampling for the first
+    time answered 0.0 (an agent looked idle after every start, and often between).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = self._busy_total()
+
+    @staticmethod
+    def _busy_total() -> tuple[float, float]:
+        t = psutil.cpu_times()
+        # guest time is counted in user time already (Linux); idle and I/O wait are not busy
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        return total - t.idle - getattr(t, "iowait", 0.0), total
+
+    def percent(self) -> float:
+        """Percent of all cores busy since the previous call (or since this was made)."""
+        with self._lock:
+            (busy0, total0), self._last = self._last, self._busy_total()
+            busy1, total1 = self._last
+        if total1 <= total0:
+            return 0.0
+        return round(min(100.0, max(0.0, 100 * (busy1 - busy0) / (total1 - total0))), 1)
+
+
+CPU_USE = CpuUse()
+"""The heartbeats' CPU meter: its first reading covers the time since the agent started."""
+
+
 async def host_load(
     data_dir: Path,
     *,
@@ -130,7 +164,7 @@ async def host_load(
             vcpus_allocated=vcpus_allocated,
             memory_allocated_mb=memory_allocated_mb,
             cpu_cores=max(1, psutil.cpu_count() or 1),
-            cpu_used_pct=min(100.0, float(psutil.cpu_percent(interval=None))),
+            cpu_used_pct=CPU_USE.percent(),
             load_1m=os.getloadavg()[0],
             memory_total_mb=memory.total // MIB,
             memory_available_mb=memory.available // MIB,

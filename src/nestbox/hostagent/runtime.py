@@ -35,9 +35,8 @@ from nestbox.hostagent.capsule import (
     CapsuleState,
     InvalidState,
     MachineRecord,
-    TeardownError,
 )
-from nestbox.hostagent.envd_client import init_request, new_access_token
+from nestbox.hostagent.envdconn import init_request, new_access_token
 from nestbox.hostagent.image.cmdline import kernel_cmdline
 from nestbox.hostagent.lifecycle import Host, Run, StepHook, Timeouts, no_hook
 from nestbox.hostagent.network import (
@@ -49,6 +48,7 @@ from nestbox.hostagent.network import (
     ensure_blackhole,
 )
 from nestbox.hostagent.storage import templates as tpl
+from nestbox.hostagent.undo import TeardownError
 from nestbox.hostagent.vmm import confine
 from nestbox.hostagent.vmm.accel import choose_accel
 from nestbox.hostagent.vmm.qemu import QemuHypervisor
@@ -93,6 +93,7 @@ class VmRuntime:
         hypervisor: Hypervisor | None = None,
         accel: AccelChoice | None = None,
         timeouts: Timeouts | None = None,
+        open_envd: lifecycle.EnvdOpener = lifecycle.open_envd,
     ) -> None:
         self.settings = settings
         self.accel = accel or choose_accel(settings.accel)
@@ -112,6 +113,7 @@ class VmRuntime:
             slots=self.slots,
             networks=self.networks,
             timeouts=timeouts,
+            open_envd=open_envd,
         )
         self._tg = task_group
         self._capsules: dict[str, Capsule] = {}
@@ -135,6 +137,7 @@ class VmRuntime:
         hypervisor: Hypervisor | None = None,
         accel: AccelChoice | None = None,
         timeouts: Timeouts | None = None,
+        open_envd: lifecycle.EnvdOpener = lifecycle.open_envd,
     ) -> AsyncIterator[VmRuntime]:
         """The runtime, with its task group for exit watchers. VMs outlive the block."""
         confine.secure_data_dirs(settings)  # made 0700, or made so (logged) if looser
@@ -148,7 +151,8 @@ class VmRuntime:
         await ensure_blackhole(system, settings)
         body_error: BaseException | None = None
         async with anyio.create_task_group() as tg:
-            rt = cls(settings, system, tg, hypervisor=hypervisor, accel=accel, timeouts=timeouts)
+            rt = cls(settings, system, tg, hypervisor=hypervisor, accel=accel, timeouts=timeouts,
+                     open_envd=open_envd)  # fmt: skip
             try:
                 yield rt
             except BaseException as err:
@@ -269,7 +273,7 @@ class VmRuntime:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for c in made:
-                    with contextlib.suppress(CapsuleError):
+                    with contextlib.suppress(CapsuleError, TeardownError):
                         await self.destroy(c.id)
             raise
         return made
@@ -358,7 +362,6 @@ class VmRuntime:
                     await lifecycle.save(self.host, run, snapshot, ignore_shared=False)
                 except BaseException:
                     snapshot.unlink(missing_ok=True)
-                    lifecycle.reopen_envd(run)
                     await self._set_running(capsule, run, snapshot=None)
                     raise
                 capsule.run = None
@@ -467,7 +470,6 @@ class VmRuntime:
                     if staging is not None:
                         with anyio.CancelScope(shield=True):
                             await _remove_tree(staging.root)
-                    lifecycle.reopen_envd(run)
                     await self._set_running(capsule, run, staging=None)
                     raise
                 try:
@@ -498,7 +500,7 @@ class VmRuntime:
                 capsule.id, template_id, source=f"image:{image.version}"
             )
         except BaseException:
-            with anyio.CancelScope(shield=True), contextlib.suppress(CapsuleError):
+            with anyio.CancelScope(shield=True), contextlib.suppress(CapsuleError, TeardownError):
                 await self.destroy(capsule.id)
             raise
         log.info(
@@ -552,7 +554,7 @@ class VmRuntime:
         for c in self.capsules():
             try:
                 await self.destroy(c.id)
-            except CapsuleError as err:
+            except (CapsuleError, TeardownError) as err:
                 log.error("destroy %s: %s", c.id, err)
 
     async def _discard(self, capsule: Capsule) -> None:

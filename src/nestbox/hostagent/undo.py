@@ -2,8 +2,9 @@
 
 Every step that makes something pushes its undo on an `UndoStack` right after it succeeds. If a
 later step fails or the caller cancels, `unwind` runs the undos in reverse, shielded from the
-cancellation, under its own deadline, attempting every one and collecting the failures.
-Used by the capsule lifecycle (`lifecycle`) and by the slot networks (`network.pool`).
+cancellation, under its own deadline, attempting every one and collecting the failures
+(`TeardownError`). Used by the capsule lifecycle (`lifecycle`, `runtime`) and by the slot
+networks (`network.pool`), so it imports nothing of the agent's.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from nestbox.hostagent.capsule import TeardownError
-
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+
+
+class TeardownError(Exception):
+    """Undo steps failed; `errors` holds each failure (every step was still attempted)."""
+
+    def __init__(self, what: str, errors: list[BaseException]) -> None:
+        super().__init__(
+            f"{what}: {len(errors)} undo step(s) failed: " + "; ".join(repr(e) for e in errors)
+        )
+        self.what = what
+        self.errors = errors
 
 
 class UndoStack(contextlib.AsyncExitStack):

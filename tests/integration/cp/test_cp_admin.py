@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import stat
 
+import pytest
+
 from nestbox.controlplane.services.bootstrap import bootstrap_admin
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.ids import is_api_key
@@ -37,6 +39,7 @@ async def test_bootstrap_makes_one_admin_and_a_private_key_file(
     assert login.json()["is_admin"] is True
 
 
+@pytest.mark.postgres
 async def test_admin_endpoints(cp: RunningCP, settings: CPSettings) -> None:
     first = await bootstrap_admin(cp.services.db, settings.data_dir, "root@example.org")
     assert first is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
 from sqlalchemy import select
 
 from nestbox.controlplane.db.models import ApiKeyRow
@@ -11,6 +12,7 @@ from nestbox.protocol.ids import IdPrefix, is_api_key, is_id
 from tests.integration.cp.harness import RunningCP, signup
 
 
+@pytest.mark.postgres
 async def test_create_use_track_delete(cp: RunningCP) -> None:
     account = await signup(cp.client, "kim@example.org")
     r = await cp.client.post("/v1/api-keys", json={"name": "ci"}, headers=account.headers)
@@ -46,6 +48,7 @@ async def test_create_use_track_delete(cp: RunningCP) -> None:
     assert again.status_code == 404
 
 
+@pytest.mark.postgres
 async def test_only_the_hash_is_stored(cp: RunningCP) -> None:
     account = await signup(cp.client, "hash@example.org")
     r = await cp.client.post("/v1/api-keys", json={}, headers=account.headers)
@@ -69,6 +72,7 @@ async def test_a_key_can_manage_keys_of_its_team(cp: RunningCP) -> None:
     assert {k["name"] for k in listed.json()} == {"a", "b"}
 
 
+@pytest.mark.postgres
 async def test_members_revoke_only_their_own_keys(cp: RunningCP) -> None:
     owner = await signup(cp.client, "owner@example.org")
     member = await signup(cp.client, "member@example.org")

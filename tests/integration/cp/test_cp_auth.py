@@ -1,8 +1,11 @@
-"""Signup, login, sessions (JWT), switching team, `/v1/me`, passwords: on SQLite and PostgreSQL."""
+"""Signup, login, sessions (JWT), switching team, `/v1/me`, passwords (login by email in any
+case, a second signup, switching team, the user-row updates: on PostgreSQL too)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+
+import pytest
 
 from nestbox.protocol.ids import IdPrefix, is_id
 from tests.integration.cp.harness import RunningCP, signup
@@ -27,6 +30,7 @@ async def test_signup_returns_a_working_session(cp: RunningCP) -> None:
     assert me.json()["has_password"] is True
 
 
+@pytest.mark.postgres
 async def test_login(cp: RunningCP) -> None:
     account = await signup(cp.client, "bob@example.org", "Bob")
     r = await cp.client.post(
@@ -47,6 +51,7 @@ async def test_login(cp: RunningCP) -> None:
     assert nobody.json() == bad.json()
 
 
+@pytest.mark.postgres
 async def test_signup_twice_is_a_conflict(cp: RunningCP) -> None:
     await signup(cp.client, "carol@example.org")
     r = await cp.client.post(
@@ -102,6 +107,7 @@ async def test_forged_token_of_another_secret_is_rejected(cp: RunningCP) -> None
     assert r.status_code == 401
 
 
+@pytest.mark.postgres
 async def test_switch_team(cp: RunningCP) -> None:
     ada = await signup(cp.client, "ada2@example.org")
     created = await cp.client.post("/v1/teams", json={"name": "Research"}, headers=ada.headers)
@@ -120,6 +126,7 @@ async def test_switch_team(cp: RunningCP) -> None:
     assert r.status_code == 404
 
 
+@pytest.mark.postgres
 async def test_password_change(cp: RunningCP) -> None:
     account = await signup(cp.client, "pat@example.org")
     wrong = await cp.client.post(
@@ -140,6 +147,7 @@ async def test_password_change(cp: RunningCP) -> None:
     assert login.status_code == 200
 
 
+@pytest.mark.postgres
 async def test_rename_me(cp: RunningCP) -> None:
     account = await signup(cp.client, "ren@example.org", "Old")
     r = await cp.client.patch("/v1/me", json={"name": "New"}, headers=account.headers)

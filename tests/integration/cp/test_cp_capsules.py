@@ -1,7 +1,7 @@
-"""Capsule lifecycle through the public API, on SQLite and PostgreSQL, against fake agents:
-create/list/get/pause/resume/ping/destroy, the team wall (another team's key gets 404 on every
-capsule route), credentials (401), admission (503), and the SDK's shapes (statuses, aware
-timestamps, 404 after destroy)."""
+"""Capsule lifecycle through the public API, against fake agents (the lifecycle and a failed
+create on PostgreSQL too): create/list/get/pause/resume/ping/destroy, the team wall (another
+team's key gets 404 on every capsule route), credentials (401), admission (503), and the SDK's
+shapes (statuses, aware timestamps, 404 after destroy)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nestbox.protocol.capsules import CapsuleStatus
 from tests.integration.cp.cluster import cluster
 
 
+@pytest.mark.postgres
 async def test_lifecycle(settings: CPSettings) -> None:
     async with cluster(settings) as c:
         _, key = await c.user("ann@example.com")
@@ -141,6 +142,7 @@ async def test_no_room_is_503_and_bad_template_404(settings: CPSettings) -> None
         assert r.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.postgres
 async def test_failed_create_leaves_nothing(settings: CPSettings) -> None:
     async with cluster(settings) as c:
         _, key = await c.user("ann@example.com")

@@ -22,7 +22,10 @@ from nestbox.controlplane.errors import Conflict
 from nestbox.controlplane.settings import CPSettings
 from tests.integration.cp.harness import RunningCP, signup
 
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
 
+
+@pytest.mark.fresh_db
 async def test_migrations_run_at_start_and_match_the_models(cp: RunningCP) -> None:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     async with cp.services.db.engine.connect() as conn:
@@ -37,6 +40,7 @@ async def test_migrations_run_at_start_and_match_the_models(cp: RunningCP) -> No
     assert differences == []
 
 
+@pytest.mark.fresh_db
 async def test_migrating_twice_is_harmless(settings: CPSettings) -> None:
     db = Database(settings.db_url)
     try:

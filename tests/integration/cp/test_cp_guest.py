@@ -1,4 +1,4 @@
-"""Into a capsule through the public API (fake agents; SQLite and PostgreSQL): exec in the
+"""Into a capsule through the public API (fake agents; SQLite): exec in the
 foreground (envs, cwd, base64 output) and background, processes, files (buffered with the
 100 MiB limit, streamed without), and the WebSocket routes (exec stream, re-attach, PTY)."""
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import stat
 
 import anyio
+import pytest
 from sqlalchemy import select
 
 from nestbox.controlplane.db.models import HostRow, HostTokenRow
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.hosts import HOST_TOKEN_HEADER
 from tests.integration.cp.cluster import cluster
+
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
 
 
 async def test_registration_contract(settings: CPSettings) -> None:

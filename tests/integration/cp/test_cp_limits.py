@@ -1,5 +1,5 @@
-"""Limits and input bounds (SQLite and PostgreSQL; fake agent where capsules are needed): the
-per-team capsule quota (create and resume), per-address rate limits on login, signup and key
+"""Limits and input bounds (fake agent where capsules are needed): the per-team capsule quota
+(create and resume; SQLite and PostgreSQL), per-address rate limits on login, signup and key
 creation (with an injected clock), ids matched whole (raw requests: a trailing newline is not
 the id), the buffered-file byte budget, and bounded multipart part headers."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,13 +20,6 @@ from tests.integration.cp.cluster import cluster
 from tests.integration.cp.harness import RunningCP, new_key, signup
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def sqlite_only(tmp_path: Path) -> CPSettings:
-    """For what does not depend on the database."""
-    return CPSettings(data_dir=tmp_path / "nestbox",
-                      database_url=f"sqlite+aiosqlite:///{tmp_path / 'cp.db'}")  # fmt: skip
 
 
 def _raw(base: str, method: str, target: str, headers: dict[str, str],
@@ -53,6 +45,7 @@ async def raw(base: str, method: str, target: str, headers: dict[str, str],
     return await anyio.to_thread.run_sync(_raw, base, method, target, headers, body)
 
 
+@pytest.mark.postgres
 async def test_capsule_quota_on_create_and_resume(settings: CPSettings) -> None:
     quota = settings.model_copy(update={"team_capsule_quota": 2})
     async with cluster(quota) as c:
@@ -224,9 +217,9 @@ async def test_buffered_files_share_a_byte_budget(settings: CPSettings) -> None:
     ],
     ids=["count", "size"],
 )
-async def test_multipart_part_headers_are_bounded(sqlite_only: CPSettings, extra: str,
+async def test_multipart_part_headers_are_bounded(settings: CPSettings, extra: str,
                                                   why: str) -> None:  # fmt: skip
-    async with cluster(sqlite_only) as c:
+    async with cluster(settings) as c:
         _, key = await c.user("ann@example.com")
         cid = (await c.create(key))["id"]
         boundary = "b0undary"

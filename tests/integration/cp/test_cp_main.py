@@ -11,12 +11,15 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import PYTHON, free_port
 from tests.integration.cp.process import control_plane
 from tests.integration.cp.process import cp_env as _env
 
 
+@pytest.mark.postgres
+@pytest.mark.fresh_db
 def test_first_start_and_restart(db: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "nestbox"
     port = free_port()
@@ -98,6 +101,7 @@ def _reset_key(env: dict[str, str], *args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.postgres
 def test_admin_reset_key(db: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "nestbox"
     port = free_port()

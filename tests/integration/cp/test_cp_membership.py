@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import anyio
+import pytest
 from sqlalchemy import delete, update
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -18,6 +19,8 @@ from nestbox.controlplane.db.models import ApiKeyRow, TeamMemberRow
 from nestbox.controlplane.settings import CPSettings
 from tests.integration.cp.cluster import Cluster, cluster
 from tests.integration.cp.harness import Account, new_key, signup
+
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
 
 CLOSE_WITHIN_S = 10.0
 POLICY_VIOLATION = 1008

@@ -17,6 +17,8 @@ from nestbox.controlplane.db.base import JSONDoc
 from nestbox.controlplane.db.session import alembic_config
 from nestbox.controlplane.secretbox import SecretBox, host_context, load_secret_key
 
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
+
 HOST_ID = "host-" + "1" * 25
 PLAIN = "nba_" + "ab" * 32
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -35,6 +37,7 @@ def _hosts(conn: Connection) -> dict[str, Any]:
     return dict(row.mappings().one())
 
 
+@pytest.mark.fresh_db
 async def test_plaintext_tokens_are_sealed_and_opened_again(db: str, tmp_path: Path) -> None:
     database = Database(db)
     try:

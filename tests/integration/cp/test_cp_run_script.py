@@ -1,5 +1,5 @@
-"""`make run`'s recovery (scripts/run.py), against a real `nestbox-cp` process (SQLite and
-PostgreSQL), without QEMU: a saved admin key that no longer works is replaced through
+"""`make run`'s recovery (scripts/run.py), against a real `nestbox-cp` process (SQLite),
+without QEMU: a saved admin key that no longer works is replaced through
 `nestbox-cp admin reset-key`; the agent's saved credentials are moved aside only when the
 control plane says their host does not exist, never because of the launcher's own auth failure.
 """

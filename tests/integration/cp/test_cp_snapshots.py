@@ -1,13 +1,17 @@
-"""Snapshot templates through the public API (fake agents; SQLite and PostgreSQL)."""
+"""Snapshot templates through the public API (fake agents; the main flow on PostgreSQL
+too)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
+
 from nestbox.controlplane.settings import CPSettings
 from tests.integration.cp.cluster import cluster
 
 
+@pytest.mark.postgres
 async def test_snapshot_then_capsules_from_it(settings: CPSettings) -> None:
     async with cluster(settings, hosts=2) as c:
         _, key = await c.user("ann@example.com")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import pytest
 from sqlalchemy import update
 
 from nestbox.controlplane.app import create_app
@@ -18,6 +19,8 @@ from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from tests.integration.cp.cluster import Cluster, cluster
 from tests.integration.cp.harness import running
+
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
 
 LONG_AGO = timedelta(minutes=5)
 

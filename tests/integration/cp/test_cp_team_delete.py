@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import anyio
 import httpx
+import pytest
 
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from tests.integration.cp.cluster import cluster
 from tests.integration.cp.harness import Account, signup
+
+pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
 
 
 async def _team_with_key(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.cp.harness import Account, RunningCP, new_key, signup
 
 
@@ -33,6 +35,7 @@ async def test_another_teams_resources_are_not_found(cp: RunningCP) -> None:
     assert r.status_code == 200
 
 
+@pytest.mark.postgres
 async def test_team_lifecycle_and_roles(cp: RunningCP) -> None:
     owner = await signup(cp.client, "o@example.org", "Owner")
     admin = await signup(cp.client, "a@example.org", "Admin")
@@ -117,6 +120,7 @@ async def test_team_lifecycle_and_roles(cp: RunningCP) -> None:
     assert [m["user_id"] for m in members.json()] == [owner.user_id]
 
 
+@pytest.mark.postgres
 async def test_deleting_a_team_revokes_its_keys(cp: RunningCP) -> None:
     owner = await signup(cp.client, "del@example.org")
     created = await cp.client.post("/v1/teams", json={"name": "Temp"}, headers=owner.headers)
@@ -141,6 +145,7 @@ async def test_team_creation_needs_a_session(cp: RunningCP) -> None:
     assert bad.status_code == 400
 
 
+@pytest.mark.postgres
 async def test_user_search_finds_teammates_or_an_exact_email(cp: RunningCP) -> None:
     owner = await signup(cp.client, "searcher@example.org")
     mate = await signup(cp.client, "findme-mate@example.org")

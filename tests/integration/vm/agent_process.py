@@ -188,7 +188,7 @@ class Rpc:
         return {c.capsule_id: c for c in response.capsules}
 
 
-def agent_leftovers(settings: AgentSettings, within: float = 15.0) -> dict[str, list[str]]:
+def agent_leftovers(settings: AgentSettings, within: float = 30.0) -> dict[str, list[str]]:
     """What this agent made and did not remove: `conftest.leftovers` narrowed to the agent's
     own names, so that another test session running at the same time does not count. The
     agent removes a slot's network in the background after a pause or destroy: this waits up

@@ -11,6 +11,10 @@ directory holding vmlinux, initramfs.cpio.gz and rootfs.ext4 (for debugging a gu
 Slots use test-only ranges (10.233/16 for veths, 10.234/16 for capsule addresses), blackholed
 while the tests run and un-blackholed after, and an agent id unique to the session, so nothing
 here can touch a real agent's capsules. `leftovers()` lists everything of ours on the host.
+
+The session fixtures themselves (`vm_settings`, `guest_image`, `minimal_template`) are in
+`session.py`, registered by `tests/conftest.py`, so the VM tier and the end-to-end tier
+(`tests/e2e`) share one template per session.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,8 +32,6 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from nestbox.hostagent.image.cache import find_image
-from nestbox.hostagent.image.layout import GuestImage
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem
@@ -87,78 +88,6 @@ class BootInfo:
     capsule_id: str
     boot_ms: int
     uname: str
-
-
-@pytest.fixture(scope="session")
-def vm_settings() -> Iterator[AgentSettings]:
-    reason = vm_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    # A short path: QMP sockets live under it and unix socket paths max out at 107 bytes.
-    data_dir = Path(tempfile.mkdtemp(prefix="nbvm-", dir="/tmp"))
-    existing = sh("ip", "route", "show", "type", "blackhole")
-    settings = AgentSettings(
-        data_dir=data_dir,
-        image_cache=AgentSettings().images_dir,
-        agent_id=AGENT_ID,
-        slot_cidr=SLOT_CIDR,
-        veth_cidr=VETH_CIDR,
-        slot_first=SLOT_FIRST,
-        slot_count=40,
-        accel="auto",
-    )
-    try:
-        yield settings
-    finally:
-        _kill_our_qemus(data_dir)
-        from nestbox.hostagent.network import cleanup_leftovers
-
-        anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
-        remove_cgroups(settings)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        for cidr in (SLOT_CIDR, VETH_CIDR):
-            if cidr not in existing:
-                subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def guest_image(vm_settings: AgentSettings) -> GuestImage:
-    override = os.environ.get("NESTBOX_TEST_GUEST_DIR")
-    if override:
-        d = Path(override)
-        return GuestImage(
-            "test-" + d.name, d / "vmlinux", d / "initramfs.cpio.gz", d / "rootfs.ext4"
-        )
-    image = find_image(vm_settings)
-    if image is None:
-        pytest.fail(
-            f"no guest image for the current sources in {vm_settings.images_dir}: "
-            "run 'nestbox-agent image build' (or the image tests) first"
-        )
-    return image
-
-
-@pytest.fixture(scope="session")
-def minimal_template(
-    vm_settings: AgentSettings, guest_image: GuestImage
-) -> tuple[Template, BootInfo]:
-    """The session's `minimal` template: one cold boot, `uname -a` through envd, snapshot."""
-
-    async def build() -> tuple[Template, BootInfo]:
-        async with VmRuntime.open(vm_settings, RealSystem()) as rt:
-            try:
-                started = anyio.current_time()
-                capsule = await rt.boot(guest_image, template_id="minimal", ram_shared=True)
-                boot_ms = round((anyio.current_time() - started) * 1000)
-                uname = await capsule.envd.run("uname", "-a")
-                assert uname.exit_code == 0, uname
-                template = await rt.snapshot_template(capsule.id, "minimal")
-            finally:
-                await rt.destroy_all()
-        info = BootInfo(capsule.id, boot_ms, uname.stdout.decode())
-        return template, info
-
-    return anyio.run(build)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from tests.conftest import eventually
 from tests.integration.vm.agent_process import agent_leftovers, reset_agent
 
 if TYPE_CHECKING:
@@ -321,28 +322,51 @@ async def test_pause_resume_template_and_states(agent: AgentProcess) -> None:
     assert_clean(agent)
 
 
+IDLE_S = 5
+"""The idle timeout of `kept` and `idle` below (the test agent's reaper runs every 0.5 s)."""
+
+
 async def test_idle_capsule_is_auto_paused(agent: AgentProcess) -> None:
+    """`idle` is auto-paused once its timeout has passed; `kept`, made before it with the same
+    timeout, is pinged meanwhile: had pings not counted, the reaper would have paused it in
+    the same sweep as `idle` or an earlier one, so the end of the wait closes the window."""
     async with agent.connect() as rpc:
         await rpc.list_capsules(pb.ListCapsulesRequest())  # drain earlier auto-pauses
         never = (await rpc.create(idle_timeout_sec=0)).capsule_id
-        kept = (await rpc.create(idle_timeout_sec=3)).capsule_id
-        idle = (await rpc.create(idle_timeout_sec=3)).capsule_id
-        started = time.monotonic()  # `kept` is pinged from now on, every 0.5 s
-        auto: list[str] = []
-        with anyio.fail_after(30):
-            while idle not in auto:
+        kept = (await rpc.create(idle_timeout_sec=IDLE_S)).capsule_id
+        gaps = [time.monotonic()]  # the longest a ping could have left `kept` untouched
+
+        async def keep_alive() -> None:
+            last = gaps.pop()
+            while True:
+                sent = time.monotonic()
                 await rpc.ping_capsule(pb.PingCapsuleRequest(capsule_id=kept))
-                listed = await rpc.list_capsules(pb.ListCapsulesRequest())
-                auto += listed.auto_paused_ids
-                await anyio.sleep(0.5)
-        waited = time.monotonic() - started
-        assert 2.5 <= waited < 15, waited
+                gaps.append(time.monotonic() - last)
+                last = sent
+                await anyio.sleep(0.2)
+
+        auto: list[str] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_alive)
+            before = time.monotonic()  # `idle`'s last activity (its create) is after this
+            idle = (await rpc.create(idle_timeout_sec=IDLE_S)).capsule_id
+            with anyio.fail_after(60):
+                while idle not in auto:
+                    auto += (await rpc.list_capsules(pb.ListCapsulesRequest())).auto_paused_ids
+                    await anyio.sleep(0.2)
+            waited = time.monotonic() - before
+            tg.cancel_scope.cancel()
+        assert waited >= IDLE_S, waited  # not before its timeout
+        # The premise: `kept` was never left alone for its timeout (only a stalled machine
+        # breaks it, and then the states below would say nothing about the reaper).
+        assert max(gaps) < IDLE_S - 1, f"`kept` went {max(gaps):.1f} s without a ping"
         states = {c.capsule_id: c.state for c in (await rpc.list_capsules(
             pb.ListCapsulesRequest())).capsules}  # fmt: skip
         assert states == {idle: PAUSED, kept: RUNNING, never: RUNNING}
         assert auto == [idle]
         assert (await rpc.list_capsules(pb.ListCapsulesRequest())).auto_paused_ids == []
-        print(f"auto-paused {waited:.1f} s after the last activity (timeout 3 s)")
+        print(f"auto-paused {waited:.1f} s after its create began (timeout {IDLE_S} s); "
+              f"longest ping gap {max(gaps):.2f} s")  # fmt: skip
         await destroy_all(rpc)
     assert_clean(agent)
 
@@ -350,10 +374,12 @@ async def test_idle_capsule_is_auto_paused(agent: AgentProcess) -> None:
 async def test_metrics_ping_and_agent_ping(agent: AgentProcess) -> None:
     async with agent.connect() as rpc:
         cid = (await rpc.create()).capsule_id
-        await anyio.sleep(2.5)
-        points = (await rpc.get_capsule_metrics(
-            pb.GetCapsuleMetricsRequest(capsule_id=cid))).points  # fmt: skip
-        assert len(points) >= 1
+
+        async def sampled() -> list[pb.MetricPoint]:  # the sampler's first point, ~1 s in
+            request = pb.GetCapsuleMetricsRequest(capsule_id=cid)
+            return list((await rpc.get_capsule_metrics(request)).points)
+
+        points = await eventually(sampled, what="a metrics point")
         assert points[-1].mem_bytes > 10 << 20
         assert points[-1].disk_bytes > 0
         pong = await rpc.ping(pb.PingRequest())

@@ -131,8 +131,9 @@ async def background(rpc: Rpc, cid: str, script: str, tag: str) -> int:
     return started.pid
 
 
-async def wait_http(http: httpx.AsyncClient, url: str, within: float = 20.0) -> httpx.Response:
-    """GET `url` until it answers 200 (envd forwards a new guest port within about 1 s)."""
+async def wait_http(http: httpx.AsyncClient, url: str, within: float = 60.0) -> httpx.Response:
+    """GET `url` until it answers 200 (envd forwards a new guest port within about 1 s of its
+    server listening; a Python server takes seconds to start in a TCG guest on a busy host)."""
     with anyio.fail_after(within):
         while True:
             r = await http.get(url)
@@ -162,7 +163,7 @@ async def test_proxy_http_redirect_websocket_and_pause(agent: AgentProcess) -> N
                                                  content=WS_ECHO.encode()))  # fmt: skip
         await background(rpc, cid, "exec python3 /root/wsecho.py 8765", "ws")
         ws_url = f"ws://127.0.0.1:{agent.port}/proxy/{cid}/8765/"
-        with anyio.fail_after(20):
+        with anyio.fail_after(60):
             while True:
                 try:
                     ws = await ws_connect(ws_url, additional_headers=agent.proxy_headers())
@@ -324,40 +325,44 @@ async def test_sigterm_pauses_running_capsules_and_terminate(agent: AgentProcess
 
 
 async def test_request_head_timeout_and_keepalive(agent: AgentProcess) -> None:
-    def closed_within(sock: socket.socket, seconds: float) -> float | None:
-        """Seconds until the agent closed `sock`, or None if it stayed open."""
-        sock.settimeout(seconds)
-        started = time.monotonic()
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            return None
-        assert data == b""
-        return time.monotonic() - started
-
     def response(sock: socket.socket) -> bytes:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
         data = b""
         while not data.endswith(b'"ok"}'):
             data += sock.recv(4096)
         return data
 
-    def exchange() -> tuple[float | None, float | None, bytes]:
-        with socket.create_connection(("127.0.0.1", agent.port)) as slow:
-            slow.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n")  # never finished
-            slow_closed = closed_within(slow, HEADER_TIMEOUT_S + 3)
-        with socket.create_connection(("127.0.0.1", agent.port)) as kept:
-            kept.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
-            first = response(kept)
-            idle_closed = closed_within(kept, HEADER_TIMEOUT_S + 2)  # idle keep-alive: stays
-            kept.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
-            second = response(kept)
-        assert first.startswith(b"HTTP/1.1 200")
-        return slow_closed, idle_closed, second
+    def closed_at(sock: socket.socket) -> float:
+        """`time.monotonic()` once the agent has closed `sock` (a hang fails the test)."""
+        sock.settimeout(HEADER_TIMEOUT_S + 30)
+        assert sock.recv(4096) == b""
+        return time.monotonic()
 
-    slow_closed, idle_closed, second = await anyio.to_thread.run_sync(exchange)
-    assert slow_closed is not None
-    assert HEADER_TIMEOUT_S - 0.5 < slow_closed < HEADER_TIMEOUT_S + 2
-    assert idle_closed is None
+    def still_open(sock: socket.socket) -> bool:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) != b""
+        except BlockingIOError:
+            return True
+        finally:
+            sock.setblocking(True)
+
+    def exchange() -> tuple[bytes, float, bool, bytes]:
+        with socket.create_connection(("127.0.0.1", agent.port)) as kept:
+            first = response(kept)  # answered: idle on a kept-alive connection from now on
+            before = time.monotonic()  # the slow connection's head timer starts after this
+            with socket.create_connection(("127.0.0.1", agent.port)) as slow:
+                slow.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n")  # never finished
+                slow_s = closed_at(slow) - before
+            # A head timer armed on `kept` (idle since before `slow` connected) would have
+            # fired first: it must still be open, and still serve.
+            return first, slow_s, still_open(kept), response(kept)
+
+    first, slow_s, kept_open, second = await anyio.to_thread.run_sync(exchange)
+    assert first.startswith(b"HTTP/1.1 200")
+    # Closed by the head timeout: not before it; the upper bound only catches a much longer one.
+    assert HEADER_TIMEOUT_S <= slow_s < HEADER_TIMEOUT_S + 10
+    assert kept_open  # idle keep-alive: the keep-alive timeout (620 s) applies, not this one
     assert second.startswith(b"HTTP/1.1 200")
 
 

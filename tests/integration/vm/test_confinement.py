@@ -35,7 +35,7 @@ MiB = 1 << 20
 
 
 async def sh(capsule: Capsule, script: str) -> str:
-    result = await capsule.envd.run("sh", "-c", script)
+    result = await capsule.envd.exec("sh", ["-c", script], timeout_s=None)
     assert result.exit_code == 0, result
     return result.stdout.decode()
 

@@ -357,7 +357,8 @@ async def test_rate_limit_shapes_what_the_guest_sends(clean: None) -> None:
             token, size, seconds = (await probe(None, net.host_address, GUEST_PORT)).split()
         assert token.startswith("x")
         assert int(size) == 3_000_000
-        assert 1.5 < float(seconds) < 10, seconds
+        # The lower bound is the point (shaped); the upper one only catches a far lower rate.
+        assert 1.5 < float(seconds) < 60, seconds
 
 
 async def test_slot_netns_settings(clean: None) -> None:
@@ -366,11 +367,12 @@ async def test_slot_netns_settings(clean: None) -> None:
         assert "qlen 5000" in sh("ip", "-n", net.netns, "link", "show", "tap0")
         sysctl = ("ip", "netns", "exec", net.netns, "sysctl", "-n")
         assert sh(*sysctl, "net.ipv4.ip_forward") == "1\n"
-        if HAVE_IPV6:
-            for conf in ("all", "default", "lo", "tap0", "veth0"):
-                assert sh(*sysctl, f"net.ipv6.conf.{conf}.disable_ipv6") == "1\n", conf
-            assert sh("ip", "-n", net.netns, "-6", "addr", "show") == ""
         assert sh("ip", "-n", net.netns, "route", "show", "default") == ""
+        if not HAVE_IPV6:  # said, not silently passed: a failure under NESTBOX_REQUIRE_ALL
+            pytest.skip("this host has no IPv6: the netns's IPv6 settings were not checked")
+        for conf in ("all", "default", "lo", "tap0", "veth0"):
+            assert sh(*sysctl, f"net.ipv6.conf.{conf}.disable_ipv6") == "1\n", conf
+        assert sh("ip", "-n", net.netns, "-6", "addr", "show") == ""
 
 
 @pytest.mark.timeout(300)

@@ -131,7 +131,7 @@ async def test_a_warm_slot_is_used_then_refilled(vm: AgentSettings) -> None:
         refilled = [lease.slot for lease in runtime.networks.ready()]
         assert len(refilled) == vm.warm_slots
         assert warm[0] not in refilled  # a warm slot serves one capsule and is never reused
-        result = await capsule.envd.run("true")
+        result = await capsule.envd.exec("true", timeout_s=None)
         assert result.exit_code == 0
         # Egress capsules never take a warm slot (theirs is built for them).
         [outgoing] = await runtime.clone("minimal", egress=True)

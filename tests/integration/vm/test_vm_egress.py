@@ -81,7 +81,9 @@ async def test_guest_without_egress_reaches_nothing(vm: AgentSettings, decoy: st
         try:
             probe = PROBE.format(port=PORT)
             for target in (DECOY, net.veth_host_ip, "169.254.0.22", "10.230.0.1"):
-                result = await capsule.envd.run("timeout", "5", "python3", "-c", probe, target)
+                result = await capsule.envd.exec(
+                    "timeout", ["5", "python3", "-c", probe, target], timeout_s=None
+                )
                 out = result.stdout.decode()
                 assert out.startswith("blocked"), (target, out, result.stderr)
             # ...while the host reaches the guest (envd), and the decoy is really up

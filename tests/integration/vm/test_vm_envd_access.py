@@ -96,8 +96,8 @@ async def test_two_clones_get_their_own_tokens(vm: AgentSettings) -> None:
 
         await anyio.to_thread.run_sync(check)
         # The agent's own clients carry the new tokens.
-        assert (await a.envd.run("true")).exit_code == 0
-        assert (await b.envd.run("true")).exit_code == 0
+        assert (await a.envd.exec("true", timeout_s=None)).exit_code == 0
+        assert (await b.envd.exec("true", timeout_s=None)).exit_code == 0
 
 
 async def test_every_resume_sets_a_new_token(vm: AgentSettings) -> None:
@@ -117,7 +117,7 @@ async def test_every_resume_sets_a_new_token(vm: AgentSettings) -> None:
             assert await anyio.to_thread.run_sync(accepts, capsule, token)
             for old in seen:
                 assert not await anyio.to_thread.run_sync(accepts, capsule, old)
-            assert (await capsule.envd.run("true")).exit_code == 0
+            assert (await capsule.envd.exec("true", timeout_s=None)).exit_code == 0
             seen.append(token)
 
 
@@ -150,7 +150,9 @@ def probe_from_netns(netns: str, host: str, port: int, timeout: float = 2.0) -> 
 
 
 async def probe_from_guest(capsule: Capsule, host: str, port: int, wait: float = 3.0) -> str:
-    result = await capsule.envd.run("python3", "-c", PROBE, host, str(port), str(wait))
+    result = await capsule.envd.exec(
+        "python3", ["-c", PROBE, host, str(port), str(wait)], timeout_s=None
+    )
     assert result.exit_code == 0, result
     return result.stdout.decode().strip()
 
@@ -176,8 +178,14 @@ async def test_envd_only_from_the_host_side_and_no_ipv6(vm: AgentSettings) -> No
         assert sh("ip", "-n", netns, "-6", "addr", "show") == ""
         # A dual-stack server in the guest, and the guest's own link-local address.
         start = 'python3 -c "$SERVE" > /dev/null 2>&1 &'
-        assert (await capsule.envd.run("sh", "-c", start, envs={"SERVE": SERVE})).exit_code == 0
-        out = (await capsule.envd.run("ip", "-6", "-o", "addr", "show", "dev", "eth0")).stdout
+        assert (
+            await capsule.envd.exec("sh", ["-c", start], envs={"SERVE": SERVE}, timeout_s=None)
+        ).exit_code == 0
+        out = (
+            await capsule.envd.exec(
+                "ip", ["-6", "-o", "addr", "show", "dev", "eth0"], timeout_s=None
+            )
+        ).stdout
         words = out.decode().split()
         guest_ll = words[words.index("inet6") + 1].split("/")[0]
         assert guest_ll.startswith("fe80:"), out

@@ -1,6 +1,7 @@
-"""The agent's client of each capsule's envd (supersedes `hostagent/envd_client.py`).
+"""The agent's one client of each capsule's envd: one `CapsuleEnvd` per running capsule.
 
-client.py     CapsuleEnvd: lifecycle calls (health, /init, /snapshot/prepare, metrics) + mixins
+client.py     CapsuleEnvd: lifecycle calls (/init, health, /snapshot/prepare, metrics) + mixins;
+              init_request, new_access_token, envd_url
 process.py    exec, exec_stream, background processes, list, signals, stdin, connect
 pty.py        terminals: attach (new or by tag), input, resize, kill
 files.py      streamed and whole file transfers; stat, list, mkdir, remove, move
@@ -11,8 +12,12 @@ errors.py     EnvdCallError and its subclasses with stable wire codes
 
 from __future__ import annotations
 
-from nestbox.hostagent.envd_client import init_request
-from nestbox.hostagent.envdconn.client import CapsuleEnvd
+from nestbox.hostagent.envdconn.client import (
+    CapsuleEnvd,
+    envd_url,
+    init_request,
+    new_access_token,
+)
 from nestbox.hostagent.envdconn.events import (
     EVENT_QUEUE,
     Ended,
@@ -39,5 +44,7 @@ __all__ = [
     "PoolSettings",
     "ProcessView",
     "Started",
+    "envd_url",
     "init_request",
+    "new_access_token",
 ]

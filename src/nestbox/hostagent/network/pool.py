@@ -36,10 +36,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from nestbox.hostagent.capsule import TeardownError
 from nestbox.hostagent.network.setup import open_slot_network
 from nestbox.hostagent.network.slots import NoFreeSlot, SlotPoolStatistics
-from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
+from nestbox.hostagent.undo import TeardownError, UndoStack, unwind, unwind_after_failure
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup

@@ -14,6 +14,7 @@ from nestbox.hostagent.vmm.base import (
     VmHandle,
     VmLaunchError,
     VmSpec,
+    VmStats,
 )
 from nestbox.hostagent.vmm.qemu import QemuHypervisor
 
@@ -30,5 +31,6 @@ __all__ = [
     "VmHandle",
     "VmLaunchError",
     "VmSpec",
+    "VmStats",
     "choose_accel",
 ]

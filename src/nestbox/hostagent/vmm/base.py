@@ -2,7 +2,11 @@
 
 `VmSpec` says what to run, `VmHandle` is one running VMM process, and `Hypervisor` is the
 Protocol a driver (`qemu.QemuHypervisor` today, Firecracker on bare-metal KVM hosts later)
-implements. Errors raised by drivers are the `VmError` tree below:
+implements. Its verbs are what a VMM offers either way: launch, restore, save, cancel a save,
+pause and resume the vCPUs, adopt a VMM an earlier agent run launched, kill, supervise, and
+per-VM stats. How a driver talks to its VMM (QEMU's QMP, Firecracker's API socket) is its own
+business: a handle shows callers its spec and pid only. Errors raised by drivers are the
+`VmError` tree below:
 
     VmError
     ├── VmLaunchError      the VMM process did not start or died before its API answered
@@ -22,12 +26,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nestbox.hostagent.vmm.process import VmProcess
-    from nestbox.hostagent.vmm.qmp import QmpClient
 
 Accel = Literal["kvm", "tcg"]
 DiskFormat = Literal["raw", "qcow2"]
 LaunchHook = Callable[[int], Awaitable[None]]
-"""Called with the VMM's pid as soon as the process exists (`Hypervisor.start`)."""
+"""Called with the VMM's pid as soon as the process exists (`Hypervisor.launch`)."""
 
 UNIX_PATH_MAX = 107
 """`sun_path` holds 108 bytes including the terminating NUL."""
@@ -143,19 +146,13 @@ class VmSpec:
         return self.run_dir / "vmm.log"
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class VmHandle:
-    """One running VMM process and its API connection."""
+    """One running VMM process, as its driver launched or adopted it. Callers see what was run
+    (`spec`) and the process (`pid`); drivers subclass it with what they talk to the VMM over."""
 
     spec: VmSpec
-    process: VmProcess
-    qmp: QmpClient
-    save_set_up: bool | None = None
-    """The `ignore_shared` that `Hypervisor.prepare_save` set up the next save for, if any."""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,21 +163,38 @@ class SaveResult:
     """The state file's size (small when the RAM stayed in a shared file)."""
 
 
+@dataclass(frozen=True, slots=True)
+class VmStats:
+    """What the host sees a VMM use (`Hypervisor.stats`), for the metrics sampler."""
+
+    cpu_s: float
+    """CPU time (user + system) of the VMM process since it started, all its threads."""
+    rss_bytes: int
+    """The VMM process's resident memory (guest RAM it touched, and its own)."""
+
+
 class Hypervisor(Protocol):
     """A VMM driver. The caller sets deadlines (`anyio.fail_after`) around every call."""
 
     @property
     def accel(self) -> Accel: ...
 
-    async def start(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
+    async def launch(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
         """Launch the VMM and return once its API answers (the guest runs unless
         `spec.incoming`). `on_launch(pid)` is awaited as soon as the process exists, before
         anything waits on it (the agent records the pid there, so a crash cannot orphan the
         VMM); if it raises, the VMM is killed. :raise VmLaunchError:"""
         ...
 
+    async def adopt(self, spec: VmSpec, process: VmProcess) -> VmHandle:
+        """Take back a VMM that an earlier agent run launched with `spec` (start-up recovery):
+        `process` holds it (a pidfd opened before it was identified); its API is reconnected.
+        The guest is left as it is found (see `resume`, `cancel_save`).
+        :raise VmError: its API does not answer."""
+        ...
+
     async def restore(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> None:
-        """Load `state_file` into a VM started with `incoming=True`, then run it.
+        """Load `state_file` into a VM launched with `incoming=True`, then run it.
         :raise MigrationFailed: :raise VmExited:"""
         ...
 
@@ -189,9 +203,24 @@ class Hypervisor(Protocol):
         it may run alongside the guest's own preparation). Optional: `save` does it if not."""
         ...
 
+    async def pause(self, vm: VmHandle) -> None:
+        """Stop the guest's vCPUs (the VMM and the guest's memory stay). :raise VmError:"""
+        ...
+
+    async def resume(self, vm: VmHandle) -> None:
+        """Let a paused guest run again (nothing happens to a running one). :raise VmError:"""
+        ...
+
     async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:
-        """Stop the guest and write its device state (and RAM, unless `ignore_shared` and the
-        RAM is a shared file) to `state_file`. The VM stays stopped. :raise MigrationFailed:"""
+        """Write a paused guest's device state (and RAM, unless `ignore_shared` and the RAM is
+        a shared file) to `state_file`; return once every byte is in it. The VM stays paused.
+        :raise MigrationFailed: :raise VmExited:"""
+        ...
+
+    async def cancel_save(self, vm: VmHandle) -> None:
+        """Abandon a save that failed, was interrupted or may still be writing (waiting until
+        the VMM stopped writing), and let the guest run again: whatever state a save left the
+        VM in, afterwards it runs. :raise VmError:"""
         ...
 
     async def kill(self, vm: VmHandle) -> int | None:
@@ -202,5 +231,10 @@ class Hypervisor(Protocol):
     async def supervise(self, vm: VmHandle) -> int | None:
         """Wait for the VMM to exit on its own, keeping its output bounded meanwhile (the
         guest's serial log); return its exit status (None for an adopted VMM). Run by the
-        capsule's exit watcher."""
+        capsule's exit watcher, and raced against envd's readiness after a launch."""
+        ...
+
+    def stats(self, vm: VmHandle) -> VmStats | None:
+        """What the VMM uses now (a few /proc reads; no call into the VMM), or None once it is
+        gone."""
         ...

@@ -5,7 +5,8 @@ agent does not take the guests down with it, and it is *not* an asyncio subproce
 kills its children when their transport is closed, which is exactly what must not happen.
 Exit is observed through a pidfd (Linux >= 5.3), which works for our own children and for
 processes adopted from an earlier agent run alike, and signals go through the same pidfd, so a
-recycled pid can never be hit.
+recycled pid can never be hit. What a VMM uses (CPU time, resident memory) is read from /proc
+(`stats`), never asked of the VMM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from nestbox.hostagent.vmm.base import VmLaunchError
+from nestbox.hostagent.vmm.base import VmLaunchError, VmStats
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 4096
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class VmProcess:
@@ -101,6 +103,16 @@ class VmProcess:
         self.send_signal(signal.SIGKILL)
         return await self.wait_exit()
 
+    def stats(self) -> VmStats | None:
+        """CPU time and resident memory from /proc, or None once the process has exited (its
+        pid may then be another process's)."""
+        if not self.is_running():
+            return None
+        ticks = cpu_ticks(self.pid)
+        if ticks is None:
+            return None
+        return VmStats(cpu_s=ticks / CLOCK_TICKS, rss_bytes=rss_bytes(self.pid))
+
     def output_tail(self) -> str:
         """The last few KiB the VMM wrote to stdout/stderr, for error messages."""
         try:
@@ -156,3 +168,27 @@ def launch(command: list[str], *, output_log: Path) -> VmProcess:
         ) from err
     log.debug("VMM started", extra={"pid": popen.pid})
     return VmProcess(popen.pid, command, output_log, popen)
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of `pid` (all its threads) in clock ticks, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_bytes(pid: int) -> int:
+    """`pid`'s resident set (VmRSS), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

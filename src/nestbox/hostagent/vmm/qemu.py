@@ -1,4 +1,5 @@
-"""The QEMU `microvm` driver: command line, launch, snapshot (save) and restore over QMP.
+"""The QEMU `microvm` driver: command line, launch and adoption, and over QMP (which nothing
+outside this driver sees) pause (`stop`), resume (`cont`), snapshot (save, cancel) and restore.
 
 Snapshots are outgoing migrations into a file and restores incoming migrations from one
 (QEMU 7.2 has no `file:` URI). Both go through `fd:` with the file descriptor passed over the
@@ -18,8 +19,10 @@ arrives as a file descriptor over QMP. Its serial log is kept bounded while it r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,19 +33,23 @@ from nestbox.hostagent.vmm.base import (
     LaunchHook,
     MigrationFailed,
     SaveResult,
+    VmError,
     VmExited,
     VmHandle,
     VmLaunchError,
     VmSpec,
+    VmStats,
 )
 from nestbox.hostagent.vmm.confine import Confinement
 from nestbox.hostagent.vmm.qmp import QmpClient
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.vmm.accel import AccelChoice
+    from nestbox.hostagent.vmm.process import VmProcess
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,18 @@ POLL_S = 0.002
 no blocking wait, and a capsule's start, restore and pause wait on these polls."""
 MAX_BANDWIDTH = 64 << 30
 """Bytes/s. QEMU 7.2 defaults to 128 MiB/s, which makes a file snapshot 8x slower."""
+MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+"""`query-migrate` statuses of a migration still under way."""
+
+
+@dataclass(eq=False, slots=True)
+class QemuVm(VmHandle):
+    """A QEMU process and its QMP session, which only this driver talks over."""
+
+    process: VmProcess
+    qmp: QmpClient
+    save_set_up: bool | None = None
+    """The `ignore_shared` that `prepare_save` set the next save up for, if any."""
 
 
 class QemuHypervisor:
@@ -126,7 +145,7 @@ class QemuHypervisor:
             argv = ["ip", "netns", "exec", spec.netns, *argv]
         return argv
 
-    async def start(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
+    async def launch(self, spec: VmSpec, *, on_launch: LaunchHook | None = None) -> VmHandle:
         spec.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in (spec.qmp_socket, spec.pidfile):
             stale.unlink(missing_ok=True)
@@ -153,63 +172,103 @@ class QemuHypervisor:
                 await self._release(spec)
             raise
         _check_pidfile(spec, proc)
-        return VmHandle(spec=spec, process=proc, qmp=qmp)
+        return QemuVm(spec=spec, pid=proc.pid, process=proc, qmp=qmp)
+
+    async def adopt(self, spec: VmSpec, process: VmProcess) -> VmHandle:
+        try:
+            qmp = await QmpClient.connect(spec.qmp_socket)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as err:
+            raise VmError(f"the VM's QMP socket does not answer: {err!r}") from err
+        return QemuVm(spec=spec, pid=process.pid, process=process, qmp=qmp)
 
     async def restore(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> None:
+        q = _qemu(vm)
         fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await _set_ignore_shared(vm.qmp, ignore_shared)
-            await vm.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
-            await vm.qmp.execute("migrate-incoming", {"uri": "fd:state"})
-            status = await _wait_incoming(vm.qmp)
+            await _set_ignore_shared(q.qmp, ignore_shared)
+            await q.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
+            await q.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+            status = await _wait_incoming(q.qmp)
             if status != "paused":
                 raise MigrationFailed("restore", status, "the guest did not end paused")
-            await vm.qmp.execute("cont")
+            await q.qmp.execute("cont")
         except (anyio.EndOfStream, anyio.BrokenResourceError) as err:
             # A failed incoming migration makes QEMU exit; its output says why.
-            await vm.process.wait_exit()
-            raise MigrationFailed("restore", "exited", vm.process.output_tail()) from err
+            await q.process.wait_exit()
+            raise MigrationFailed("restore", "exited", q.process.output_tail()) from err
         finally:
             os.close(fd)
 
     async def prepare_save(self, vm: VmHandle, *, ignore_shared: bool) -> None:
-        vm.save_set_up = None
-        await _set_ignore_shared(vm.qmp, ignore_shared)
-        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        vm.save_set_up = ignore_shared
+        q = _qemu(vm)
+        q.save_set_up = None
+        async with _exits_as_error(q):
+            await _set_ignore_shared(q.qmp, ignore_shared)
+            await q.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        q.save_set_up = ignore_shared
+
+    async def pause(self, vm: VmHandle) -> None:
+        q = _qemu(vm)
+        async with _exits_as_error(q):
+            await q.qmp.execute("stop")
+
+    async def resume(self, vm: VmHandle) -> None:
+        q = _qemu(vm)
+        async with _exits_as_error(q):
+            status: str = (await q.qmp.execute("query-status"))["status"]
+            if status != "running":
+                log.info("continuing a VM found %s", status, extra={"pid": q.pid})
+                await q.qmp.execute("cont")
 
     async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:
+        q = _qemu(vm)
         fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            if vm.save_set_up is not ignore_shared:
-                await self.prepare_save(vm, ignore_shared=ignore_shared)
-            vm.save_set_up = None
-            await vm.qmp.execute("stop")
-            await vm.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
-            await vm.qmp.execute("migrate", {"uri": "fd:state"})
-            await _wait_migration(vm.qmp)
+            async with _exits_as_error(q):
+                if q.save_set_up is not ignore_shared:
+                    await self.prepare_save(q, ignore_shared=ignore_shared)
+                q.save_set_up = None
+                await q.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
+                await q.qmp.execute("migrate", {"uri": "fd:state"})
+                await _wait_migration(q.qmp)
             size = os.fstat(fd).st_size
-        except (anyio.EndOfStream, anyio.BrokenResourceError) as err:
-            code = await vm.process.wait_exit()
-            raise VmExited(vm.pid, code, vm.process.output_tail()) from err
         finally:
             os.close(fd)
         return SaveResult(state_bytes=size)
 
+    async def cancel_save(self, vm: VmHandle) -> None:
+        # A migration may still be writing, or may have completed into a file the caller will
+        # never use: either way it is cancelled (waited for) and `cont` also takes the disk
+        # back from a completed one.
+        q = _qemu(vm)
+        async with _exits_as_error(q):
+            migration: dict[str, Any] = await q.qmp.execute("query-migrate")
+            if migration.get("status") in MIGRATING:
+                log.info("cancelling a snapshot under way", extra={"pid": q.pid})
+                await q.qmp.execute("migrate_cancel")
+                while (await q.qmp.execute("query-migrate")).get("status") in MIGRATING:  # noqa: ASYNC110
+                    await anyio.sleep(POLL_S)
+        await self.resume(q)
+
     async def kill(self, vm: VmHandle) -> int | None:
-        code = await vm.process.kill()
-        await vm.qmp.aclose()
-        for path in (vm.spec.qmp_socket, vm.spec.pidfile):
+        q = _qemu(vm)
+        code = await q.process.kill()
+        await q.qmp.aclose()
+        for path in (q.spec.qmp_socket, q.spec.pidfile):
             path.unlink(missing_ok=True)
-        await self._release(vm.spec)
+        await self._release(q.spec)
         return code
 
     async def supervise(self, vm: VmHandle) -> int | None:
+        q = _qemu(vm)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._cap_serial_log, vm.spec.serial_log)
-            code = await vm.process.wait_exit()
+            tg.start_soon(self._cap_serial_log, q.spec.serial_log)
+            code = await q.process.wait_exit()
             tg.cancel_scope.cancel()
         return code
+
+    def stats(self, vm: VmHandle) -> VmStats | None:
+        return _qemu(vm).process.stats()
 
     async def _cap_serial_log(self, path: Path) -> None:
         """Keep the serial log under its cap (`serial.py`): a `stat` per interval."""
@@ -225,6 +284,22 @@ class QemuHypervisor:
             await anyio.to_thread.run_sync(self.confinement.release, spec.name)
         except OSError as err:
             log.error("cannot remove the cgroup of %s: %s", spec.name, err)
+
+
+def _qemu(vm: VmHandle) -> QemuVm:
+    if not isinstance(vm, QemuVm):
+        raise TypeError(f"not a QEMU VM: {vm!r}")
+    return vm
+
+
+@contextlib.asynccontextmanager
+async def _exits_as_error(vm: QemuVm) -> AsyncIterator[None]:
+    """QMP's socket closing (QEMU exited) raised as `VmExited`, with QEMU's last output."""
+    try:
+        yield
+    except (anyio.EndOfStream, anyio.BrokenResourceError) as err:
+        code = await vm.process.wait_exit()
+        raise VmExited(vm.pid, code, vm.process.output_tail()) from err
 
 
 def _memory_backend(spec: VmSpec) -> str:

@@ -2,7 +2,8 @@
 control plane, host agent and QEMU capsules (WRENN_BASE_URL, WRENN_API_KEY).
 
 Prints one JSON document with what each call saw (last line of stdout); the test asserts on it.
-Steps print progress to stderr, so a failure shows how far it got.
+Steps print progress to stderr, so a failure shows how far it got. Nothing waits on the clock:
+what takes time is polled until it holds, with a generous deadline (`until`).
 """
 
 import json
@@ -19,6 +20,18 @@ started = time.monotonic()
 
 def step(name: str) -> None:
     print(f"[{time.monotonic() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
+
+
+def until(check, limit: float = 60.0):  # type: ignore[no-untyped-def]
+    """Poll `check()` until it is truthy or `limit` seconds passed; its last value."""
+    deadline = time.monotonic() + limit
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def ticks(capsule) -> int:  # type: ignore[no-untyped-def]
+    return int(capsule.commands.run("cat /root/ticks 2>/dev/null || echo 0").stdout.strip())
 
 
 def pty_until(term, needle: bytes, limit: float = 30.0) -> bytes:  # type: ignore[no-untyped-def]
@@ -58,12 +71,10 @@ out["stream_exit"] = events[-1].exit_code if events and events[-1].type == "exit
 
 step("background + list + kill")
 handle = capsule.commands.run("sleep 600", background=True, tag="sleeper")
-time.sleep(0.5)
-listed = {p.pid: p.tag for p in capsule.commands.list()}
+listed = {p.pid: p.tag for p in capsule.commands.list()}  # started by the time run() answers
 out["bg_listed"] = listed.get(handle.pid) == "sleeper"
 capsule.commands.kill(handle.pid)
-time.sleep(0.5)
-out["bg_after_kill"] = handle.pid in {p.pid for p in capsule.commands.list()}
+out["bg_after_kill"] = not until(lambda: handle.pid not in {p.pid for p in capsule.commands.list()})
 
 step("files")
 capsule.files.write("/root/hello.txt", "hi there")
@@ -102,7 +113,6 @@ with capsule.pty(cmd="/bin/bash", cols=80, rows=24) as term:
 step("pause + resume")
 capsule.commands.run("echo persisted > /root/persist.txt")
 survivor = capsule.commands.run("sleep 1000", background=True, tag="survivor")
-time.sleep(0.5)
 paused = capsule.pause(wait=True)
 out["paused_status"] = str(paused.status.value)
 try:
@@ -125,15 +135,14 @@ capsule.commands.run(
     background=True,
     tag="ticker",
 )
-time.sleep(1)
+until(lambda: ticks(capsule) >= 2)  # the ticker runs when the snapshot is taken
 template = capsule.create_snapshot(name="e2e-snap")
 out["template"] = {"name": template.name, "type": template.type.value if template.type else None}
 out["after_snapshot_status"] = str(capsule.get_info().status.value)
 step("capsule from the snapshot")
 clone = Capsule(template="e2e-snap", wait=True)
-first = clone.commands.run("cat /root/ticks").stdout.strip()
-time.sleep(1.5)
-second = clone.commands.run("cat /root/ticks").stdout.strip()
+first = ticks(clone)
+second = until(lambda: (n := ticks(clone)) > first and n)  # it goes on counting in the clone
 out["clone_ticks"] = [first, second]
 out["clone_ticker_listed"] = "ticker" in {p.tag for p in clone.commands.list()}
 out["clone_has_file"] = clone.files.read("/root/persist.txt")

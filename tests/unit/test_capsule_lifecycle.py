@@ -1,0 +1,390 @@
+"""The capsule lifecycle (`VmRuntime` over `lifecycle`) against the fakes, in seconds, without
+QEMU or root: create (boot, clone), pause, resume, snapshot_template, destroy, a VM that dies,
+cancellation at every step of create, resume and pause leaving nothing behind, and the per-VM
+stats the metrics sampler uses.
+
+VMs are `FakeHypervisor`'s; each run's envd client is the agent's real `CapsuleEnvd`, talking
+HTTP to a tiny in-process fake envd (`tests/fakes/envd.py`) that keeps envd's token rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from nestbox.hostagent import capsule as cap
+from nestbox.hostagent.capsule import CapsuleState, GuestUnreachable
+from nestbox.hostagent.metrics import MetricsRing, sample_loop
+from nestbox.hostagent.storage import cow
+from nestbox.hostagent.storage import templates as tpl
+from nestbox.hostagent.vmm.base import MigrationFailed, VmStats
+from nestbox.hostagent.vmm.process import VmProcess
+from tests.fakes.envd import FakeGuest
+from tests.fakes.host import NOTHING, FakeHost, fake_host
+
+if TYPE_CHECKING:
+    from nestbox.hostagent.capsule import Capsule
+
+S = CapsuleState
+BOOT_STEPS = ["dir", "disk", "record", "slot", "network", "vmm", "envd", "init"]
+CLONE_STEPS = ["dir", "disk", "record", "slot", "network", "vmm", "restore", "envd", "init"]
+RESUME_STEPS = ["slot", "network", "vmm", "restore", "envd", "init"]
+
+
+def on_disk(host: FakeHost, capsule_id: str) -> dict[str, object]:
+    path = cap.records_dir(host.settings.state_dir) / f"{capsule_id}.json"
+    doc: dict[str, object] = json.loads(path.read_text())
+    return doc
+
+
+async def leftovers(host: FakeHost) -> dict[str, object]:
+    await host.runtime.networks.settle()  # slot networks go in the background
+    return host.leftovers()
+
+
+class CancelAt:
+    """A `StepHook` that cancels `scope` right after `step` (and records every step)."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.scope = anyio.CancelScope()
+        self.seen: list[str] = []
+
+    async def __call__(self, step: str) -> None:
+        self.seen.append(step)
+        if step == self.step:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()
+
+
+# ── create ──────────────────────────────────────────────────────────────────────────────
+
+
+async def test_boot_inits_envd_and_records_the_run(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        seen: list[str] = []
+
+        async def hook(step: str) -> None:
+            seen.append(step)
+
+        capsule = await host.runtime.boot(host.image(), template_id="t", hook=hook)
+        assert seen == BOOT_STEPS
+        vm = host.hypervisor.vm(capsule.id)
+        assert host.hypervisor.verbs() == ["launch"]
+        assert not vm.spec.incoming
+        record = on_disk(host, capsule.id)
+        assert record["state"] == "running"
+        assert (record["pid"], record["slot"]) == (vm.pid, vm.spec.slot)
+        # A cold boot's envd is open: the /init carries no token and sets the capsule's.
+        [init] = vm.guest.inits
+        assert init.token is None
+        assert isinstance(init.body, dict)
+        assert init.body["capsuleId"] == capsule.id
+        assert vm.guest.token == record["access_token"] == init.body["accessToken"]
+        assert record["pending_token"] is None
+        # One client per run: the one that sent /init is the capsule's, with the new token.
+        [client] = host.clients
+        assert capsule.envd is client
+        assert client.access_token == vm.guest.token
+        assert await client.health() == "fake"
+        assert await client.metrics() == {"cpu_count": 1}
+
+
+async def test_clone_presents_the_template_token_and_sets_its_own(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        template_token = await host.template("minimal")
+        a, b = await host.runtime.clone("minimal", 2)
+        for capsule in (a, b):
+            vm = host.hypervisor.vm(capsule.id)
+            assert host.hypervisor.verbs(capsule.id) == ["launch", "restore"]
+            assert vm.spec.incoming
+            [init] = vm.guest.inits
+            assert init.token == template_token
+            assert vm.guest.token == capsule.record.access_token != template_token
+            assert capsule.envd.access_token == vm.guest.token
+        assert a.record.access_token != b.record.access_token
+        assert len(host.clients) == 2
+
+
+async def test_a_refused_init_fails_the_create_and_leaves_nothing(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal", token="one")
+        template = tpl.load_template(host.settings.templates_dir, "minimal")
+        meta = template.meta.model_copy(update={"access_token": "another"})
+        template.dir.meta_file.write_text(meta.model_dump_json())
+        with pytest.raises(GuestUnreachable, match="init"):
+            await host.runtime.clone("minimal")
+        assert await leftovers(host) == NOTHING
+
+
+@pytest.mark.parametrize("step", CLONE_STEPS)
+async def test_cancel_at_each_clone_step_leaves_nothing(tmp_path: Path, step: str) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        hook = CancelAt(step)
+        with hook.scope:
+            await host.runtime.clone("minimal", hook=hook)
+        assert hook.scope.cancelled_caught
+        assert hook.seen == CLONE_STEPS[: CLONE_STEPS.index(step) + 1]
+        assert await leftovers(host) == NOTHING
+        [capsule] = await host.runtime.clone("minimal")  # and the host is still usable
+        assert capsule.state == S.RUNNING
+
+
+@pytest.mark.parametrize("step", BOOT_STEPS)
+async def test_cancel_at_each_boot_step_leaves_nothing(tmp_path: Path, step: str) -> None:
+    async with fake_host(tmp_path) as host:
+        hook = CancelAt(step)
+        with hook.scope:
+            await host.runtime.boot(host.image(), hook=hook)
+        assert hook.scope.cancelled_caught
+        assert await leftovers(host) == NOTHING
+
+
+@pytest.mark.parametrize("verb", ["launch", "restore"])
+async def test_a_hypervisor_step_that_hangs_is_cancelled_cleanly(tmp_path: Path, verb: str) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        host.hypervisor.hang.add(verb)
+        with anyio.move_on_after(0.2) as scope:
+            await host.runtime.clone("minimal")
+        assert scope.cancelled_caught
+        assert await leftovers(host) == NOTHING
+
+
+async def test_a_guest_whose_init_hangs_is_unreachable(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        host.hypervisor.new_guest = lambda: FakeGuest(hang={"/init"})
+        with pytest.raises(GuestUnreachable, match="during init"):
+            await host.runtime.clone("minimal")
+        assert await leftovers(host) == NOTHING
+
+
+async def test_a_vm_that_dies_is_removed(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        [capsule] = await host.runtime.clone("minimal")
+        exited: list[tuple[str, int | None]] = []
+        host.runtime.on_vm_exit = lambda cid, code: exited.append((cid, code))
+        host.hypervisor.crash(host.hypervisor.vm(capsule.id), code=3)
+        with anyio.fail_after(5):
+            while not exited:  # noqa: ASYNC110 (the exit watcher has no event to wait on)
+                await anyio.sleep(0.01)
+        assert exited == [(capsule.id, 3)]
+        assert await leftovers(host) == NOTHING
+
+
+async def test_destroy_removes_everything(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        [capsule] = await host.runtime.clone("minimal")
+        await host.runtime.destroy(capsule.id)
+        assert capsule.state == S.STOPPED
+        assert host.hypervisor.verbs(capsule.id)[-1] == "kill"
+        assert await leftovers(host) == NOTHING
+
+
+# ── pause / resume ──────────────────────────────────────────────────────────────────────
+
+
+async def running(host: FakeHost) -> Capsule:
+    """A clone whose client holds idle keep-alive connections, as a session leaves them."""
+    await host.template("minimal")
+    [capsule] = await host.runtime.clone("minimal")
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(capsule.envd.health)
+    return capsule
+
+
+async def test_pause_then_resume(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        vm = host.hypervisor.vm(capsule.id)
+        token = capsule.record.access_token
+        client = capsule.envd
+        await host.runtime.pause(capsule.id)
+        assert host.hypervisor.verbs(capsule.id)[2:] == ["prepare_save", "pause", "save", "kill"]
+        # The seed's rule: every idle connection was closed before /snapshot/prepare, which
+        # came on a connection of its own.
+        assert vm.guest.prepares == 1
+        assert vm.guest.others_open_at_prepare == [0]
+        prepare = vm.guest.seen[-1]
+        assert prepare.path == "/snapshot/prepare"
+        assert prepare.connection not in {s.connection for s in vm.guest.seen[:-1]}
+        assert client.is_closed
+        record = on_disk(host, capsule.id)
+        assert record["state"] == "paused"
+        assert (record["pid"], record["slot"], record["access_token"]) == (None, None, token)
+        snapshot = capsule.record.snapshot
+        assert snapshot is not None
+        assert snapshot.exists()
+        assert not snapshot.with_name(snapshot.name + ".partial").exists()
+        await host.runtime.networks.settle()
+        assert host.leftovers()["vms"] == []
+        assert host.leftovers()["slots in use"] == set()
+
+        await host.runtime.resume(capsule.id)
+        vm2 = host.hypervisor.vm(capsule.id)
+        assert host.hypervisor.verbs(capsule.id)[-2:] == ["launch", "restore"]
+        [init] = vm2.guest.inits  # the snapshot's envd held the old token...
+        assert init.token == token
+        assert vm2.guest.token == capsule.record.access_token != token  # ... and has a new one
+        assert capsule.envd is host.clients[-1]
+        assert capsule.envd.access_token == vm2.guest.token
+        assert not snapshot.exists()
+        assert on_disk(host, capsule.id)["state"] == "running"
+
+
+@pytest.mark.parametrize("step", RESUME_STEPS)
+async def test_cancel_at_each_resume_step_leaves_it_paused(tmp_path: Path, step: str) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        await host.runtime.pause(capsule.id)
+        token = capsule.record.access_token
+        hook = CancelAt(step)
+        with hook.scope:
+            await host.runtime.resume(capsule.id, hook=hook)
+        assert hook.scope.cancelled_caught
+        assert capsule.state == S.PAUSED
+        record = on_disk(host, capsule.id)
+        assert (record["state"], record["pid"], record["slot"]) == ("paused", None, None)
+        assert (record["access_token"], record["pending_token"]) == (token, None)
+        assert capsule.record.snapshot is not None
+        assert capsule.record.snapshot.exists()
+        left = await leftovers(host)
+        assert (left["vms"], left["open clients"], left["slots in use"]) == ([], [], set())
+        assert left["netns"] == []
+        await host.runtime.resume(capsule.id)  # the snapshot still resumes
+        assert capsule.envd.access_token == host.hypervisor.vm(capsule.id).guest.token
+
+
+async def test_cancel_after_prepare_lets_the_guest_run_on(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        hook = CancelAt("prepare")
+        with hook.scope:
+            await host.runtime.pause(capsule.id, hook=hook)
+        assert hook.scope.cancelled_caught
+        await still_running(host, capsule)
+
+
+@pytest.mark.parametrize("how", ["fails", "hangs"])
+async def test_a_failed_save_is_cancelled_and_the_guest_runs_on(tmp_path: Path, how: str) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        if how == "fails":
+            host.hypervisor.fail["save"] = MigrationFailed("save", "failed", "injected")
+            with pytest.raises(MigrationFailed):
+                await host.runtime.pause(capsule.id)
+        else:
+            host.hypervisor.hang.add("save")
+            with anyio.move_on_after(0.2):
+                await host.runtime.pause(capsule.id)
+        assert host.hypervisor.verbs(capsule.id)[-3:] == ["pause", "save", "cancel_save"]
+        await still_running(host, capsule)
+
+
+async def still_running(host: FakeHost, capsule: Capsule) -> None:
+    """The capsule runs on after a pause that did not happen: same VM and client, no snapshot."""
+    vm = host.hypervisor.vm(capsule.id)
+    assert (vm.state, vm.saving) == ("running", False)
+    assert capsule.state == S.RUNNING
+    assert on_disk(host, capsule.id)["state"] == "running"
+    assert capsule.record.snapshot is None
+    assert not capsule.record.pause_snapshot.exists()
+    assert not capsule.record.pause_snapshot.with_name("snapshot.state.partial").exists()
+    assert await capsule.envd.health() == "fake"  # the run's client works on
+    assert capsule.envd is host.clients[-1]
+    host.hypervisor.fail.clear()
+    host.hypervisor.hang.clear()
+    await host.runtime.pause(capsule.id)  # and a later pause works
+    assert on_disk(host, capsule.id)["state"] == "paused"
+
+
+async def test_cancel_after_save_is_paused(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        hook = CancelAt("save")
+        with hook.scope:
+            await host.runtime.pause(capsule.id, hook=hook)
+        assert capsule.state == S.PAUSED
+        left = await leftovers(host)
+        assert (left["vms"], left["open clients"], left["netns"]) == ([], [], [])
+
+
+# ── templates ───────────────────────────────────────────────────────────────────────────
+
+
+async def test_snapshot_template_then_clone_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def chain(path: Path) -> list[Path]:  # what qemu-img reports for an image overlay
+        return [path, tmp_path / "nestbox" / "image" / "rootfs.ext4"]
+
+    monkeypatch.setattr(cow, "backing_chain", chain)
+    async with fake_host(tmp_path) as host:
+        capsule = await host.runtime.boot(host.image())
+        token = capsule.record.access_token
+        template = await host.runtime.snapshot_template(capsule.id, "mine")
+        assert host.hypervisor.verbs(capsule.id) == [
+            "launch", "prepare_save", "pause", "save", "kill",
+        ]  # fmt: skip
+        assert template.meta.access_token == token
+        assert template.meta.ram == "state"
+        assert json.loads(template.dir.state.read_text())["token"] == token
+        assert template.dir.disk.exists()
+        assert await leftovers(host) == NOTHING  # the capsule was consumed
+        [clone] = await host.runtime.clone("mine")
+        [init] = host.hypervisor.vm(clone.id).guest.inits
+        assert init.token == token
+        assert clone.record.access_token != token
+
+
+async def test_a_failed_template_snapshot_lets_the_capsule_run_on(tmp_path: Path) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        host.hypervisor.fail["save"] = MigrationFailed("save", "failed", "injected")
+        with pytest.raises(MigrationFailed):
+            await host.runtime.snapshot_template(capsule.id, "mine")
+        assert host.leftovers()["staging"] == []
+        with pytest.raises(tpl.TemplateNotFound):
+            tpl.load_template(host.settings.templates_dir, "mine")
+        await still_running(host, capsule)
+
+
+# ── per-VM stats ────────────────────────────────────────────────────────────────────────
+
+
+async def test_the_sampler_turns_vm_stats_into_points_until_the_vm_is_gone(
+    tmp_path: Path,
+) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"x" * 8192)
+    stats = iter([VmStats(1.0, 100), VmStats(1.5, 200), VmStats(2.5, 300), None])
+    ring = MetricsRing()
+    with anyio.fail_after(5):
+        await sample_loop(ring, lambda: next(stats), disk, vcpus=2, interval_s=0.01)
+    points = ring.since()
+    assert [p.mem_bytes for p in points] == [200, 300]
+    assert all(p.disk_bytes >= 8192 for p in points)
+    assert all(p.cpu_pct > 0 for p in points)  # CPU time grew between the samples
+
+
+def test_a_vmm_process_stats_come_from_proc() -> None:
+    me = VmProcess(os.getpid(), [], Path(os.devnull))
+    try:
+        stats = me.stats()
+        assert stats is not None
+        assert stats.cpu_s > 0
+        assert stats.rss_bytes > 1 << 20
+    finally:
+        me.close()
+    assert me.stats() is None  # no pidfd: not known to run
