@@ -20,7 +20,6 @@ State machine (QEMU `Runstate` style: an enum plus the table of legal moves):
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nestbox.hostagent.durable import fsync_path, write_atomic
 from nestbox.hostagent.vmm.base import RamSpec
 
 if TYPE_CHECKING:
@@ -229,32 +229,6 @@ def records_dir(state_dir: Path) -> Path:
 def write_record(state_dir: Path, record: CapsuleRecord) -> None:
     """Durably replace the record file (`write_atomic`). Blocking: call it in a worker thread."""
     write_atomic(records_dir(state_dir) / f"{record.id}.json", record.model_dump_json(indent=2))
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace `path` with `text` so that a crash at any point leaves the old file or the new
-    one, never a mix: write a temporary file beside it, fsync it, rename it over `path`, fsync
-    the directory (which makes the rename itself durable)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # a temporary file an older run left keeps its mode otherwise
-        with os.fdopen(fd, "w", closefd=False) as f:
-            f.write(text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file (its data) or a directory (its entries: creations, renames, removals)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_record(state_dir: Path, capsule_id: str) -> None:

@@ -29,6 +29,7 @@ import anyio
 
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import CapsuleRecord, GuestUnreachable
+from nestbox.hostagent.durable import fsync_path
 from nestbox.hostagent.envdconn import CapsuleEnvd, envd_url
 from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.storage import cow
@@ -361,9 +362,9 @@ async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -
 
 
 def _move_into_place(partial: Path, final: Path) -> None:
-    cap.fsync_path(partial)
+    fsync_path(partial)
     os.replace(partial, final)
-    cap.fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 async def _first_of(ready: Awaitable[None], exit_: Awaitable[int | None]) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from nestbox.hostagent.capsule import write_atomic
+from nestbox.hostagent.durable import write_atomic
 from nestbox.hostagent.errors import CapsuleFailed, StreamInterrupted
 from nestbox.hostagent.metrics import MetricsRing
 from nestbox.hostagent.proxytrack import ConnTracker

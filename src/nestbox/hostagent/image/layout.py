@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nestbox.hostagent.durable import fsync_path
+
 MANIFEST = "manifest.json"
 META = "meta.json"
 VMLINUX = "vmlinux"
@@ -132,7 +134,7 @@ def publish(work: Path, target: Path) -> bool:
             raise
         remove_tree(work)
         return False
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return True
 
 
@@ -201,11 +203,3 @@ def _umount_lazy(mount_point: str) -> None:
     # umount2(MNT_DETACH) directly: no `umount` process, and it works on a busy mount.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.umount2(mount_point.encode(), _MNT_DETACH)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

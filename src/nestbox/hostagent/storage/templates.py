@@ -26,6 +26,7 @@ from typing import Literal
 import anyio
 from pydantic import BaseModel, ConfigDict
 
+from nestbox.hostagent.durable import fsync_path
 from nestbox.hostagent.vmm.base import Accel  # noqa: TC001 (pydantic field type)
 
 META_FILE = "template.json"
@@ -145,15 +146,15 @@ async def publish(staging: TemplateDir, templates_dir: Path, meta: TemplateMeta)
         _write_private(staging.meta_file, meta.model_dump_json(indent=2))
         for path in (staging.disk, staging.mem, staging.state, staging.meta_file):
             if path.exists():
-                _fsync(path)
-        _fsync(staging.root)  # the files' names, before the version's name points at them
+                fsync_path(path)
+        fsync_path(staging.root)  # the files' names, before the version's name points at them
         staging.root.rename(version)
         tmp_link = templates_dir / f".{meta.template_id}.link-{secrets.token_hex(4)}"
         tmp_link.symlink_to(version.name)
         if link.is_dir() and not link.is_symlink():  # an unversioned older layout
             shutil.rmtree(link)
         tmp_link.rename(link)
-        _fsync(templates_dir)
+        fsync_path(templates_dir)
 
     await anyio.to_thread.run_sync(_publish)
     return Template(TemplateDir(version), meta)
@@ -180,11 +181,3 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
