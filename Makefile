@@ -11,13 +11,16 @@ PYTEST := $(BIN)/pytest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install every program and dev tool (idempotent)
+install: $(STAMP) dashboard ## create .venv, install every program and dev tool, build the dashboard (idempotent)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[envd,hostagent,controlplane,cli,dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
+
+dashboard: ## build the dashboard into dashboard/build (npm ci + vite; skipped when nothing changed)
+	bash scripts/build-dashboard.sh
 
 system-deps: ## install the Debian packages the VM tier and envd need (root)
 	bash scripts/install-system-deps.sh
@@ -47,13 +50,16 @@ test-integration: install system-deps ## integration tier: real envd on localhos
 	$(PYTEST) tests/integration --ignore=tests/integration/vm
 
 test-vm: install system-deps image ## VM tier: real QEMU microVMs (root; TCG where KVM is not usable)
-	$(PYTEST) tests/integration/vm
+	$(PYTEST) tests/integration/vm -m "not cold_boots"
+
+test-templates: install system-deps image ## base templates (cold boots at the asked size) and the `base` template (builds its image stage once per machine) (root)
+	$(PYTEST) tests/integration/vm -m cold_boots --durations=10
 
 test-e2e: install system-deps image ## end-to-end tier: control plane + agents + QEMU guests, SQLite and PostgreSQL (root)
 	$(PYTEST) tests/e2e --durations=30
 
-test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier
-	$(PYTEST) tests --durations=30
+test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier (`test-templates` apart)
+	bash scripts/test-all.sh
 
 check: test ## what CI runs, in CI's order
 
@@ -63,10 +69,19 @@ dev-cp: install ## run the control plane on 127.0.0.1:9725 with its data in .cac
 dev-envd: install ## run envd locally on :49983 (outside a VM: touches nothing on the host)
 	$(BIN)/python -m nestbox.envd --port 49983 --outside-vm
 
+test-sdk: install system-deps image ## SDK and CLI suites on the real stack with a 200 MiB file each way (root)
+	NESTBOX_SDK_FULL=1 $(PYTEST) tests/unit/test_sdk.py tests/unit/test_sdk_cli.py tests/e2e/test_sdk.py tests/e2e/test_cli.py --durations=20
+
 bench-vm: install system-deps ## VM benchmark: raw QEMU vs Nestbox restore/boot/snapshot/RSS (root)
 	$(BIN)/python bench/bench_vm.py
+
+soak: install system-deps image ## 100 pause/resume cycles with a process, a keep-alive proxied connection and a PTY (NESTBOX_SOAK_CYCLES)
+	NESTBOX_SOAK_CYCLES=$${NESTBOX_SOAK_CYCLES:-100} $(PYTEST) tests/e2e/test_soak.py -s -q
+
+fuzz: install ## schemathesis over the whole API, every phase, user and admin (FUZZ_ARGS="--seed N --examples N")
+	$(BIN)/python -m tests.reliability.fuzz $(FUZZ_ARGS)
 
 run: install system-deps image ## start the control plane (127.0.0.1:9725) and a host agent; Ctrl-C stops both (root)
 	$(BIN)/python scripts/run.py
 
-.PHONY: help install system-deps image proto fmt lint typecheck test-unit test-integration test-vm test-e2e test check dev-cp dev-envd run bench-vm
+.PHONY: help install dashboard system-deps image proto fmt lint typecheck test-unit test-integration test-vm test-e2e test-sdk test check dev-cp dev-envd run bench-vm fuzz soak

@@ -3,7 +3,8 @@ host agent on 127.0.0.1:9726, registered with it.
 
 A launcher, not a program: it starts `nestbox-cp` and `nestbox-agent` as processes and speaks to
 them only over HTTP (it imports nothing of Nestbox). The first run creates the admin (its API
-key is in $NESTBOX_DIR/admin-api-key), creates a host and registers the agent with its one-time
+key is in $NESTBOX_DIR/admin-api-key; the dashboard password this launcher gives them, in
+admin-password beside it), creates a host and registers the agent with its one-time
 token; later runs find both again (the agent's saved credentials, the capsules it paused).
 
 Recovery: when the saved admin key no longer works (revoked, its team deleted, the admin
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -40,6 +42,7 @@ AGENT_LISTEN = os.environ.get("NESTBOX_AGENT_LISTEN", "127.0.0.1:9726")
 AGENT_ID = os.environ.get("NESTBOX_AGENT_AGENT_ID", "a0")
 CP_URL = f"http://{CP_LISTEN}"
 LOGS = DATA / "logs"
+PASSWORD_FILE = "admin-password"
 START_TIMEOUT_S = 120.0
 AGENT_STOP_TIMEOUT_S = 180.0
 """The agent pauses every running capsule before it exits (at most 120 s by default)."""
@@ -126,6 +129,39 @@ def admin_key(cp_url: str, data: Path, env: dict[str, str], cp_command: list[str
     return key
 
 
+def admin_login(cp_url: str, data: Path, key: str) -> tuple[str, str | None]:
+    """The admin's email and dashboard password. The first start made the admin without a
+    password: give them a generated one, saved next to the key in `data`/admin-password (0600,
+    written before it is set, through a temporary file and a rename); later runs read it back
+    and check it still logs in. None: the admin has a password the file does not hold (they
+    changed it)."""
+    path = data / PASSWORD_FILE
+    me = httpx.get(f"{cp_url}/v1/me", headers={"X-API-Key": key}, timeout=10, trust_env=False)
+    me.raise_for_status()
+    email, saved = str(me.json()["email"]), path.read_text().strip() if path.exists() else ""
+    if me.json()["has_password"]:
+        if saved:
+            r = httpx.post(f"{cp_url}/v1/auth/login", json={"email": email, "password": saved},
+                           timeout=30, trust_env=False)  # fmt: skip
+            if r.status_code == 200:
+                return email, saved
+        return email, None
+    password = secrets.token_urlsafe(12)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    r = httpx.post(f"{cp_url}/v1/me/password", json={"new_password": password},
+                   headers={"X-API-Key": key}, timeout=30, trust_env=False)  # fmt: skip
+    if r.status_code != 204:
+        path.unlink(missing_ok=True)
+        raise SystemExit(f"make run: setting the admin's password failed: {r.status_code} {r.text}")
+    return email, password
+
+
 def saved_host_verdict(status: int, saved_url: str, cp_url: str) -> bool:
     """Whether the agent's saved credentials still hold (True) or name a host this control
     plane does not have (False: register again), from the answer to GET /v1/hosts/<id>.
@@ -184,13 +220,22 @@ def warm_up(admin: dict[str, str]) -> None:
         http.delete(f"/v1/capsules/{r.json()['id']}")
 
 
-def banner(key: str) -> None:
+def banner(key: str, email: str, password: str | None) -> None:
+    login = (f"{email} / {password}\n                    (password also in {DATA / PASSWORD_FILE})"
+             if password else f"{email} with the password you set")  # fmt: skip
     sys.stdout.write(f"""
   Nestbox is running.
+    dashboard       {CP_URL}/
+    log in as       {login}
     API             {CP_URL}   (docs: {CP_URL}/docs)
     admin API key   {key}
                     (also in {DATA / 'admin-api-key'})
     logs            {LOGS}/cp.log, {LOGS}/agent.log
+    internet        capsules have none unless created with "allow_internet_access": true
+                    (default for all: NESTBOX_CP_DEFAULT_INTERNET_ACCESS=true); it also needs
+                    forwarding on this host's uplink (sysctl net.ipv4.ip_forward=1)
+    templates       minimal (default, fastest), minimal-base (boots at the size you ask),
+                    base (git, node, pip, cc, ...; its first use builds it: minutes)
 
   Try the wrenn SDK:  WRENN_BASE_URL={CP_URL} WRENN_API_KEY={key} python -c \\
       "from wrenn import Capsule; c = Capsule(wait=True); print(c.commands.run('uname -a').stdout)"
@@ -224,7 +269,7 @@ def main() -> int:
         agent_url = f"http://{AGENT_LISTEN}/health"
         wait_http(agent, agent_url, lambda r: r.status_code == 200 and r.json()["status"] == "ok")
         warm_up(admin)
-        banner(key)
+        banner(key, *admin_login(CP_URL, DATA, key))
         while not stopping and cp.alive() and agent.alive():
             time.sleep(0.5)
         for child in (cp, agent):

@@ -98,6 +98,9 @@ class ControlPlaneProcess:
             "NESTBOX_CP_HOST_MONITOR_INTERVAL_S": "1",
             "NESTBOX_CP_HEARTBEAT_UNREACHABLE_AFTER_S": str(UNREACHABLE_AFTER_S),
             "NESTBOX_CP_RECONCILE_INTERVAL_S": str(RECONCILE_S),
+            # a 3 s idle timeout for the events test; stats sampled often enough to be seen
+            "NESTBOX_CP_MIN_IDLE_TIMEOUT_S": "1",
+            "NESTBOX_CP_STATS_INTERVAL_S": "2",
             "NESTBOX_LOG_LEVEL": "INFO",
         })  # fmt: skip
         if self.database_url:

@@ -16,8 +16,8 @@ import json
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -57,6 +57,9 @@ class FakeProcess:
     tag: str
     cmd: str
     args: list[str]
+    stdin: bool = False
+    stdin_data: bytearray = field(default_factory=bytearray)
+    stdin_closed: bool = False
 
 
 @dataclass
@@ -82,6 +85,13 @@ class FakeCapsule:
     ptys: dict[str, FakePty] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=lambda: {"/", "/root", "/tmp"})
+    idle_timeout_sec: int = 0
+    egress: bool = False
+    egress_allow: list[str] = field(default_factory=list)
+    kind: pb.TemplateKind = pb.TemplateKind.SNAPSHOT
+    watchers: list[tuple[str, MemoryObjectSendStream[tuple[str, str]]]] = field(
+        default_factory=list
+    )
 
     def view(self) -> pb.Capsule:
         running = self.state == pb.CapsuleState.RUNNING
@@ -91,7 +101,18 @@ class FakeCapsule:
             host_ip=self.host_ip if running else "", guest_ip="169.254.0.21" if running else "",
             created_at_unix_ms=1, last_active_at_unix_ms=self.last_active_ms,
             metadata={"agent_version": "fake", "accel": "none"},
+            idle_timeout_sec=self.idle_timeout_sec, egress=self.egress,
+            egress_allow=self.egress_allow, template_kind=self.kind,
         )  # fmt: skip
+
+    def notify(self, path: str, kind: str) -> None:
+        """What envd's watch sees: `kind` of `path`, for watchers of its directory."""
+        parent, _, name = path.rpartition("/")
+        for watched, send in list(self.watchers):
+            if watched.rstrip("/") == parent:
+                with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
+                                         anyio.ClosedResourceError):  # fmt: skip
+                    send.send_nowait((kind, name))
 
 
 class FakeAgent(HostAgentService):
@@ -103,12 +124,26 @@ class FakeAgent(HostAgentService):
         self.token = ""
         self.proxy_token = ""
         self.address = ""
-        self.templates: dict[str, tuple[int, int]] = {"minimal": (1, 256)}
+        self.templates: dict[str, tuple[int, int]] = {
+            "minimal": (1, 256), "base": (1, 512), "minimal-base": (1, 256),
+        }  # fmt: skip
+        self.base_templates: set[str] = {"minimal-base"}
+        """Base templates: a capsule gets the size its create asks for (else the shape)."""
         self.capsules: dict[str, FakeCapsule] = {}
         self.auto_paused: list[str] = []
         self.exec_requests: list[pb.ExecRequest] = []
         self.calls: list[str] = []
         self.fail_create: str | None = None
+        self.create_requests: list[pb.CreateCapsuleRequest] = []
+        self.stream_requests: list[pb.ExecStreamRequest] = []
+        self.stream_hook: (
+            Callable[[pb.ExecStreamRequest], AsyncIterator[pb.ExecStreamResponse]] | None
+        ) = None
+        """Set: ExecStream answers what it yields (the template builder's tests)."""
+        self.exec_hook: Callable[[pb.ExecRequest], tuple[bytes, bytes, int] | None] | None = None
+        """Set: Exec answers (stdout, stderr, exit code) it returns, or the script when None."""
+        self.fail_fork: str | None = None
+        self.forks: list[pb.ForkCapsuleRequest] = []
         self._next_pid = 100
         self._next_ip = 2
 
@@ -145,6 +180,7 @@ class FakeAgent(HostAgentService):
         self, request: pb.CreateCapsuleRequest, ctx: Any
     ) -> pb.CreateCapsuleResponse:
         self.calls.append("create")
+        self.create_requests.append(request)
         if self.fail_create:
             raise fail(self.fail_create, "canned create failure")
         shape = self.templates.get(request.template)
@@ -153,9 +189,15 @@ class FakeAgent(HostAgentService):
         if request.capsule_id in self.capsules:
             raise fail("conflict", f"capsule {request.capsule_id} exists")
         self._next_ip += 1
+        if request.template in self.base_templates:
+            shape = (request.vcpus or shape[0], request.memory_mb or shape[1])
         capsule = FakeCapsule(
             request.capsule_id, request.template, request.team_id, shape[0], shape[1],
             host_ip=f"10.99.0.{self._next_ip}", last_active_ms=int(time.time() * 1000),
+            idle_timeout_sec=request.idle_timeout_sec, egress=request.egress,
+            egress_allow=list(request.egress_allow),
+            kind=pb.TemplateKind.BASE if request.template in self.base_templates
+            else pb.TemplateKind.SNAPSHOT,
         )  # fmt: skip
         self.capsules[capsule.capsule_id] = capsule
         return pb.CreateCapsuleResponse(capsule=capsule.view())
@@ -197,6 +239,37 @@ class FakeAgent(HostAgentService):
         self._capsule(request.capsule_id)
         return pb.PingCapsuleResponse()
 
+    async def set_idle_timeout(
+        self, request: pb.SetIdleTimeoutRequest, ctx: Any
+    ) -> pb.SetIdleTimeoutResponse:
+        capsule = self._capsule(request.capsule_id, running=False)
+        capsule.idle_timeout_sec = request.idle_timeout_sec
+        return pb.SetIdleTimeoutResponse(capsule=capsule.view())
+
+    async def fork_capsule(
+        self, request: pb.ForkCapsuleRequest, ctx: Any
+    ) -> pb.ForkCapsuleResponse:
+        """Copies with the source's files and processes (what a real fork carries over)."""
+        self.calls.append("fork")
+        source = self._capsule(request.capsule_id)
+        self.forks.append(request)
+        if self.fail_fork:
+            raise fail(self.fail_fork, "canned fork failure")
+        copies = []
+        for cid in request.capsule_ids:
+            self._next_ip += 1
+            copy = FakeCapsule(
+                cid, source.template, source.team_id, source.vcpus, source.memory_mb,
+                host_ip=f"10.99.0.{self._next_ip}", last_active_ms=int(time.time() * 1000),
+                processes={pid: replace(p, stdin_data=bytearray())
+                           for pid, p in source.processes.items()},
+                files=dict(source.files), dirs=set(source.dirs),
+                idle_timeout_sec=source.idle_timeout_sec,
+            )  # fmt: skip
+            self.capsules[cid] = copy
+            copies.append(copy.view())
+        return pb.ForkCapsuleResponse(capsules=copies, paused_ms=7, quiesced_ms=9)
+
     async def get_capsule_metrics(
         self, request: pb.GetCapsuleMetricsRequest, ctx: Any
     ) -> pb.GetCapsuleMetricsResponse:
@@ -223,7 +296,8 @@ class FakeAgent(HostAgentService):
     async def exec(self, request: pb.ExecRequest, ctx: Any) -> pb.ExecResponse:
         capsule = self._capsule(request.capsule_id)
         self.exec_requests.append(request)
-        stdout, stderr, code = self._run(capsule, request)
+        hooked = self.exec_hook(request) if self.exec_hook is not None else None
+        stdout, stderr, code = hooked or self._run(capsule, request)
         return pb.ExecResponse(stdout=stdout, stderr=stderr, exit_code=code, pid=self._pid(),
                                duration_ms=3, status="exited")  # fmt: skip
 
@@ -231,6 +305,11 @@ class FakeAgent(HostAgentService):
         self, request: pb.ExecStreamRequest, ctx: Any
     ) -> AsyncIterator[pb.ExecStreamResponse]:
         self._capsule(request.capsule_id)
+        self.stream_requests.append(request)
+        if self.stream_hook is not None:
+            async for message in self.stream_hook(request):
+                yield message
+            return
         yield pb.ExecStreamResponse(
             event=event("started", pb.ProcessEvent.Started(pid=self._pid()))
         )
@@ -248,7 +327,8 @@ class FakeAgent(HostAgentService):
         capsule = self._capsule(request.capsule_id)
         pid = self._pid()
         tag = request.tag or f"proc-{secrets.token_hex(4)}"
-        capsule.processes[pid] = FakeProcess(pid, tag, request.cmd, list(request.args))
+        capsule.processes[pid] = FakeProcess(pid, tag, request.cmd, list(request.args),
+                                             stdin=request.stdin)  # fmt: skip
         return pb.StartBackgroundResponse(pid=pid, tag=tag)
 
     async def list_processes(
@@ -276,6 +356,20 @@ class FakeAgent(HostAgentService):
             raise fail("invalid_request", "bad signal")
         del capsule.processes[self._process(capsule, request.selector).pid]
         return pb.KillProcessResponse()
+
+    def _stdin_of(self, capsule_id: str, selector: Any) -> FakeProcess:
+        proc = self._process(self._capsule(capsule_id), selector)
+        if not proc.stdin or proc.stdin_closed:
+            raise fail("invalid_request", "the process was started without stdin")
+        return proc
+
+    async def send_stdin(self, request: pb.SendStdinRequest, ctx: Any) -> pb.SendStdinResponse:
+        self._stdin_of(request.capsule_id, request.selector).stdin_data += request.data
+        return pb.SendStdinResponse()
+
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Any) -> pb.CloseStdinResponse:
+        self._stdin_of(request.capsule_id, request.selector).stdin_closed = True
+        return pb.CloseStdinResponse()
 
     async def connect_process(
         self, request: pb.ConnectProcessRequest, ctx: Any
@@ -356,7 +450,9 @@ class FakeAgent(HostAgentService):
         capsule = self._capsule(request.capsule_id)
         if len(request.content) > MAX_BUFFERED:
             raise fail("too_large", "over 100 MiB")
+        kind = "write" if request.path in capsule.files else "create"
         capsule.files[request.path] = request.content
+        capsule.notify(request.path, kind)
         return pb.WriteFileResponse(path=request.path)
 
     async def read_file(self, request: pb.ReadFileRequest, ctx: Any) -> pb.ReadFileResponse:
@@ -399,6 +495,29 @@ class FakeAgent(HostAgentService):
         data = capsule.files[request.path]
         for start in range(0, len(data), 65536):
             yield pb.ReadFileStreamResponse(chunk=data[start : start + 65536])
+
+    async def watch_dir(
+        self, request: pb.WatchDirRequest, ctx: Any
+    ) -> AsyncIterator[pb.WatchDirResponse]:
+        capsule = self._capsule(request.capsule_id)
+        if request.path not in capsule.dirs:
+            raise fail("not_found", f"{request.path} does not exist")
+        send, receive = anyio.create_memory_object_stream[tuple[str, str]](64)
+        watcher = (request.path, send)
+        capsule.watchers.append(watcher)
+        try:
+            yield pb.WatchDirResponse(type="start")
+            async with receive:
+                while True:
+                    # keepalives, as envd sends them: a caller that left is noticed at one
+                    item = None
+                    with anyio.move_on_after(0.2):
+                        item = await receive.receive()
+                    kind, name = item if item is not None else ("keepalive", "")
+                    yield pb.WatchDirResponse(type=kind, name=name)
+        finally:
+            capsule.watchers.remove(watcher)
+            send.close()
 
     async def list_dir(self, request: pb.ListDirRequest, ctx: Any) -> pb.ListDirResponse:
         capsule = self._capsule(request.capsule_id)
@@ -444,8 +563,14 @@ class FakeAgent(HostAgentService):
             raise fail("invalid_state", "neither running nor paused")
         capsule.state = pb.CapsuleState.PAUSED
         self.templates[request.template_id] = (capsule.vcpus, capsule.memory_mb)
+        if request.kind == pb.TemplateKind.BASE:
+            self.base_templates.add(request.template_id)
         template = pb.Template(template_id=request.template_id, vcpus=capsule.vcpus,
-                               memory_mb=capsule.memory_mb, default_user="root")  # fmt: skip
+                               memory_mb=capsule.memory_mb, default_user="root",
+                               kind=request.kind or pb.TemplateKind.SNAPSHOT)  # fmt: skip
+        if request.consume_capsule:
+            del self.capsules[request.capsule_id]
+            return pb.CreateTemplateResponse(template=template)
         return pb.CreateTemplateResponse(template=template, capsule=capsule.view())
 
     async def delete_template(

@@ -8,8 +8,10 @@ nothing answers there, the connection is closed before any answer, as a VM that 
 would leave a client). `FakeHypervisor` keeps the guests of its VMs, so a snapshot carries the
 token and a restore brings it back.
 
-Each request is recorded (`FakeGuest.seen`); `prepare` also records how many other connections
-to the guest were open when it arrived (the seed's rule: none, they were closed first).
+Each request is recorded (`FakeGuest.seen`). `/snapshot/prepare` does what envd's connection
+tracker does: it closes the guest's other *idle* connections before it answers (recording how
+many, and how many others stayed open: only active ones may), and answers with `Connection:
+close`, so no idle connection of the client lives into the snapshot.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import h11
 
 from nestbox.protocol.envd import ACCESS_TOKEN_HEADER
@@ -52,6 +55,13 @@ class FakeGuest:
     drop: int = 0
     open_connections: int = 0
     others_open_at_prepare: list[int] = field(default_factory=list)
+    """Per prepare: the other connections still open once the idle ones were closed."""
+    idle_closed_at_prepare: list[int] = field(default_factory=list)
+    """Per prepare: the idle connections it closed (as envd's tracker does)."""
+    open_at_pause: list[int] = field(default_factory=list)
+    """Per `Hypervisor.pause` of its VM: the connections open when the vCPUs stopped."""
+    idle: dict[int, anyio.CancelScope] = field(default_factory=dict)
+    """Connection number -> the scope serving it, while it waits between requests."""
 
     @property
     def inits(self) -> list[Seen]:
@@ -90,10 +100,23 @@ class FakeEnvd:
         number = self.connections
         conn = h11.Connection(h11.SERVER)
         guest: FakeGuest | None = None
+        closed = False
         async with stream:
             try:
                 while True:
-                    request, body = await _read_request(conn, stream)
+                    with anyio.CancelScope() as waiting:
+                        if guest is not None:
+                            guest.idle[number] = waiting
+                        try:
+                            request, body = await _read_request(conn, stream)
+                        finally:
+                            if guest is not None:
+                                guest.idle.pop(number, None)
+                    if waiting.cancelled_caught:  # closed by a prepare while idle
+                        assert guest is not None
+                        guest.open_connections -= 1
+                        closed = True
+                        return
                     if request is None:
                         return
                     key, _, path = request.target.decode().lstrip("/").partition("/")
@@ -109,6 +132,9 @@ class FakeEnvd:
                         guest = found
                         guest.open_connections += 1
                     status, payload, close = await _answer(guest, request, path, body, number)
+                    if close:  # gone for the guest from now on (envd counts it so)
+                        guest.open_connections -= 1
+                        closed = True
                     await _respond(conn, stream, status, payload, close=close)
                     if close or conn.our_state is not h11.DONE:
                         return
@@ -116,7 +142,7 @@ class FakeEnvd:
             except (anyio.BrokenResourceError, anyio.EndOfStream, h11.RemoteProtocolError):
                 return
             finally:
-                if guest is not None:
+                if guest is not None and not closed:
                     guest.open_connections -= 1
 
 
@@ -155,6 +181,13 @@ async def _answer(
     method = request.method.decode()
     doc = json.loads(body) if body else None
     if path == "/snapshot/prepare":
+        # envd's tracker: every idle connection is closed before the answer.
+        idle = [scope for number, scope in guest.idle.items() if number != connection]
+        for scope in idle:
+            scope.cancel()
+        while any(n != connection for n in guest.idle):  # each cancelled one leaves at once
+            await anyio.lowlevel.checkpoint()
+        guest.idle_closed_at_prepare.append(len(idle))
         guest.others_open_at_prepare.append(guest.open_connections - 1)
     guest.seen.append(Seen(method, path, token, doc, connection))
     if path in guest.hang:

@@ -39,3 +39,6 @@ class FakeSyscalls:
     def interface_ipv4(self, name: str) -> str | None:
         self._record("interface_ipv4", name)
         return self.interfaces.get(name)
+
+    def set_hostname(self, name: str) -> None:
+        self._record("set_hostname", name)

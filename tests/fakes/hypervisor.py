@@ -148,6 +148,7 @@ class FakeHypervisor:
 
     async def pause(self, vm: VmHandle) -> None:
         fake = _fake(vm)
+        fake.guest.open_at_pause.append(fake.guest.open_connections)
         await self._step("pause", fake)
         fake.state = "paused"
 
@@ -158,12 +159,13 @@ class FakeHypervisor:
 
     async def save(self, vm: VmHandle, state_file: Path, *, ignore_shared: bool) -> SaveResult:
         fake = _fake(vm)
-        assert fake.state == "paused", "save of a paused guest only"
+        live = fake.state == "running"  # QEMU copies the RAM, then stops the guest (a fork)
         fake.saving = True  # under way (a hang leaves it so)
         await self._step("save", fake)
         data = json.dumps({"token": fake.guest.token, "vm": vm.spec.name})
         await anyio.Path(state_file).write_text(data)
-        return SaveResult(state_bytes=len(data))
+        fake.state = "paused"
+        return SaveResult(state_bytes=len(data), downtime_ms=1 if live else None)
 
     async def cancel_save(self, vm: VmHandle) -> None:
         fake = _fake(vm)

@@ -45,6 +45,7 @@ from nestbox.protocol.gen.process.process_pb import (
     StreamInputRequest,
     UpdateRequest,
 )
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from tests.integration.envd_process import EnvdProcess
@@ -240,7 +241,7 @@ async def test_background_process_reattach_list_and_kill(
     events = await collect(attached)
     end = end_of(events)
     assert (end.exit_code, end.exited, end.status) == (-1, False, "signal: killed")
-    assert not alive(pid)
+    await eventually(lambda: not alive(pid), within=10, what="pid killed")
     assert (await client.list(ListRequest())).processes == []
 
 
@@ -333,8 +334,8 @@ async def test_envd_shutdown_kills_its_processes(
     assert alive(child)
     os.kill(envd.pid, signal.SIGTERM)
     await asyncio.to_thread(envd.proc.wait, 20)  # uvicorn re-raises SIGTERM: no exit code check
-    assert not alive(pid)
-    assert not alive(child)
+    await eventually(lambda: not alive(pid), within=10, what="pid killed")
+    await eventually(lambda: not alive(child), within=10, what="child killed")
 
 
 async def test_a_stalled_reader_never_stalls_the_process(
@@ -366,7 +367,7 @@ async def test_a_stalled_reader_never_stalls_the_process(
             await asyncio.sleep(0.1)
             if pid not in [p.pid for p in (await client.list(ListRequest())).processes]:
                 break
-        assert not alive(pid)
+        await eventually(lambda: not alive(pid), within=10, what="pid killed")
         rest = b"".join([first] + [chunk async for chunk in chunks])
     flags, end = last_envelope(rest)
     assert flags & 0x02  # end of stream

@@ -247,6 +247,34 @@ async def test_stdin(envd: CapsuleEnvd) -> None:
         await envd.kill_process(bg.pid)
 
 
+async def test_stdin_pipe_reaches_the_process(envd: CapsuleEnvd, tmp_path: Path) -> None:
+    """With `stdin`, a background process reads what `send_stdin` writes, to the end that
+    `close_stdin` makes."""
+    out = tmp_path / "cat.out"
+    bg = await envd.start_background("/bin/sh", ["-c", f"cat > {out}"], stdin=True)
+    await envd.send_stdin(bg.pid, b"hello ")
+    await envd.send_stdin(bg.tag, b"world\n")
+    await envd.close_stdin(bg.pid)
+    done = b"hello world\n"
+    await eventually(lambda: out.exists() and out.read_bytes() == done, within=EVENT_TIMEOUT_S)
+
+
+async def test_watch_dir_starts_then_reports_changes(envd: CapsuleEnvd, tmp_path: Path) -> None:
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    events = envd.watch_dir(str(watched))
+    try:
+        with anyio.fail_after(EVENT_TIMEOUT_S):
+            assert (await anext(events)).type == "start"
+            (watched / "new.txt").write_bytes(b"x")
+            event = await anext(events)
+        assert (event.type, event.name) == ("create", "new.txt")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]  # an async generator
+    with pytest.raises(NotFound):
+        await anext(envd.watch_dir(str(tmp_path / "missing")))
+
+
 # ---- PTY -----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ HTTP to a tiny in-process fake envd (`tests/fakes/envd.py`) that keeps envd's to
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,10 @@ import anyio.lowlevel
 import pytest
 
 from nestbox.hostagent import capsule as cap
+from nestbox.hostagent import views
 from nestbox.hostagent.capsule import CapsuleState, GuestUnreachable
+from nestbox.hostagent.errors import CapsuleExists
+from nestbox.hostagent.manager import CreateSpec
 from nestbox.hostagent.metrics import MetricsRing, sample_loop
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage import templates as tpl
@@ -167,7 +171,7 @@ async def test_a_guest_whose_init_hangs_is_unreachable(tmp_path: Path) -> None:
         assert await leftovers(host) == NOTHING
 
 
-async def test_a_vm_that_dies_is_removed(tmp_path: Path) -> None:
+async def test_a_vm_that_dies_is_cleaned_up_and_left_in_error(tmp_path: Path) -> None:
     async with fake_host(tmp_path) as host:
         await host.template("minimal")
         [capsule] = await host.runtime.clone("minimal")
@@ -178,6 +182,11 @@ async def test_a_vm_that_dies_is_removed(tmp_path: Path) -> None:
             while not exited:  # noqa: ASYNC110 (the exit watcher has no event to wait on)
                 await anyio.sleep(0.01)
         assert exited == [(capsule.id, 3)]
+        # Everything of it is gone but its entry, listed in ERROR until it is destroyed.
+        assert capsule.state == S.ERROR
+        assert capsule.record.error == "the VM exited unexpectedly (exit code 3)"
+        assert await leftovers(host) == {**NOTHING, "capsules": [capsule.id]}
+        await host.runtime.destroy(capsule.id)
         assert await leftovers(host) == NOTHING
 
 
@@ -212,13 +221,16 @@ async def test_pause_then_resume(tmp_path: Path) -> None:
         client = capsule.envd
         await host.runtime.pause(capsule.id)
         assert host.hypervisor.verbs(capsule.id)[2:] == ["prepare_save", "pause", "save", "kill"]
-        # The seed's rule: every idle connection was closed before /snapshot/prepare, which
-        # came on a connection of its own.
+        # /snapshot/prepare came on a keep-alive connection the client had already used (no
+        # new handshake into the guest); envd closed the other idle ones before answering (the
+        # seed's rule), so none was open when the vCPUs stopped.
         assert vm.guest.prepares == 1
-        assert vm.guest.others_open_at_prepare == [0]
         prepare = vm.guest.seen[-1]
         assert prepare.path == "/snapshot/prepare"
-        assert prepare.connection not in {s.connection for s in vm.guest.seen[:-1]}
+        assert prepare.connection in {s.connection for s in vm.guest.seen[:-1]}
+        assert vm.guest.idle_closed_at_prepare[0] >= 1
+        assert vm.guest.others_open_at_prepare == [0]
+        assert vm.guest.open_at_pause == [0]
         assert client.is_closed
         record = on_disk(host, capsule.id)
         assert record["state"] == "paused"
@@ -388,3 +400,87 @@ def test_a_vmm_process_stats_come_from_proc() -> None:
     finally:
         me.close()
     assert me.stats() is None  # no pidfd: not known to run
+
+
+# ── the one registry: one entry, one lock, one state enum ───────────────────────────────
+
+
+def test_every_state_of_the_one_enum_has_a_wire_value() -> None:
+    assert set(views.STATES) == set(CapsuleState)
+
+
+async def test_a_create_is_listed_starting_and_a_destroy_waits_for_it(tmp_path: Path) -> None:
+    async with fake_host(tmp_path, with_manager=True) as host:
+        assert host.manager is not None
+        await host.template("minimal")
+        at_vmm, go_on = anyio.Event(), anyio.Event()
+
+        async def hook(step: str) -> None:
+            if step == "vmm":
+                at_vmm.set()
+                await go_on.wait()
+
+        cid = cap.new_capsule_id()
+        destroyed = anyio.Event()
+
+        async def destroy() -> None:
+            await host.manager.destroy(cid)  # type: ignore[union-attr]
+            destroyed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(host.runtime.clone, "minimal", capsule_id=cid,
+                                            team_id="t1", hook=hook))  # fmt: skip
+            await at_vmm.wait()
+            [view], _ = host.manager.list_capsules()
+            assert (view.capsule_id, view.state, view.team_id) == (cid, S.STARTING, "t1")
+            with pytest.raises(CapsuleExists):
+                await host.runtime.clone("minimal", capsule_id=cid)
+            tg.start_soon(destroy)
+            await anyio.wait_all_tasks_blocked()
+            assert not destroyed.is_set()  # it waits for the create's hold of the one lock
+            go_on.set()
+        assert destroyed.is_set()
+        assert await leftovers(host) == NOTHING
+
+
+async def test_a_template_comes_back_paused_with_the_capsule_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def chain(path: Path) -> list[Path]:  # an overlay straight on the image: moved as is
+        return [path, tmp_path / "nestbox" / "image" / "rootfs.ext4"]
+
+    monkeypatch.setattr(cow, "backing_chain", chain)
+    async with fake_host(tmp_path, with_manager=True) as host:
+        manager = host.manager
+        assert manager is not None
+        await host.template("minimal")
+        view = await manager.create(CreateSpec(team_id="t1", idle_timeout_s=60))
+        before = host.runtime.get(view.capsule_id)
+        template, back = await manager.create_template(view.capsule_id, "mine")
+        assert back is not None
+        assert (back.capsule_id, back.state, back.template_id) == (
+            view.capsule_id,
+            S.PAUSED,
+            "mine",
+        )
+        assert (back.team_id, back.idle_timeout_s, back.created_at_unix_ms) == (
+            "t1", 60, view.created_at_unix_ms,
+        )  # fmt: skip
+        assert host.runtime.get(view.capsule_id) is before  # the same entry, never forgotten
+        record = on_disk(host, view.capsule_id)
+        assert (record["state"], record["team_id"], record["idle_timeout_s"]) == (
+            "paused", "t1", 60,
+        )  # fmt: skip
+        assert template.meta.template_id == "mine"
+        await manager.resume(view.capsule_id)
+        assert manager.state(view.capsule_id) == S.RUNNING
+
+
+async def test_the_reaper_pause_is_skipped_when_activity_came_while_it_waited(
+    tmp_path: Path,
+) -> None:
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        capsule.record = capsule.record.model_copy(update={"idle_timeout_s": 1})
+        assert not await host.runtime.pause(capsule.id, only_if_idle=True)  # just active
+        assert capsule.state == S.RUNNING

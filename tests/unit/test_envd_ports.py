@@ -18,6 +18,7 @@ from nestbox.envd.ports import (
     loopback_listeners,
     parse_proc_net_tcp,
 )
+from tests.conftest import eventually
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
 
@@ -127,7 +128,7 @@ async def test_subsystem_follows_listeners_and_stop_kills_every_socat(
     ports.scan_once()
     assert ports.statistics().forwarded == (9000,)
     await ports.stop()  # also reaps what the scan killed
-    assert not alive(pid)
+    await eventually(lambda: not alive(pid), within=10, what="pid killed")
 
     await ports.start()
     await ports.start()  # idempotent

@@ -36,6 +36,7 @@ from nestbox.protocol.gen.process.process_pb import (
     StreamInputRequest,
     UpdateRequest,
 )
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -152,7 +153,7 @@ async def test_disconnected_stream_leaves_the_process_running(
     listed = await service.list(ListRequest(), ctx())
     assert [(p.pid, p.tag) for p in listed.processes] == [(pid, "bg")]
     await runtime.processes.aclose()
-    assert not alive(pid)
+    await eventually(lambda: not alive(pid), within=10, what="pid killed")
 
 
 async def test_connect_after_end_replays_the_end_event(service: ProcessService) -> None:
@@ -275,7 +276,7 @@ async def test_shutdown_kills_background_children(
     assert time.monotonic() - t0 < 30  # killed, not waited for (the child sleeps 60 s)
     events = await collect(stream)
     assert end_of(events).status == "signal: killed"
-    assert not alive(child)
+    await eventually(lambda: not alive(child), within=10, what="child killed")
 
 
 async def test_tag_in_use_is_already_exists(service: ProcessService) -> None:
@@ -351,7 +352,7 @@ async def test_a_background_child_holding_the_pipes_does_not_hold_the_end(
     child = int(output(events, "stdout"))
     assert alive(child)
     await runtime.processes.aclose()  # sweeps the session of the ended shell
-    assert not alive(child)
+    await eventually(lambda: not alive(child), within=10, what="child killed")
 
 
 async def test_pty_is_the_controlling_terminal_and_belongs_to_the_user(

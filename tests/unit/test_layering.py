@@ -3,7 +3,7 @@ run by `make lint`, and here) check run-time imports; they leave out `if TYPE_CH
 imports (`exclude_type_checking_imports`: an annotation may name a higher layer's type inside a
 program). What they cannot see is checked here over the AST: that those annotation-only imports
 never cross between packages either (the three programs never import each other, `common`
-imports only `protocol`, `protocol` nothing of ours)."""
+imports only `protocol`, `protocol` nothing of ours, the `sdk` only `protocol`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "envd": {"protocol", "common", "envd"},
     "hostagent": {"protocol", "common", "hostagent"},
     "controlplane": {"protocol", "common", "controlplane"},
-    "cli": {"protocol", "cli"},
+    "sdk": {"protocol", "sdk"},
+    "cli": {"protocol", "sdk", "cli"},
 }
 
 

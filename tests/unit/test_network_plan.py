@@ -17,6 +17,7 @@ from nestbox.hostagent.network import (
     SlotPoolStatistics,
     check_plan,
     cleanup_leftovers,
+    egress,
     ensure_blackhole,
     open_slot_network,
     plan_slot,
@@ -44,6 +45,32 @@ HV = "nbha0x5"
 
 def settings(**kw: object) -> AgentSettings:
     return AgentSettings(**kw)  # type: ignore[arg-type]
+
+
+class FakeForwarder:
+    """Stands in for the egress DNS forwarder (it binds the veth's address, which the fake
+    system never makes)."""
+
+    opened: list[str] = []  # noqa: RUF012 (a test's record)
+    closed: list[str] = []  # noqa: RUF012
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.opened.append(address)
+
+    def close(self) -> None:
+        self.closed.append(self.address)
+
+
+@pytest.fixture(autouse=True)
+def fake_forwarder(monkeypatch: pytest.MonkeyPatch) -> type[FakeForwarder]:
+    FakeForwarder.opened, FakeForwarder.closed = [], []
+
+    async def open_forwarder(settings: AgentSettings, address: str) -> FakeForwarder:
+        return FakeForwarder(address)
+
+    monkeypatch.setattr(egress, "open_forwarder", open_forwarder)
+    return FakeForwarder
 
 
 def test_settings_directories_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +193,10 @@ def test_netns_ruleset_without_egress() -> None:
     assert "-A INPUT -i tap0 -j DROP" in rules
     assert "MASQUERADE" not in rules
     assert "-A FORWARD -i tap0 -o veth0 -s" not in rules
+    # No egress, no DNS: a lookup is refused at once rather than left to time out.
+    dns = "-A INPUT -i tap0 -d 169.254.0.22/32"
+    assert f"{dns} -p udp --dport 53 -j REJECT --reject-with icmp-port-unreachable" in rules
+    assert "DNAT --to-destination 10.200" not in rules
 
 
 @pytest.mark.parametrize("egress", [False, True])
@@ -203,9 +234,16 @@ def test_host_rules_are_tagged_and_ordered() -> None:
 def test_host_rules_with_egress_deny_internal_ranges_first() -> None:
     s = settings()
     plan = plan_slot(s, 5)
-    rules = host_rules(s, dataclasses.replace(plan, egress=True))
-    drops = [r for r in rules if r.at == "top"]
+    rules = host_rules(s, dataclasses.replace(plan, egress=True, dns_port=10053))
+    drops = [r for r in rules if r.at == "top" and r.chain == "FORWARD"]
     accepts = [r for r in rules if r.at == "bottom"]
+    # The one top ACCEPT: DNS to the slot's forwarder, listed after (so inserted above) the
+    # INPUT drop.
+    dns = [r for r in rules if r.at == "top" and r.spec[-1] == "ACCEPT"]
+    assert dns == [HostRule("filter", "INPUT", "top", ("-i", HV, "-d", "10.200.0.21/32",
+                   "-p", "udp", "--dport", "10053", "-j", "ACCEPT"))]  # fmt: skip
+    assert rules[0].chain == "INPUT"  # the drop, listed first: the accept goes above it
+    assert rules.index(dns[0]) > 0
     denied = {r.spec[3] for r in drops if r.spec[2] == "-d"}
     assert {"10.201.0.0/16", "10.200.0.0/16", "169.254.0.0/16", "192.168.0.0/16"} <= denied
     assert all(r.spec[-1] == "DROP" for r in drops)
@@ -258,10 +296,13 @@ EXPECTED = [
 EGRESS_ROUTE = ("ip", "-n", NS, "route", "add", "default", "via", "10.200.0.21", "dev", "veth0")
 
 
+EGRESS_FORWARDING = ("sysctl", "-q", "-w", f"net.ipv4.conf.{HV}.forwarding=1")
+
+
 def expected_commands(egress: bool) -> list[tuple[str, ...]]:
     cmds = list(EXPECTED)
     if egress:
-        cmds.insert(cmds.index(EXPECTED[-1]), EGRESS_ROUTE)
+        cmds[-1:-1] = [EGRESS_FORWARDING, EGRESS_ROUTE]
     return cmds
 
 
@@ -294,14 +335,18 @@ async def test_build_up_commands_without_egress() -> None:
     assert (fake.calls[-2].input or b"").startswith(b"*filter\n-D INPUT -i nbha0x5")
 
 
-async def test_build_up_commands_with_egress() -> None:
+async def test_build_up_commands_with_egress(fake_forwarder: type[FakeForwarder]) -> None:
     fake = FakeSystem()
     async with contextlib.AsyncExitStack() as stack:
         net = await open_slot_network(fake, settings(), 5, egress=True, stack=stack)
     assert net.egress
-    assert fake.commands[: len(EXPECTED) + 1] == expected_commands(egress=True)
+    assert fake.commands[: len(EXPECTED) + 2] == expected_commands(egress=True)
+    assert fake_forwarder.opened == fake_forwarder.closed == ["10.200.0.21"]
     netns_rules = (fake.calls[12].input or b"").decode()
     assert "-A POSTROUTING -o veth0 -s 169.254.0.21/32 -j MASQUERADE" in netns_rules
+    dnat = "-A PREROUTING -i tap0 -d 169.254.0.22/32 -p udp --dport 53 -j DNAT"
+    assert f"{dnat} --to-destination 10.200.0.21:10053" in netns_rules
+    assert "REJECT" not in netns_rules
     root_rules = (fake.calls[14].input or b"").decode()
     assert "-A FORWARD -i nbha0x5 -s 10.200.0.22/32" in root_rules
     assert "*nat\n-A POSTROUTING -s 10.200.0.22/32 -m comment --comment nestbox:a0:5" in root_rules
@@ -416,3 +461,65 @@ async def test_cleanup_leftovers_touches_only_own_dead_slots() -> None:
     assert done.links == [HV]
     assert done.namespaces == [NS, "nbx-a0-9"]
     assert len(done.rules) == 1
+
+
+# --- egress: allow-lists and the DNS forwarder ---------------------------------------------
+
+
+def test_host_rules_with_an_allow_list_accept_only_it_after_the_denied_ranges() -> None:
+    s = settings()
+    plan = dataclasses.replace(
+        plan_slot(s, 5), egress=True, dns_port=10053, egress_allow=("198.51.100.0/24",)
+    )
+    text = host_rules_text(host_rules(s, plan), "nestbox:a0:5", "add")
+    # Each `-I FORWARD 1` goes above the ones before it: read the chain bottom-up.
+    forward = [ln for ln in text.splitlines() if ln.startswith("-I FORWARD 1 -i")][::-1]
+    denied_first = [i for i, ln in enumerate(forward) if "-d 10.0.0.0/8" in ln]
+    allowed = [i for i, ln in enumerate(forward) if "-d 198.51.100.0/24" in ln]
+    rest = [i for i, ln in enumerate(forward) if ln.endswith(f"-i {HV} -m comment "
+            "--comment nestbox:a0:5 -j DROP")]  # fmt: skip
+    assert denied_first
+    assert allowed
+    assert rest
+    assert denied_first[0] < allowed[0] < rest[0]
+    assert forward[allowed[0]].endswith("-j ACCEPT")
+
+
+@pytest.mark.parametrize(
+    ("entries", "cidrs", "names"),
+    [
+        (["10.0.0.1", "198.51.100.7/24"], ("10.0.0.1/32", "198.51.100.0/24"), ()),
+        (["pypi.org", "Files.PythonHosted.org."], (), ("pypi.org", "files.pythonhosted.org")),
+    ],
+)
+def test_parse_allow(entries: list[str], cidrs: tuple[str, ...], names: tuple[str, ...]) -> None:
+    assert egress.parse_allow(entries) == egress.AllowList(cidrs, names)
+
+
+@pytest.mark.parametrize("bad", ["::1/128", "1.2.3.4/33", "a b", "-x.org", "x" * 300, "1.2.3"])
+def test_parse_allow_refuses(bad: str) -> None:
+    with pytest.raises(ValueError, match="egress allow entry"):
+        egress.parse_allow([bad])
+
+
+def test_dns_a_query_and_answer_round_trip() -> None:
+    query = egress.a_query("decoy.example", 0x1234)
+    # A reply: the query with QR set and one A answer pointing at the question's name.
+    answer = (
+        b"\xc0\x0c"
+        + b"\x00\x01\x00\x01"
+        + b"\x00\x00\x00\x3c"
+        + b"\x00\x04"
+        + bytes([198, 51, 100, 7])
+    )
+    reply = query[:2] + b"\x81\x80" + query[4:6] + b"\x00\x01" + query[8:] + answer
+    assert egress.parse_a_answers(reply, 0x1234) == ["198.51.100.7"]
+    assert egress.parse_a_answers(reply, 0x4321) == []  # not an answer to this query
+    assert egress.parse_a_answers(query, 0x1234) == []  # a query, not a response
+
+
+def test_host_upstreams(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# x\nnameserver 10.255.255.53\nnameserver ::1\nsearch example\n")
+    assert egress.host_upstreams(conf) == ["10.255.255.53"]
+    assert egress.host_upstreams(tmp_path / "missing") == []

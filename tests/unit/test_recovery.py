@@ -21,7 +21,7 @@ import pytest
 
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import CapsuleRecord, CapsuleState, MachineRecord
-from nestbox.hostagent.manager import ERROR, CapsuleManager
+from nestbox.hostagent.manager import CapsuleManager
 from nestbox.hostagent.network import plan_slot
 from nestbox.hostagent.recovery import recover
 from nestbox.hostagent.vmm.base import VmError
@@ -143,9 +143,9 @@ async def test_a_running_capsule_is_adopted_and_continued_if_stopped(
             assert (vm.pid, vm.state, vm.spec.slot) == (pid, "running", SLOT)
             capsule = host.runtime.get(record.id)
             assert capsule.state == S.RUNNING
-            # The run's one envd client, presenting the record's token, is the manager's too.
-            entry = manager(host).entry(record.id)
-            assert entry.envd is capsule.envd is host.clients[-1]
+            # The run's one envd client, presenting the record's token, serves the manager too.
+            assert manager(host).entry(record.id) is capsule
+            assert capsule.envd is host.clients[-1]
             assert capsule.envd.access_token == TOKEN
             assert [s.path for s in vm.guest.seen] == ["/health"]  # envd's version
             assert vms.alive(pid)
@@ -242,8 +242,11 @@ async def test_what_cannot_be_taken_back_is_killed_removed_and_listed_as_error(
             assert list(report.failed) == [record.id]
             assert pid is None or not vms.alive(pid)
             assert_gone(host, record)
-            assert manager(host).state(record.id) == ERROR
-            assert host.runtime.capsules() == []
+            assert manager(host).state(record.id) == S.ERROR
+            [failed] = host.runtime.capsules()  # listed in ERROR, nothing of it left
+            assert (failed.id, failed.run, failed.record.error) == (
+                record.id, None, report.failed[record.id],
+            )  # fmt: skip
             assert host.runtime.slots.in_use() == set()
 
 
@@ -302,3 +305,34 @@ async def test_stray_directories_and_their_vms_go(tmp_path: Path) -> None:
             await recover(manager(host))
             assert not vms.alive(pid)
             assert list(cap.records_dir(host.settings.state_dir).iterdir()) == []
+
+
+# ── records of an older agent ───────────────────────────────────────────────────────────
+
+
+async def test_a_record_of_the_older_two_file_format_is_migrated(tmp_path: Path) -> None:
+    """Agents before the one-record merge kept team, idle timeout, egress and creation time in
+    `<dir>/agent.json`: they are folded into the record (one atomic write), the file goes, and
+    the capsule is listed as before."""
+    async with fake_host(tmp_path, with_manager=True) as host:
+        record = write_record(host, S.PAUSED, slot=None, snapshot=True)
+        path = cap.records_dir(host.settings.state_dir) / f"{record.id}.json"
+        old = json.loads(path.read_text())
+        for name in ("team_id", "idle_timeout_s", "egress", "error"):
+            del old[name]  # the old format had none of them
+        path.write_text(json.dumps(old))
+        legacy = {"team_id": "team-1", "idle_timeout_s": 300, "egress": True,
+                  "created_at_unix_ms": 1_700_000_000_000}  # fmt: skip
+        (record.dir / "agent.json").write_text(json.dumps(legacy))
+        report = await recover(manager(host))
+        assert report.paused == [record.id]
+        after = on_disk(host, record)
+        assert after is not None
+        assert (after.team_id, after.idle_timeout_s, after.egress) == ("team-1", 300, True)
+        assert int(after.created_at.timestamp() * 1000) == 1_700_000_000_000
+        assert not (record.dir / "agent.json").exists()
+        view = manager(host).view(record.id)
+        assert (view.state, view.team_id, view.idle_timeout_s, view.egress) == (
+            S.PAUSED, "team-1", 300, True,
+        )  # fmt: skip
+        assert view.created_at_unix_ms == 1_700_000_000_000

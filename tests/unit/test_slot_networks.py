@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from nestbox.hostagent.network import NoFreeSlot, SlotLease, SlotNetworks, SlotPool
+from nestbox.hostagent.network import NoFreeSlot, SlotLease, SlotNetworks, SlotPool, egress
 from nestbox.hostagent.settings import AgentSettings
 from tests.fakes.system import FakeSystem
 
@@ -21,6 +21,22 @@ if TYPE_CHECKING:
 
 def settings(**kw: object) -> AgentSettings:
     return AgentSettings(**{"slot_count": 10, **kw})  # type: ignore[arg-type]
+
+
+class _NoForwarder:
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _fake_dns_forwarder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Egress slots get a DNS forwarder bound to the veth's address, which FakeSystem never
+    makes (`test_network_plan.py` checks that it is opened and closed)."""
+
+    async def open_forwarder(settings: AgentSettings, address: str) -> _NoForwarder:
+        return _NoForwarder()
+
+    monkeypatch.setattr(egress, "open_forwarder", open_forwarder)
 
 
 @asynccontextmanager

@@ -56,7 +56,13 @@ def test_illegal_moves_raise(tmp_path: Path, current: CapsuleState, target: Caps
 
 def test_every_state_can_be_stopped_but_stopped() -> None:
     for state, moves in cap.TRANSITIONS.items():
-        assert (S.STOPPING in moves) or state in (S.STOPPING, S.STOPPED)
+        assert (S.STOPPING in moves) or state in (S.STOPPING, S.STOPPED, S.ERROR)
+    assert cap.TRANSITIONS[S.ERROR] == {S.STOPPED}  # nothing is left of it: destroy forgets it
+
+
+def test_every_state_but_stopped_can_fail() -> None:
+    for state, moves in cap.TRANSITIONS.items():
+        assert (S.ERROR in moves) or state in (S.STOPPED, S.ERROR)
 
 
 def test_record_round_trip(tmp_path: Path) -> None:

@@ -1,1 +1,2 @@
-"""The `nestbox` command-line client."""
+"""The `nestbox` command-line client, built on `nestbox.sdk` (Click for the commands, Rich
+for tables and progress)."""

@@ -179,6 +179,22 @@ class AgentClient:
             pb.PingCapsuleRequest(capsule_id=capsule_id), headers=self._headers,
             timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
 
+    async def capsule_metrics(self, capsule_id: str, range_sec: int = 0) -> list[pb.MetricPoint]:
+        answer = await self._unary(self._rpc.get_capsule_metrics(
+            pb.GetCapsuleMetricsRequest(capsule_id=capsule_id, range_sec=range_sec),
+            headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
+        return list(answer.points)
+
+    async def set_idle_timeout(self, capsule_id: str, seconds: int) -> pb.Capsule:
+        answer = await self._unary(self._rpc.set_idle_timeout(
+            pb.SetIdleTimeoutRequest(capsule_id=capsule_id, idle_timeout_sec=seconds),
+            headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
+        return _capsule(answer.capsule)
+
+    async def fork_capsule(self, request: pb.ForkCapsuleRequest) -> pb.ForkCapsuleResponse:
+        return await self._unary(self._rpc.fork_capsule(
+            request, headers=self._headers, timeout_ms=self._ms(LIFECYCLE_TIMEOUT_S)))  # fmt: skip
+
     async def ping(self) -> pb.PingResponse:
         return await self._unary(self._rpc.ping(
             pb.PingRequest(), headers=self._headers, timeout_ms=self._ms(10.0)))  # fmt: skip
@@ -218,6 +234,14 @@ class AgentClient:
         self, request: pb.ConnectProcessRequest
     ) -> AsyncIterator[pb.ConnectProcessResponse]:
         return self._stream(self._rpc.connect_process(request, headers=self._headers))
+
+    async def send_stdin(self, request: pb.SendStdinRequest) -> None:
+        await self._unary(self._rpc.send_stdin(
+            request, headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
+
+    async def close_stdin(self, request: pb.CloseStdinRequest) -> None:
+        await self._unary(self._rpc.close_stdin(
+            request, headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
 
     # ── terminals ──
 
@@ -299,11 +323,34 @@ class AgentClient:
             headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
         return _entry(answer.entry)
 
+    def watch_dir(self, request: pb.WatchDirRequest) -> AsyncIterator[pb.WatchDirResponse]:
+        return self._stream(self._rpc.watch_dir(request, headers=self._headers))
+
     # ── templates ──
 
-    async def create_template(self, capsule_id: str, template_id: str) -> pb.CreateTemplateResponse:
+    async def create_template(
+        self,
+        capsule_id: str,
+        template_id: str,
+        *,
+        kind: pb.TemplateKind = pb.TemplateKind.SNAPSHOT,
+        consume: bool = False,
+    ) -> pb.CreateTemplateResponse:
+        """A snapshot template (default) or, with `kind=BASE`, a base one (the capsule's disk
+        flattened, no memory); the capsule is left paused unless `consume`."""
         return await self._unary(self._rpc.create_template(
-            pb.CreateTemplateRequest(capsule_id=capsule_id, template_id=template_id),
+            pb.CreateTemplateRequest(capsule_id=capsule_id, template_id=template_id, kind=kind,
+                                     consume_capsule=consume),
+            headers=self._headers, timeout_ms=self._ms(TEMPLATE_TIMEOUT_S)))  # fmt: skip
+
+    async def build_template(
+        self, capsule_id: str, template_id: str, *, kind: pb.TemplateKind, consume: bool
+    ) -> pb.CreateTemplateResponse:
+        """The template builder's last step: a snapshot (memory and disk) or a base template
+        (the disk flattened) of the build capsule, consuming it when asked."""
+        return await self._unary(self._rpc.create_template(
+            pb.CreateTemplateRequest(capsule_id=capsule_id, template_id=template_id, kind=kind,
+                                     consume_capsule=consume),
             headers=self._headers, timeout_ms=self._ms(TEMPLATE_TIMEOUT_S)))  # fmt: skip
 
     async def delete_template(self, template_id: str) -> None:

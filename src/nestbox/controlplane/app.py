@@ -21,25 +21,38 @@ from starlette.applications import Starlette
 from nestbox.controlplane import loops
 from nestbox.controlplane.api import (
     admin,
+    admin_capsules,
     api_keys,
     auth,
+    builds,
     capsules,
+    channels,
     docs,
+    events,
     files,
     hosts,
+    lifetime,
+    metrics,
     processes,
     pty,
     snapshots,
+    stdio,
     streams,
     teams,
+    web,
 )
 from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
 from nestbox.controlplane.api.openapi import build_openapi
+from nestbox.controlplane.api.routing import starlette_routes
 from nestbox.controlplane.db import Database
+from nestbox.controlplane.e2b import api as e2b_api
+from nestbox.controlplane.e2b import templates as e2b_templates
+from nestbox.controlplane.e2b.gateway import EnvdGateway
 from nestbox.controlplane.portproxy import PortProxy
 from nestbox.controlplane.secretbox import load_secret_key
 from nestbox.controlplane.services.container import Services, build_services
-from nestbox.controlplane.settings import prepare_data_dir
+from nestbox.controlplane.services.sessions import WebSessions
+from nestbox.controlplane.settings import jwt_secret, prepare_data_dir
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -68,19 +81,34 @@ ROUTERS: tuple[Router, ...] = (
     api_keys.router,
     teams.router,
     admin.router,
+    admin_capsules.router,
+    metrics.router,  # before capsules: /v1/capsules/stats is not a capsule id
     capsules.router,
+    lifetime.router,
     processes.router,
+    stdio.router,
     streams.router,
     pty.router,
     files.router,
     snapshots.router,
+    builds.router,
     hosts.router,
+    events.router,
+    channels.router,
+    e2b_api.router,
+    e2b_templates.router,
+    web.router,
     docs.router,
 )
 BACKGROUND: tuple[BackgroundLoop, ...] = (
     loops.agent_connections,
+    loops.builds,
     loops.host_monitor,
     loops.reconciler,
+    loops.lifetimes,
+    loops.events,
+    loops.outbox,
+    loops.stats_sampler,
 )
 
 
@@ -110,6 +138,8 @@ def create_app(
                 raise
             services = build_services(settings, db)
             app.state.services = services
+            app.state.web_sessions = WebSessions(db, secret=jwt_secret(settings),
+                                                 ttl_s=settings.jwt_ttl_s)  # fmt: skip
             async with anyio.create_task_group() as tg:
                 for loop in background:
                     await tg.start(loop, services, name=loop.__name__)
@@ -119,11 +149,14 @@ def create_app(
         finally:
             await db.aclose()
 
-    routes = [route for router in routers for route in router.starlette_routes()]
+    routes = starlette_routes(routers)
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.openapi = build_openapi(routers)
+    # The dashboard gets the GETs no route took (`/`, its pages, its files); the rest 404 as before.
+    app.router.default = web.Dashboard(settings.dashboard_dir, app.router.default)
     app.add_middleware(StripApiPrefix)
-    app.add_middleware(PortProxy)  # outermost: `{port}-{capsule}.` hosts never reach the API
+    app.add_middleware(PortProxy)  # `{port}-{capsule}.` hosts never reach the API
+    app.add_middleware(EnvdGateway)  # outermost: E2B's envd calls (issue 16) before the proxy
     return app
 
 

@@ -39,6 +39,14 @@ async def reconciler(
     await services.reconciler.run(services.settings.reconcile_interval_s, task_status=task_status)
 
 
+async def lifetimes(
+    services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Capsules whose lifetime (`ttl_sec`) ended are paused or destroyed, every
+    `lifetime_interval_s` (`services/lifetime.py`)."""
+    await services.lifetime.run(services.settings.lifetime_interval_s, task_status=task_status)
+
+
 async def agent_connections(
     services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
@@ -49,3 +57,32 @@ async def agent_connections(
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await services.agents.aclose()
+
+
+async def events(
+    services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Hears of committed events and feeds the SSE streams and the outbox
+    (`services/events.py`)."""
+    await services.events.run(task_status=task_status)
+
+
+async def outbox(
+    services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Delivers channel notifications (`services/outbox.py`)."""
+    await services.outbox.run(task_status=task_status)
+
+
+async def stats_sampler(
+    services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Samples what each team holds every `stats_interval_s` (`services/stats.py`)."""
+    await services.stats.run(task_status=task_status)
+
+
+async def builds(
+    services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """The template build worker: claims queued builds and runs them (`services/builds.py`)."""
+    await services.builds.serve(task_status=task_status)

@@ -28,6 +28,8 @@ both forwarded to the owning agent's `/proxy/{capsule_id}/{port}/path` (Wrenn's
   agent cannot be reached (502). 404 unknown capsule, 409 not running, 503 no agent address
   (or a host registered before proxy tokens: it must register again).
 - WebSockets pass through (`common.wsrelay`, the relay the agent uses too).
+- E2B's envd calls (they carry `E2b-Sandbox-Id`, whatever the host) never get here: the
+  envd gateway (`e2b/gateway.py`, outside this middleware) authenticates and serves them.
 """
 
 from __future__ import annotations

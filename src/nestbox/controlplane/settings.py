@@ -29,6 +29,8 @@ ADMIN_KEY_FILE = "admin-api-key"
 MIN_JWT_SECRET_BYTES = 32
 """HS256 keys shorter than the hash output (32 bytes) weaken it (RFC 7518 §3.2)."""
 DATA_DIR_MODE = 0o700
+SOURCE_DASHBOARD = Path(__file__).resolve().parents[3] / "dashboard" / "build"
+"""Where `make install` builds the dashboard in a source checkout."""
 
 
 class CPSettings(BaseSettings):
@@ -55,6 +57,17 @@ class CPSettings(BaseSettings):
         default=None, description="HS256 key for sessions; default: <data_dir>/jwt-secret"
     )
     jwt_ttl_s: int = Field(default=6 * 3600, gt=0, description="lifetime of a user session JWT")
+    default_internet_access: bool = Field(
+        default=False, description="egress of a capsule whose create does not say "
+        "(`allow_internet_access`); private, link-local and host addresses stay blocked",
+    )  # fmt: skip
+    capsule_max_vcpus: int = Field(
+        default=8, ge=1, description="most vCPUs a capsule from a base template may ask for"
+    )
+    capsule_max_memory_mb: int = Field(
+        default=8192, ge=128, description="most memory_mb a capsule from a base template may "
+        "ask for (each host also has its own limit)",
+    )  # fmt: skip
     team_capsule_quota: int = Field(
         default=20, ge=0, description="capsules a team may hold at once (pending, running, "
         "resuming, ...; paused ones do not count); 0 = no limit",
@@ -83,6 +96,10 @@ class CPSettings(BaseSettings):
         "this long, with no call of this process working on it, is settled from its agent",
     )  # fmt: skip
     signup_enabled: bool = Field(default=True, description="allow POST /v1/auth/signup")
+    dashboard_dir: Path = Field(
+        default=SOURCE_DASHBOARD, description="the built dashboard served at / (`make install` "
+        "builds dashboard/build); without a build / says how to make one",
+    )  # fmt: skip
     admin_email: str = Field(default="admin@localhost", description="the first start's admin")
     heartbeat_unreachable_after_s: float = Field(
         default=90.0, gt=0, description="a host with no heartbeat for this long is unreachable"
@@ -90,12 +107,63 @@ class CPSettings(BaseSettings):
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="how often DB state is compared with the agents'"
     )
+    auto_resume_default: bool = Field(
+        default=False, description="`auto_resume` of a capsule created without one: a guest "
+        "call (exec, files, PTY) to it while paused resumes it instead of answering 409",
+    )  # fmt: skip
+    lifetime_interval_s: float = Field(
+        default=1.0, gt=0, description="how often capsules whose lifetime (ttl_sec) ended are "
+        "paused or destroyed",
+    )  # fmt: skip
     host_monitor_interval_s: float = Field(
         default=10.0, gt=0, description="how often heartbeat ages are checked"
     )
+    min_idle_timeout_s: int = Field(
+        default=60, ge=1, description="positive idle timeouts below this are raised to it (as "
+        "the wrenn SDK documents; tests lower it)",
+    )  # fmt: skip
+    # events, stats, channels (issue 13)
+    events_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="SSE comment sent on an idle /v1/events/stream"
+    )
+    stats_interval_s: float = Field(
+        default=30.0, gt=0, description="how often each team's reserved capsules are sampled"
+    )
+    event_retention_days: int = Field(
+        default=7, ge=1, description="events, finished deliveries kept this long"
+    )
+    channel_retry_base_s: float = Field(
+        default=10.0, gt=0, description="first retry of a failed delivery; then x3 each time"
+    )
+    channel_max_attempts: int = Field(
+        default=6, ge=1, description="a delivery is given up (failed) after this many attempts"
+    )
+    channel_timeout_s: float = Field(default=10.0, gt=0, description="one delivery attempt")
+    channels_allow_private: bool = Field(
+        default=False, description="let channel URLs resolve to loopback or private addresses "
+        "(link-local, multicast and reserved stay refused)",
+    )  # fmt: skip
     host_registration_ttl_s: int = Field(
         default=3600, gt=0, description="lifetime of a one-time host registration token"
     )
+    build_concurrency: int = Field(
+        default=2, ge=1, le=64, description="template builds this control plane runs at once"
+    )
+    build_poll_s: float = Field(
+        default=2.0, gt=0, description="how often idle build workers look for queued builds"
+    )
+    build_stale_after_s: float = Field(
+        default=30.0, gt=0, description="a running build whose worker has not checked in for "
+        "this long (its control plane stopped) is claimed again and rerun",
+    )  # fmt: skip
+    build_healthcheck_max_s: float = Field(
+        default=600.0, gt=0, description="a build's healthcheck with no --retries gives up "
+        "after this long",
+    )  # fmt: skip
+    build_egress: bool = Field(
+        default=True, description="build capsules may reach the internet (apt, pip, git); "
+        "private and host addresses stay blocked",
+    )  # fmt: skip
     log_level: str = Field(
         default="INFO",
         validation_alias=AliasChoices("NESTBOX_CP_LOG_LEVEL", "NESTBOX_LOG_LEVEL", "log_level"),

@@ -1,6 +1,6 @@
 """The guest machine: the ONLY module where envd changes (or probes) the machine it runs on.
 
-Clock, kernel RNG, disk sync, kernel command line, eth0's address. A `GuestMachine`
+Clock, kernel RNG, host name, disk sync, kernel command line, eth0's address. A `GuestMachine`
 built with `in_vm=False` does nothing at all, so envd can run on a developer's host. Capsule
 identity files are the exception: they go to `settings.run_dir` in both modes. Every call here
 is blocking; async callers run them with `anyio.to_thread.run_sync`.
@@ -38,6 +38,8 @@ CLOCK_MAX_BEHIND_NS = 50_000_000
 CLOCK_MAX_AHEAD_NS = 5_000_000_000
 
 CMDLINE = Path("/proc/cmdline")
+ETC_HOSTS = Path("/etc/hosts")
+HOSTNAME_ADDRESS = "127.0.1.1"
 URANDOM = "/dev/urandom"
 
 
@@ -49,6 +51,7 @@ class Syscalls(Protocol):
     def sync(self) -> None: ...
     def read_text(self, path: Path) -> str: ...
     def interface_ipv4(self, name: str) -> str | None: ...
+    def set_hostname(self, name: str) -> None: ...
 
 
 class RealSyscalls:
@@ -79,6 +82,27 @@ class RealSyscalls:
             except OSError:
                 return None  # no such interface, or no IPv4 address on it
         return socket.inet_ntoa(ifreq[20:24])
+
+    def set_hostname(self, name: str) -> None:
+        if socket.gethostname() == name:
+            return
+        socket.sethostname(name)
+        _pin_in_hosts(ETC_HOSTS, name)
+
+
+def _pin_in_hosts(hosts: Path, name: str) -> None:
+    """Point `127.0.1.1` at `name` in the hosts file (replaced atomically), so tools that
+    resolve their own host name (sudo) find it without DNS."""
+    lines = [
+        line
+        for line in hosts.read_text().splitlines()
+        if not line.split() or line.split()[0] != HOSTNAME_ADDRESS
+    ]
+    lines.append(f"{HOSTNAME_ADDRESS}\t{name}")
+    tmp = hosts.with_name(f".{hosts.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, hosts)
 
 
 class GuestMachine:
@@ -124,6 +148,16 @@ class GuestMachine:
             log.warning("cannot reseed the guest RNG: %s", err)
             return False
         return True
+
+    def set_hostname(self, name: str) -> None:
+        """Make `name` (the capsule id: every clone of a template gets its own) the host name,
+        also in `/etc/hosts`. Failures are logged, not raised."""
+        if not self.in_vm or not name:
+            return
+        try:
+            self._sys.set_hostname(name)
+        except OSError as err:
+            log.warning("cannot set the host name: %s", err)
 
     def sync(self) -> None:
         """Flush dirty pages to the disks, so the disk image is consistent when the VM freezes."""

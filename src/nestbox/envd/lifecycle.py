@@ -94,6 +94,7 @@ def finish_init(rt: Runtime) -> float | None:
         step = rt.machine.set_clock(update.host_ns + elapsed_ns)
     if update.identity:
         write_identity(rt)
+        rt.machine.set_hostname(rt.identity.capsule_id)
     if update.entropy:
         rt.machine.reseed_rng(update.entropy)
     return step

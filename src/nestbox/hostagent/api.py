@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from nestbox import __version__
-from nestbox.hostagent import views
+from nestbox.hostagent import fork, idle, views
 from nestbox.hostagent.errors import BadRequest
 from nestbox.hostagent.guestcalls import events_of
 from nestbox.hostagent.manager import CreateSpec
@@ -61,7 +61,9 @@ class AgentService(HostAgentService):
             template_id=request.template, capsule_id=request.capsule_id,
             team_id=request.team_id, idle_timeout_s=request.idle_timeout_sec,
             default_user=request.default_user, default_env=dict(request.default_env),
-            egress=request.egress,
+            egress=request.egress, egress_allow=list(request.egress_allow),
+            vcpus=request.vcpus, memory_mib=request.memory_mb,
+            default_workdir=request.default_workdir,
         )  # fmt: skip
         return pb.CreateCapsuleResponse(capsule=views.capsule(await self.m.create(spec)))
 
@@ -69,6 +71,7 @@ class AgentService(HostAgentService):
         self, request: pb.DestroyCapsuleRequest, ctx: Ctx
     ) -> pb.DestroyCapsuleResponse:
         await self.m.destroy(request.capsule_id)
+        await fork.prune(self.m)  # a fork's base goes with its last copy
         return pb.DestroyCapsuleResponse()
 
     async def pause_capsule(
@@ -107,6 +110,26 @@ class AgentService(HostAgentService):
         points = self.m.entry(request.capsule_id).metrics.since(request.range_sec)
         return pb.GetCapsuleMetricsResponse(points=[views.metric_point(p) for p in points])
 
+    async def set_idle_timeout(
+        self, request: pb.SetIdleTimeoutRequest, ctx: Ctx
+    ) -> pb.SetIdleTimeoutResponse:
+        view = await idle.set_idle_timeout(self.m, request.capsule_id, request.idle_timeout_sec)
+        return pb.SetIdleTimeoutResponse(capsule=views.capsule(view))
+
+    async def fork_capsule(
+        self, request: pb.ForkCapsuleRequest, ctx: Ctx
+    ) -> pb.ForkCapsuleResponse:
+        try:
+            result = await fork.fork(
+                self.m, request.capsule_id, request.count, list(request.capsule_ids)
+            )
+        finally:
+            await fork.prune(self.m)
+        return pb.ForkCapsuleResponse(
+            capsules=[views.capsule(v) for v in result.copies], paused_ms=result.paused_ms,
+            quiesced_ms=result.quiesced_ms,
+        )  # fmt: skip
+
     # ── processes ───────────────────────────────────────────────────────────────────────
 
     async def exec(self, request: pb.ExecRequest, ctx: Ctx) -> pb.ExecResponse:
@@ -142,7 +165,7 @@ class AgentService(HostAgentService):
         _require(request.cmd, "cmd")
         started = await self.m.call(request.capsule_id, lambda envd: envd.start_background(
             request.cmd, request.args, tag=request.tag or None, envs=request.envs,
-            cwd=request.cwd or None, user=request.user or None,
+            cwd=request.cwd or None, user=request.user or None, stdin=request.stdin,
         ))  # fmt: skip
         return pb.StartBackgroundResponse(pid=started.pid, tag=started.tag)
 
@@ -171,6 +194,16 @@ class AgentService(HostAgentService):
         source = lambda envd: events_of(envd.connect_process(selector))  # noqa: E731
         async for event in self.m.relay(request.capsule_id, source):
             yield pb.ConnectProcessResponse(event=views.process_event(event))
+
+    async def send_stdin(self, request: pb.SendStdinRequest, ctx: Ctx) -> pb.SendStdinResponse:
+        selector = _selector(request.selector)
+        await self.m.call(request.capsule_id, lambda e: e.send_stdin(selector, request.data))
+        return pb.SendStdinResponse()
+
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Ctx) -> pb.CloseStdinResponse:
+        selector = _selector(request.selector)
+        await self.m.call(request.capsule_id, lambda envd: envd.close_stdin(selector))
+        return pb.CloseStdinResponse()
 
     # ── terminals ───────────────────────────────────────────────────────────────────────
 
@@ -285,14 +318,25 @@ class AgentService(HostAgentService):
             request.source, request.destination, user=request.user or None))  # fmt: skip
         return pb.MoveResponse(entry=views.file_entry(entry))
 
+    async def watch_dir(
+        self, request: pb.WatchDirRequest, ctx: Ctx
+    ) -> AsyncIterator[pb.WatchDirResponse]:
+        _require(request.path, "path")
+        source = lambda envd: envd.watch_dir(  # noqa: E731
+            request.path, recursive=request.recursive, user=request.user or None
+        )
+        async for event in self.m.relay(request.capsule_id, source):
+            yield pb.WatchDirResponse(type=event.type, name=event.name)
+
     # ── templates ───────────────────────────────────────────────────────────────────────
 
     async def create_template(
         self, request: pb.CreateTemplateRequest, ctx: Ctx
     ) -> pb.CreateTemplateResponse:
         template, view = await self.m.create_template(
-            request.capsule_id, request.template_id, consume=request.consume_capsule
-        )
+            request.capsule_id, request.template_id, consume=request.consume_capsule,
+            kind="base" if request.kind == pb.TemplateKind.BASE else "snapshot",
+        )  # fmt: skip
         return pb.CreateTemplateResponse(
             template=views.template(template), capsule=views.capsule(view) if view else None
         )

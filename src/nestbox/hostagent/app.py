@@ -2,6 +2,7 @@
 
     /hostagent.v1.HostAgentService/*   the Connect RPC service (`api.AgentService`)
     /proxy/{capsule_id}/{port}/...     the port proxy (`proxy.PortProxy`, HTTP and WebSocket)
+    /envd/{capsule_id}/...             the envd gateway (`envdgateway.EnvdGateway`, agent token)
     /health                            liveness, no secret needed, says nothing else
 
 RPCs must carry the control plane's RPC secret, proxied requests its proxy secret (`auth`),
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from nestbox.hostagent.api import READ_MAX_BYTES, AgentService
+from nestbox.hostagent.envdgateway import EnvdGateway
 from nestbox.hostagent.errors import AgentNotReady
 from nestbox.hostagent.manager import CapsuleManager
 from nestbox.hostagent.proxy import PortProxy, answer_error, refuse, send_json
@@ -33,6 +35,7 @@ from nestbox.hostagent.registration import heartbeat_loop, host_load
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.system import RealSystem
 from nestbox.hostagent.views import ErrorMapper
+from nestbox.protocol.envdgateway import AGENT_PREFIX
 from nestbox.protocol.errors import ErrorCode
 from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentServiceASGIApplication
 from nestbox.protocol.hosts import PROXY_TOKEN_HEADER
@@ -73,6 +76,7 @@ class AgentApp:
         self.on_stop: Callable[[], None] = lambda: None
         self.startup_error: BaseException | None = None
         self.proxy = PortProxy(self)
+        self.envd_gateway = EnvdGateway(auth, lambda: self.manager)
         service = AgentService(self._require_manager, lambda: self.on_stop())
         self.rpc = HostAgentServiceASGIApplication(
             service, interceptors=[ErrorMapper()], read_max_bytes=READ_MAX_BYTES
@@ -100,6 +104,8 @@ class AgentApp:
                              f"a valid {PROXY_TOKEN_HEADER} is required")  # fmt: skip
                 return
             await self.proxy(scope, receive, send)
+        elif path.startswith(AGENT_PREFIX):
+            await self.envd_gateway(scope, receive, send)  # checks the agent token itself
         elif path == "/health" and kind == "http":
             body = json.dumps({"status": "ok" if self.manager else "starting"}).encode()
             await send_json(send, 200, body)
@@ -147,7 +153,7 @@ class AgentApp:
             VmRuntime.open(settings, self._system or RealSystem()) as runtime,
             anyio.create_task_group() as tg,
         ):
-            manager = CapsuleManager(settings, runtime, tg, on_evict=self.proxy.evict)
+            manager = CapsuleManager(settings, runtime, tg, on_evict=self._evict)
             report = await recover(manager)
             self.manager = manager
             tg.start_soon(reap_idle, manager, settings.reap_interval_s)
@@ -175,6 +181,11 @@ class AgentApp:
             log.error("shutdown: pausing the capsules took too long; some are left running")
         await manager.close()
         await self.proxy.aclose()
+        await self.envd_gateway.aclose()
+
+    async def _evict(self, capsule_id: str) -> None:
+        await self.proxy.evict(capsule_id)
+        await self.envd_gateway.evict(capsule_id)
 
     async def _heartbeats(
         self,

@@ -1,5 +1,6 @@
-"""A capsule as the VM runtime sees it: its state machine, its on-disk record, its live view
-(`Capsule`: the record plus the running VM, if any) and its errors.
+"""A capsule: its state machine, its one on-disk record, its one live registry entry
+(`Capsule`: the record, the running VM if any, the lock and what the service tracks per
+capsule) and its errors.
 
     CapsuleError
     ├── CapsuleNotFound   no capsule with that id on this agent
@@ -8,19 +9,28 @@
 
 A failed teardown raises `undo.TeardownError` (not a `CapsuleError`: slot networks unwind too).
 
-State machine (QEMU `Runstate` style: an enum plus the table of legal moves):
+State machine (QEMU `Runstate` style: an enum plus the table of legal moves, `TRANSITIONS`;
+ARCHITECTURE.md draws the same table):
 
     STARTING ──> RUNNING ──> PAUSING ──> PAUSED ──> RESUMING ──> RUNNING
-        │           │  ^         │          │           │
-        │           │  └─────────┘ (save failed: the guest runs on)     └──> PAUSED (restore failed)
-        │           └──> SNAPSHOTTING ──> STOPPED (consumed into a template)
-        └─── any state ──> STOPPING ──> STOPPED
+                  ^  │  ^        │                     │
+                  │  │  └────────┘ save failed:        └──> PAUSED (restore failed)
+                  │  │             the guest runs on
+                  │  └──> SNAPSHOTTING ──> STOPPED (consumed into a template)
+                  └────────┘ save failed
+    any state but STOPPED ──> STOPPING ──> STOPPED
+    any state but STOPPED ──> ERROR (its VM died or could not be taken back) ──> STOPPED
+
+An ERROR capsule has nothing left (no VM, files or record on disk): it stays listed, with the
+reason in `CapsuleRecord.error`, until it is destroyed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path  # noqa: TC003 (pydantic needs it at runtime)
@@ -30,11 +40,14 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nestbox.hostagent.durable import fsync_path, write_atomic
+from nestbox.hostagent.metrics import MetricsRing
+from nestbox.hostagent.proxytrack import ConnTracker
+from nestbox.hostagent.undo import UndoStack
 from nestbox.hostagent.vmm.base import RamSpec
 
 if TYPE_CHECKING:
     from nestbox.hostagent.envdconn import CapsuleEnvd
-    from nestbox.hostagent.lifecycle import Run, UndoStack
+    from nestbox.hostagent.lifecycle import Run
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +61,20 @@ class CapsuleState(StrEnum):
     SNAPSHOTTING = "snapshotting"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    ERROR = "error"
 
 
 S = CapsuleState
 TRANSITIONS: dict[CapsuleState, frozenset[CapsuleState]] = {
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING}),
-    S.RUNNING: frozenset({S.PAUSING, S.SNAPSHOTTING, S.STOPPING}),
-    S.PAUSING: frozenset({S.PAUSED, S.RUNNING, S.STOPPING}),
-    S.PAUSED: frozenset({S.RESUMING, S.STOPPING}),
-    S.RESUMING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING}),
-    S.SNAPSHOTTING: frozenset({S.STOPPED, S.RUNNING, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED}),
+    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.ERROR}),
+    S.RUNNING: frozenset({S.PAUSING, S.SNAPSHOTTING, S.STOPPING, S.ERROR}),
+    S.PAUSING: frozenset({S.PAUSED, S.RUNNING, S.STOPPING, S.ERROR}),
+    S.PAUSED: frozenset({S.RESUMING, S.STOPPING, S.ERROR}),
+    S.RESUMING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.ERROR}),
+    S.SNAPSHOTTING: frozenset({S.STOPPED, S.RUNNING, S.STOPPING, S.ERROR}),
+    S.STOPPING: frozenset({S.STOPPED, S.ERROR}),
     S.STOPPED: frozenset(),
+    S.ERROR: frozenset({S.STOPPED}),
 }
 
 
@@ -123,8 +138,11 @@ class MachineRecord(BaseModel):
 
 
 class CapsuleRecord(BaseModel):
-    """`<state_dir>/capsules/<id>.json`: enough to re-adopt a running VM or resume a paused one
-    after an agent restart."""
+    """`<state_dir>/capsules/<id>.json`, the capsule's one record (the machine, the run, the
+    envd tokens and the service's settings of it): enough to re-adopt a running VM or resume a
+    paused one after an agent restart. Replaced whole and atomically on every change
+    (`write_record`). Records of agents before the merge kept the service's settings in
+    `<dir>/agent.json`; `migrate_legacy_meta` folds that file in."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -152,6 +170,8 @@ class CapsuleRecord(BaseModel):
     """While SNAPSHOTTING: the template staging directory being filled (recovery removes it)."""
     default_user: str = "root"
     env_vars: dict[str, str] = Field(default_factory=dict)
+    default_workdir: str | None = None
+    """Sent in the /init of a create (a built template's WORKDIR); a snapshot keeps it."""
     access_token: str | None = None
     """The token envd holds (`X-Access-Token` on every call to it; the record is 0600). A clone
     starts with its template's, a cold boot with none (envd is open until its first `/init`)."""
@@ -161,6 +181,18 @@ class CapsuleRecord(BaseModel):
     RUNNING after its answer. A crash in between leaves a STARTING or RESUMING record, whose VM
     recovery kills: the token dies with it (a resumed snapshot's envd holds `access_token`)."""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    team_id: str = ""
+    idle_timeout_s: int = 0
+    """Auto-pause after this long without activity (0 = never; the reaper)."""
+    egress: bool = False
+    """Outbound internet from the guest (every run's slot network is made with it)."""
+    egress_allow: list[str] = Field(default_factory=list)
+    """With `egress`: the only CIDRs / host names it may reach (`network/egress.py`)."""
+    template_kind: Literal["snapshot", "base"] = "snapshot"
+    """The kind of template it came from: a snapshot's machine is the template's, a base
+    template's the one the create asked for."""
+    error: str | None = None
+    """Why the capsule is in ERROR (in memory only: an ERROR capsule has no record on disk)."""
 
     def moved_to(self, state: CapsuleState) -> CapsuleRecord:
         """A copy in `state`. :raise InvalidState: the move is not in `TRANSITIONS`."""
@@ -187,16 +219,31 @@ class CapsuleRecord(BaseModel):
 
 
 class Capsule:
-    """The runtime's live view of one capsule. Mutated only under `lock`."""
+    """The agent's one live entry for a capsule, from the moment its create starts until it is
+    destroyed: the record (`record`, mirrored on disk), the current run (VM, slot lease, envd
+    client) if it runs, the files' undo stack, and what the service tracks while it runs (the
+    proxy's connection tracker, the metrics ring and sampler, the calls in flight into the
+    guest, the last activity, envd's version).
 
-    def __init__(self, record: CapsuleRecord, files: UndoStack) -> None:
+    `lock` serialises the capsule's lifecycle verbs (create, pause, resume, template, destroy,
+    the reaper's pause, the exit watcher's clean-up): the record, `run`, `files`, the sampler
+    and the tracker's draining state change only while it is held. It is the capsule's only
+    lock. Guest calls do not take it (many run at once) but register in `calls` so that the end
+    of a run cuts them."""
+
+    def __init__(self, record: CapsuleRecord, files: UndoStack | None = None) -> None:
         self.record = record
-        self.files = files
+        self.files = files if files is not None else UndoStack(f"capsule {record.id} files")
         self.run: Run | None = None
-        # Serialises this capsule's lifecycle verbs (and the exit watcher's clean-up): the
-        # record, `run` and the files change only while it is held.
         self.lock = anyio.Lock()
         self.watch: anyio.CancelScope | None = None
+        self.tracker = ConnTracker()
+        self.metrics = MetricsRing()
+        self.sampler: anyio.CancelScope | None = None
+        self.envd_version = ""
+        self.calls: set[anyio.CancelScope] = set()
+        self._last_active = time.monotonic()
+        self._last_active_wall = time.time()
 
     @property
     def id(self) -> str:
@@ -220,6 +267,37 @@ class Capsule:
     @property
     def host_address(self) -> str | None:
         return self.run.network.host_address if self.run else None
+
+    # ── activity (the idle reaper's clock) ──────────────────────────────────────────────
+
+    def touch(self) -> None:
+        """Count as activity now (resets the idle timer)."""
+        self._last_active = time.monotonic()
+        self._last_active_wall = time.time()
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self._last_active
+
+    def last_active_unix_ms(self) -> int:
+        return int(self._last_active_wall * 1000)
+
+    def is_idle_expired(self) -> bool:
+        timeout = self.record.idle_timeout_s
+        return timeout > 0 and self.idle_s() > timeout
+
+    # ── what ends with the run ──────────────────────────────────────────────────────────
+
+    def stop_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
+            self.sampler = None
+
+    def interrupt_calls(self) -> int:
+        """Cancel every call in flight (after the VM stopped: their sockets are dead)."""
+        calls = list(self.calls)
+        for scope in calls:
+            scope.cancel()
+        return len(calls)
 
 
 def records_dir(state_dir: Path) -> Path:
@@ -248,3 +326,39 @@ def read_records(state_dir: Path) -> list[CapsuleRecord]:
         except (OSError, ValidationError) as err:
             log.error("unreadable capsule record %s: %s", path.name, err)
     return records
+
+
+LEGACY_META_FILE = "agent.json"
+"""Where agents before the one-record merge kept a capsule's service settings (team, idle
+timeout, egress, creation time), beside its disk."""
+
+
+def migrate_legacy_meta(state_dir: Path, record: CapsuleRecord) -> CapsuleRecord:
+    """`record` with its legacy `agent.json` folded in (then written, then that file removed),
+    or as it is when there is none. A crash in between leaves both, and the next start folds
+    the same values in again. Blocking: call it in a worker thread."""
+    legacy = record.dir / LEGACY_META_FILE
+    try:
+        doc = json.loads(legacy.read_bytes())
+    except FileNotFoundError:
+        return record
+    except (OSError, ValueError) as err:
+        log.warning("unreadable %s of capsule %s ignored: %s", LEGACY_META_FILE, record.id, err)
+        doc = {}
+    update: dict[str, object] = {}
+    if isinstance(doc, dict):
+        if isinstance(doc.get("team_id"), str):
+            update["team_id"] = doc["team_id"]
+        if isinstance(doc.get("idle_timeout_s"), int):
+            update["idle_timeout_s"] = doc["idle_timeout_s"]
+        if isinstance(doc.get("egress"), bool):
+            update["egress"] = doc["egress"]
+        if isinstance(ms := doc.get("created_at_unix_ms"), int) and ms > 0:
+            update["created_at"] = datetime.fromtimestamp(ms / 1000, UTC)
+    record = record.model_copy(update=update)
+    write_record(state_dir, record)
+    legacy.unlink(missing_ok=True)
+    fsync_path(record.dir)
+    log.info("capsule record migrated: %s folded in", LEGACY_META_FILE,
+             extra={"capsule_id": record.id})  # fmt: skip
+    return record

@@ -23,6 +23,7 @@ from nestbox.hostagent.capsule import (
 )
 from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.network import NoFreeSlot
+from nestbox.hostagent.network.egress import BadEgress
 from nestbox.hostagent.storage.templates import TemplateNotFound
 from nestbox.hostagent.undo import TeardownError
 from nestbox.hostagent.vmm.base import VmError
@@ -86,6 +87,8 @@ def classify(err: BaseException) -> tuple[ErrorCode, str]:
             return ErrorCode.INVALID_STATE, str(err)
         case NoFreeSlot():
             return ErrorCode.UNAVAILABLE, "no free capsule slot on this host"
+        case BadEgress():
+            return ErrorCode.INVALID_REQUEST, str(err)
         case GuestUnreachable():
             return ErrorCode.UNAVAILABLE, f"capsule {err.capsule_id}: envd did not answer"
         case TeardownError():

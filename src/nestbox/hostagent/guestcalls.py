@@ -19,19 +19,19 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, InvalidState
+from nestbox.hostagent.capsule import CapsuleState, InvalidState
 from nestbox.hostagent.envdconn.events import aclose_quietly
 from nestbox.hostagent.errors import CapsuleFailed, StreamInterrupted
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from contextlib import AbstractAsyncContextManager
 
     from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectSendStream
 
+    from nestbox.hostagent.capsule import Capsule
     from nestbox.hostagent.envdconn import CapsuleEnvd
-    from nestbox.hostagent.managed import ManagedCapsule
     from nestbox.hostagent.runtime import VmRuntime
 
 log = logging.getLogger(__name__)
@@ -46,23 +46,17 @@ class GuestCalls:
 
     runtime: VmRuntime
     _tg: TaskGroup
-    _entries: dict[str, ManagedCapsule]
 
-    def _guest(self, capsule_id: str) -> tuple[ManagedCapsule, CapsuleEnvd]:
-        """The capsule and its envd client. :raise CapsuleNotFound: :raise CapsuleFailed:
+    def _guest(self, capsule_id: str) -> tuple[Capsule, CapsuleEnvd]:
+        """The capsule and its run's envd client. :raise CapsuleNotFound: :raise CapsuleFailed:
         :raise InvalidState: it is not running."""
-        entry = self._entries.get(capsule_id)
-        if entry is None:
-            raise CapsuleNotFound(capsule_id)
-        if entry.error is not None:
-            raise CapsuleFailed(f"capsule {capsule_id} failed: {entry.error}")
-        try:
-            state = self.runtime.get(capsule_id).state
-        except CapsuleNotFound:
-            state = CapsuleState.STARTING if entry.creating else CapsuleState.STOPPED
-        if state != CapsuleState.RUNNING or entry.envd is None:
+        entry = self.runtime.get(capsule_id)
+        state = entry.state
+        if state == CapsuleState.ERROR:
+            raise CapsuleFailed(f"capsule {capsule_id} failed: {entry.record.error}")
+        if state != CapsuleState.RUNNING or entry.run is None:
             raise InvalidState(capsule_id, state, frozenset({CapsuleState.RUNNING}))
-        return entry, entry.envd
+        return entry, entry.run.envd
 
     def touch(self, capsule_id: str) -> None:
         """PingCapsule: count as activity. :raise InvalidState: not running."""
@@ -77,7 +71,7 @@ class GuestCalls:
         entry, envd = self._guest(capsule_id)
         entry.touch()
         try:
-            with entry.call_scope():
+            with call_scope(entry):
                 return await fn(envd)
         finally:
             entry.touch()
@@ -95,7 +89,7 @@ class GuestCalls:
         entry.touch()
         send, receive = anyio.create_memory_object_stream[T | Exception](RELAY_QUEUE)
         scope = anyio.CancelScope()
-        entry.add_call(scope)
+        entry.calls.add(scope)
         self._tg.start_soon(_pump, entry, scope, source(envd), send)
         try:
             with receive:
@@ -105,11 +99,27 @@ class GuestCalls:
                     yield item
         finally:
             scope.cancel()
-            entry.remove_call(scope)
+            entry.calls.discard(scope)
+
+
+@contextlib.contextmanager
+def call_scope(entry: Capsule) -> Iterator[anyio.CancelScope]:
+    """A cancel scope that the end of the capsule's run cancels (`Capsule.interrupt_calls`); a
+    call it cut raises `StreamInterrupted`. Use it only around code that runs in one task (no
+    yields of an async generator inside)."""
+    scope = anyio.CancelScope()
+    entry.calls.add(scope)
+    try:
+        with scope:
+            yield scope
+    finally:
+        entry.calls.discard(scope)
+    if scope.cancelled_caught:
+        raise StreamInterrupted(f"capsule {entry.id} was paused or stopped during the call")
 
 
 async def _pump(
-    entry: ManagedCapsule,
+    entry: Capsule,
     scope: anyio.CancelScope,
     items: AsyncIterator[T],
     send: MemoryObjectSendStream[T | Exception],

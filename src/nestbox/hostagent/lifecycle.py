@@ -32,6 +32,7 @@ from nestbox.hostagent.capsule import CapsuleRecord, GuestUnreachable
 from nestbox.hostagent.durable import fsync_path
 from nestbox.hostagent.envdconn import CapsuleEnvd, envd_url
 from nestbox.hostagent.envdconn.errors import EnvdCallError
+from nestbox.hostagent.network.egress import egress_allow
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage.templates import TemplateMeta
 from nestbox.hostagent.undo import UndoStack, unwind, unwind_after_failure
@@ -234,16 +235,19 @@ async def start_guest(
     client sends the token the `/init` sets from its answer on.
     """
     incoming = restore_from is not None
-    run = await open_run(
-        host,
-        lambda network: machine_spec(record, network, incoming=incoming),
-        egress=egress,
-        restore_from=restore_from,
-        ignore_shared=ignore_shared,
-        hook=hook,
-        access_token=record.access_token,
-        on_launch=on_launch,
-    )
+    # The allow-list reaches the slot network's build-up without a parameter on every layer
+    # between (`network/egress.py`).
+    with egress_allow(record.egress_allow if egress else ()):
+        run = await open_run(
+            host,
+            lambda network: machine_spec(record, network, incoming=incoming),
+            egress=egress,
+            restore_from=restore_from,
+            ignore_shared=ignore_shared,
+            hook=hook,
+            access_token=record.access_token,
+            on_launch=on_launch,
+        )
     ready_within = host.timeouts.envd_ready if incoming else host.timeouts.boot
     try:
         await wait_guest(host, run, record, ready_within=ready_within, init=init, hook=hook)
@@ -320,19 +324,28 @@ async def prepare_snapshot(host: Host, run: Run, *, ignore_shared: bool) -> None
 
 
 async def _prepare_guest(host: Host, run: Run) -> None:
-    """The seed's order: close the idle connections of both of the run's pools (their FINs
-    reach the guest first: no connection of ours lives into the snapshot), then
-    `/snapshot/prepare` on a fresh connection, which envd answers with `Connection: close`.
-    Streams in flight (exec, PTY) keep their connections; the caller cuts them once the VM is
-    gone. A run that goes on (the save failed) keeps using the same client."""
+    """`/snapshot/prepare` on the unary pool's keep-alive connection (no new TCP handshake
+    into a guest that may be slow under TCG). envd does the seed's rule itself: it turns
+    keep-alive off, closes every idle connection (ours in both pools included) before it
+    answers, and answers with `Connection: close`, so no idle connection of ours lives into the
+    snapshot. Streams in flight (exec, PTY) keep their connections; the caller cuts them once
+    the VM is gone. A run that goes on (the save failed) first drops what envd closed
+    (`guest_runs_on`)."""
     try:
         with anyio.fail_after(host.timeouts.prepare):
-            await run.envd.close_idle()
             await run.envd.prepare_snapshot()
     except (TimeoutError, EnvdCallError) as err:
+        # The guest is snapshotted anyway; nothing we hold may outlive the snapshot.
         log.warning("snapshot/prepare failed, snapshotting anyway: %r", err)
         with anyio.CancelScope(shield=True), contextlib.suppress(EnvdCallError):
-            await run.envd.close_idle()  # whatever that attempt left in the pool
+            await run.envd.close_idle()
+
+
+async def guest_runs_on(run: Run) -> None:
+    """After a prepare whose snapshot did not happen: the run's client drops the connections
+    envd closed while it prepared (best effort; later calls open fresh ones)."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(EnvdCallError):
+        await run.envd.close_idle()
 
 
 async def save(host: Host, run: Run, state_file: Path, *, ignore_shared: bool) -> SaveResult:
@@ -391,13 +404,16 @@ async def _first_of(ready: Awaitable[None], exit_: Awaitable[int | None]) -> boo
     return exited
 
 
-async def freeze_into_template(record: CapsuleRecord, staging: TemplateDir) -> None:
-    """Move a stopped capsule's RAM file (if it has its own) and disk into a template version.
+async def freeze_into_template(
+    record: CapsuleRecord, staging: TemplateDir, *, with_ram: bool = True
+) -> None:
+    """Move a stopped capsule's RAM file (if it has its own, and `with_ram`) and disk into a
+    template version (a base template has no RAM: `with_ram=False`).
 
     An overlay directly on the raw image moves as is; a deeper chain (a clone's overlay on a
     template's) is flattened onto the raw image, so template chains never grow.
     """
-    if record.ram == "shared" and record.ram_file is not None:
+    if with_ram and record.ram == "shared" and record.ram_file is not None:
         await anyio.to_thread.run_sync(os.replace, record.ram_file, staging.mem)
     chain = await cow.backing_chain(record.disk)
     if len(chain) <= 2:
@@ -414,6 +430,7 @@ def template_meta(
     ram: Literal["file", "state"],
     state_bytes: int,
     accel: Accel,
+    kind: Literal["snapshot", "base"] = "snapshot",
 ) -> TemplateMeta:
     """The metadata of a template made from `record`'s machine (and the token its envd holds)."""
     m = record.machine
@@ -422,7 +439,7 @@ def template_meta(
         image_version=m.image_version, accel=accel, kernel=m.kernel, initrd=m.initrd,
         cmdline=m.cmdline, vcpus=m.vcpus, memory_mib=m.memory_mib, ram=ram,
         state_bytes=state_bytes, default_user=record.default_user, default_env=record.env_vars,
-        access_token=record.access_token,
+        access_token=record.access_token if kind == "snapshot" else None, kind=kind,
     )  # fmt: skip
 
 
@@ -473,6 +490,7 @@ __all__ = [
     "create",
     "end_run",
     "freeze_into_template",
+    "guest_runs_on",
     "machine_spec",
     "no_hook",
     "open_envd",

@@ -1,42 +1,41 @@
-"""`CapsuleManager`: the agent's registry of capsules and its lifecycle verbs.
+"""`CapsuleManager`: the RPC service's view of the agent's capsules.
 
-A small registry over `VmRuntime` (which does the VM, network and disk work) that adds what
-the RPC service needs: the running capsule's envd client (the run's one `CapsuleEnvd`, which
-the runtime made for `/init`), per-capsule locks, last-activity timestamps, the proxy's
-per-capsule connection tracker (`acquire`: it is the proxy's `CapsuleTargets`), metrics
-sampling, templates, and the `error` state of a capsule whose VM died. Guest calls are in
-`guestcalls`, the idle reaper in `reaper`, recovery in `recovery`.
+It keeps no capsule state of its own: the one registry is `VmRuntime` (one `Capsule` entry, one
+record on disk and one lock per capsule; see `runtime`). The manager checks ids, fills in
+defaults (the `minimal` template, built from the guest image when missing), turns entries into
+views, answers the proxy (`acquire`: it is the proxy's `CapsuleTargets`), picks the reaper's
+candidates, remembers auto-paused ids for the next `ListCapsules`, and pauses everything at
+shutdown. Guest calls are in `guestcalls`, the idle reaper in `reaper`, recovery in `recovery`.
 
-Pause order (the seed's, `Manager.Pause`): stop the capsule's metrics sampler; drain proxied
-requests (up to `drain_timeout_s`; new ones get 503 meanwhile); then the runtime closes both
-envd pools' idle connections, so their FINs reach the guest *before* `/snapshot/prepare` (3 s,
-best effort; the migration is set up meanwhile), and snapshots. On any failure after the drain
-the tracker is reset and the VM runs on (the runtime lets the guest run again). After every
-restore (create from a template, resume) the runtime has had envd answer `/init` (identity,
-time, entropy, default user and env; sent as soon as envd takes connections, so it is the
-readiness probe too) over the run's client, which the manager then uses for everything else.
+Pause order (the seed's, `Manager.Pause`, done by `VmRuntime.pause` for every caller): stop the
+capsule's metrics sampler; drain proxied requests (up to `drain_timeout_s`; new ones get 503
+meanwhile); `/snapshot/prepare` (3 s, best effort; the migration is set up meanwhile) on the
+unary pool's keep-alive connection, envd closing its other idle connections itself; snapshot.
+On any failure after the drain the tracker is reset and the VM runs on. After every restore
+(create from a template, resume) envd has answered `/init` (identity, time, entropy, default
+user and env; sent as soon as envd takes connections, so it is the readiness probe too) over the
+run's one envd client, which every guest call then uses.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
 import re
 import secrets
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from nestbox import __version__
-from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, InvalidState, new_capsule_id
+from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, new_capsule_id
 from nestbox.hostagent.envdconn.errors import EnvdCallError
-from nestbox.hostagent.errors import BadRequest, CapsuleExists, NoGuestImage
+from nestbox.hostagent.errors import BadRequest, NoGuestImage
 from nestbox.hostagent.guestcalls import GuestCalls
-from nestbox.hostagent.image.cache import find_image
-from nestbox.hostagent.managed import CapsuleMeta, CapsuleView, ManagedCapsule, write_meta
-from nestbox.hostagent.metrics import sample_loop
+from nestbox.hostagent.image.cache import ensure_base_image, find_image
+from nestbox.hostagent.managed import CapsuleView
+from nestbox.hostagent.network import egress as egress_
 from nestbox.hostagent.proxytrack import Draining, Lease, TargetNotFound, TargetUnavailable
 from nestbox.hostagent.storage import templates as tpl
 
@@ -53,11 +52,17 @@ log = logging.getLogger(__name__)
 
 S = CapsuleState
 DEFAULT_TEMPLATE = "minimal"
+MINIMAL_BASE = "minimal-base"
+BASE_TEMPLATE = "base"
+PLATFORM_TEMPLATES = (DEFAULT_TEMPLATE, MINIMAL_BASE, BASE_TEMPLATE)
+"""Made by the agent on first use (see `_build_platform_template`)."""
+BASE_VCPUS = 1
+BASE_MEMORY_MIB = 512
+MIN_MEMORY_MIB = 128
 CAPSULE_ID = re.compile(r"^cl-[0-9a-z]{25}$")
 TEMPLATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ERROR = "error"
 HEALTH_S = 5.0
-"""How long the manager waits for envd's version after a restore (informational only)."""
+"""How long the manager waits for envd's version after a create (informational only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,12 @@ class CreateSpec:
     default_user: str = ""
     default_env: dict[str, str] = field(default_factory=dict)
     egress: bool = False
+    egress_allow: list[str] = field(default_factory=list)
+    vcpus: int = 0
+    """Base templates only (0 = the template's); a snapshot template's machine wins."""
+    memory_mib: int = 0
+    default_workdir: str = ""
+    """The /init's working directory (a built template's WORKDIR); empty: none sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +96,8 @@ def check_template_id(template_id: str) -> str:
 
 
 class CapsuleManager(GuestCalls):
-    """See the module docstring. Construct it inside the app's task group (it owns the
-    metrics samplers and stream pumps); `on_evict(capsule_id)` drops the proxy's pools."""
+    """See the module docstring. Construct it inside the app's task group (it owns the stream
+    pumps); `on_evict(capsule_id)` drops the proxy's pools when a run ends."""
 
     def __init__(
         self,
@@ -99,66 +110,41 @@ class CapsuleManager(GuestCalls):
         self.settings = settings
         self.runtime = runtime
         self._tg = task_group
-        self._on_evict = on_evict
-        # Every capsule this agent knows, including ones being created and ones in `error`.
-        # Keys are added and removed only by create, destroy and recovery.
-        self._entries: dict[str, ManagedCapsule] = {}
         self._auto_paused: list[str] = []
-        runtime.on_vm_exit = self._vm_exited
+        runtime.on_run_end = on_evict
 
     # ── queries ─────────────────────────────────────────────────────────────────────────
 
-    def entry(self, capsule_id: str) -> ManagedCapsule:
+    def entry(self, capsule_id: str) -> Capsule:
+        """The capsule's registry entry. :raise CapsuleNotFound:"""
+        return self.runtime.get(capsule_id)
+
+    def state(self, capsule_id: str) -> CapsuleState:
         """:raise CapsuleNotFound:"""
-        try:
-            return self._entries[capsule_id]
-        except KeyError:
-            raise CapsuleNotFound(capsule_id) from None
-
-    def _capsule(self, capsule_id: str) -> Capsule | None:
-        try:
-            return self.runtime.get(capsule_id)
-        except CapsuleNotFound:
-            return None
-
-    def state(self, capsule_id: str) -> CapsuleState | str:
-        entry = self.entry(capsule_id)
-        if entry.error is not None:
-            return ERROR
-        try:
-            return self.runtime.get(capsule_id).state
-        except CapsuleNotFound:
-            return S.STARTING if entry.creating else S.STOPPED
+        return self.runtime.get(capsule_id).state
 
     def view(self, capsule_id: str) -> CapsuleView:
-        entry = self.entry(capsule_id)
-        capsule = self._capsule(capsule_id)
-        metadata = {"agent_version": __version__, "accel": self.runtime.accel.accel}
-        if entry.envd_version:
-            metadata["envd_version"] = entry.envd_version
-        view = CapsuleView(
-            capsule_id=capsule_id,
-            state=self.state(capsule_id),
-            template_id="",
-            meta=entry.meta,
-            last_active_unix_ms=entry.last_active_unix_ms(),
-            error=entry.error,
-            metadata=metadata,
-        )
-        if capsule is None:
-            return view
+        """:raise CapsuleNotFound:"""
+        capsule = self.runtime.get(capsule_id)
         record = capsule.record
+        metadata = {"agent_version": __version__, "accel": self.runtime.accel.accel}
+        if capsule.envd_version:
+            metadata["envd_version"] = capsule.envd_version
         metadata["image_version"] = record.machine.image_version
         return CapsuleView(
-            capsule_id=capsule_id, state=view.state, template_id=record.template_id,
-            meta=entry.meta, vcpus=record.machine.vcpus, memory_mib=record.machine.memory_mib,
-            host_address=capsule.host_address, last_active_unix_ms=view.last_active_unix_ms,
-            error=entry.error, metadata=metadata,
+            capsule_id=capsule_id, state=record.state, template_id=record.template_id,
+            team_id=record.team_id, idle_timeout_s=record.idle_timeout_s, egress=record.egress,
+            egress_allow=list(record.egress_allow), template_kind=record.template_kind,
+            created_at_unix_ms=int(record.created_at.timestamp() * 1000),
+            vcpus=record.machine.vcpus, memory_mib=record.machine.memory_mib,
+            host_address=capsule.host_address,
+            last_active_unix_ms=capsule.last_active_unix_ms(), error=record.error,
+            metadata=metadata,
         )  # fmt: skip
 
     def list_capsules(self) -> tuple[list[CapsuleView], list[str]]:
         """Every capsule, and the ids auto-paused since the previous call (drained)."""
-        views = [self.view(cid) for cid in list(self._entries)]
+        views = [self.view(c.id) for c in self.runtime.capsules()]
         auto, self._auto_paused = self._auto_paused, []
         return views, auto
 
@@ -169,135 +155,89 @@ class CapsuleManager(GuestCalls):
     # ── create ──────────────────────────────────────────────────────────────────────────
 
     async def create(self, spec: CreateSpec) -> CapsuleView:
-        """Clone `spec.template_id` (building `minimal` from the guest image if missing).
+        """Clone `spec.template_id` if it is a snapshot template, or cold-boot it with the
+        spec's size if it is a base one. The platform's templates (`minimal`, `minimal-base`,
+        `base`) are made on first use (`base` builds its image stage first: minutes, once).
 
         :raise CapsuleExists: :raise TemplateNotFound: :raise NoGuestImage: :raise NoFreeSlot:
-        :raise GuestUnreachable: :raise BadRequest:
+        :raise GuestUnreachable: :raise BadRequest: :raise ImageBuildError:
         """
         cid = spec.capsule_id or new_capsule_id()
         if not CAPSULE_ID.match(cid):
             raise BadRequest(f"bad capsule id {cid!r}: want cl- and 25 of [0-9a-z]")
         template_id = check_template_id(spec.template_id or DEFAULT_TEMPLATE)
-        if cid in self._entries:
-            raise CapsuleExists(f"capsule {cid} exists")
-        meta = CapsuleMeta(
-            team_id=spec.team_id, idle_timeout_s=spec.idle_timeout_s, egress=spec.egress,
-            created_at_unix_ms=int(time.time() * 1000),
-        )  # fmt: skip
-        entry = self._entries[cid] = ManagedCapsule(cid, meta)
         try:
-            async with entry.lock:
-                capsule = await self._clone(entry, template_id, spec.default_user,
-                                            spec.default_env)  # fmt: skip
-                entry.creating = False
-        except BaseException:
-            self._entries.pop(cid, None)
-            raise
+            egress_.parse_allow(spec.egress_allow)
+        except egress_.BadEgress as err:
+            raise BadRequest(str(err)) from None
+        try:
+            template = tpl.load_template(self.settings.templates_dir, template_id)
+        except tpl.TemplateNotFound:
+            if template_id not in PLATFORM_TEMPLATES:
+                raise
+            template = await self._build_platform_template(template_id)
+        if template.meta.kind == "base":
+            self._check_size(spec)
+            capsule = await self.runtime.boot_template(
+                template_id, capsule_id=cid, vcpus=spec.vcpus or None,
+                memory_mib=spec.memory_mib or None, egress=spec.egress,
+                egress_allow=spec.egress_allow, default_user=spec.default_user or None,
+                env_vars=spec.default_env or None, team_id=spec.team_id,
+                idle_timeout_s=spec.idle_timeout_s, default_workdir=spec.default_workdir or None,
+            )  # fmt: skip
+        else:
+            [capsule] = await self.runtime.clone(
+                template_id, capsule_id=cid, egress=spec.egress,
+                default_user=spec.default_user or None, env_vars=spec.default_env or None,
+                team_id=spec.team_id, idle_timeout_s=spec.idle_timeout_s,
+                egress_allow=spec.egress_allow, default_workdir=spec.default_workdir or None,
+            )  # fmt: skip
+        await self._learn_envd_version(capsule)
         log.info("capsule created", extra={"capsule_id": cid, "template_id": template_id})
         return self.view(capsule.id)
 
-    async def _clone(
-        self, entry: ManagedCapsule, template_id: str, user: str, env: dict[str, str]
-    ) -> Capsule:
-        """A running clone named `entry.id`, with its meta saved and its run started."""
-        meta = entry.meta
+    def _check_size(self, spec: CreateSpec) -> None:
+        """A base template's capsule gets the size asked for, within this host's limits.
+        :raise BadRequest:"""
+        cores = os.cpu_count() or 1
+        if spec.vcpus and not 1 <= spec.vcpus <= cores:
+            raise BadRequest(f"vcpus must be between 1 and {cores} (this host's cores)")
+        limit = self.settings.max_memory_mib
+        if spec.memory_mib and not MIN_MEMORY_MIB <= spec.memory_mib <= limit:
+            raise BadRequest(f"memory_mb must be between {MIN_MEMORY_MIB} and {limit}")
 
-        async def clone() -> Capsule:
-            [capsule] = await self.runtime.clone(
-                template_id, capsule_id=entry.id, egress=meta.egress,
-                default_user=user or None, env_vars=env or None,
-            )  # fmt: skip
-            return capsule
-
-        try:
-            capsule = await clone()
-        except tpl.TemplateNotFound:
-            if template_id != DEFAULT_TEMPLATE:
-                raise
-            await self._build_default_template()
-            capsule = await clone()
-        try:
-            await anyio.to_thread.run_sync(write_meta, capsule.record.dir, meta)
-            await self._start_run(entry, capsule)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._destroy_quietly(entry.id)
-            raise
-        return capsule
-
-    async def _build_default_template(self) -> None:
+    async def _build_platform_template(self, template_id: str) -> tpl.Template:
+        """`minimal` (a snapshot of the guest image), `minimal-base` (the guest image as a
+        base template) or `base` (a snapshot of 1 vCPU and 512 MiB of the `base` image flavour,
+        whose stage is built first if it is not cached)."""
         image = await anyio.to_thread.run_sync(find_image, self.settings)
         if image is None:
             raise NoGuestImage(
-                "template minimal does not exist and no guest image is cached "
+                f"template {template_id} does not exist and no guest image is cached "
                 "(run 'nestbox-agent image build')"
             )
-        await self.runtime.ensure_template(image, DEFAULT_TEMPLATE)
+        if template_id == DEFAULT_TEMPLATE:
+            return await self.runtime.ensure_template(image, DEFAULT_TEMPLATE)
+        if template_id == MINIMAL_BASE:
+            return await self.runtime.ensure_image_template(image, MINIMAL_BASE)
+        log.info("building the base image flavour for template %s (first use)", template_id)
+        base_image = await ensure_base_image(self.settings)
+        return await self.runtime.ensure_template(
+            base_image, BASE_TEMPLATE, vcpus=BASE_VCPUS, memory_mib=BASE_MEMORY_MIB
+        )
 
-    # ── the run: what exists only while the VM runs ────────────────────────────────────
-
-    async def _start_run(self, entry: ManagedCapsule, capsule: Capsule) -> None:
-        """After create or resume: the run's envd client (the one that sent `/init`), proxied
-        traffic let in, sampling.
-
-        envd's version is asked for only while unknown (create, re-adoption): the create
-        answer carries it, and a resumed capsule runs the same envd as before its pause."""
-        entry.envd = capsule.envd
-        entry.error = None
-        entry.tracker.reset()
-        entry.touch()
-        if not entry.envd_version:
-            try:
-                with anyio.fail_after(HEALTH_S):
-                    entry.envd_version = await entry.envd.health()
-            except (EnvdCallError, TimeoutError) as err:
-                log.debug("envd version unknown: %s", err, extra={"capsule_id": entry.id})
-        self._start_sampler(entry, capsule)
-
-    def _start_sampler(self, entry: ManagedCapsule, capsule: Capsule) -> None:
-        entry.stop_sampler()
-        vm, record = capsule.run.vm if capsule.run else None, capsule.record
-        if vm is None:
+    async def _learn_envd_version(self, capsule: Capsule) -> None:
+        """envd's version, asked for while unknown (create, re-adoption): the create answer
+        carries it, and a resumed capsule runs the same envd as before its pause."""
+        if capsule.envd_version or capsule.run is None:
             return
-        scope = entry.sampler = anyio.CancelScope()
-        interval = self.settings.metrics_interval_s
-        stats = functools.partial(self.runtime.hypervisor.stats, vm)
+        try:
+            with anyio.fail_after(HEALTH_S):
+                capsule.envd_version = await capsule.run.envd.health()
+        except (EnvdCallError, TimeoutError) as err:
+            log.debug("envd version unknown: %s", err, extra={"capsule_id": capsule.id})
 
-        async def run() -> None:
-            with scope:
-                try:
-                    await sample_loop(
-                        entry.metrics, stats, record.disk, record.machine.vcpus, interval
-                    )
-                except Exception as err:  # a sampler must never take the agent down
-                    log.warning("metrics sampler failed: %r", err, extra={"capsule_id": entry.id})
-
-        self._tg.start_soon(run)
-
-    async def _end_run(self, entry: ManagedCapsule) -> None:
-        await entry.end_run()
-        if self._on_evict is not None:
-            with anyio.CancelScope(shield=True):
-                await self._on_evict(entry.id)
-
-    def _vm_exited(self, capsule_id: str, code: int | None) -> None:
-        """The runtime's callback: a VM exited on its own and its resources are gone."""
-        entry = self._entries.get(capsule_id)
-        if entry is None:
-            return
-        entry.error = f"the VM exited unexpectedly (exit code {code})"
-        log.error("capsule failed: %s", entry.error, extra={"capsule_id": capsule_id})
-        self._tg.start_soon(self._end_run, entry)
-
-    # ── pause / resume ──────────────────────────────────────────────────────────────────
-
-    def _require(self, entry: ManagedCapsule, *states: CapsuleState) -> Capsule:
-        """The runtime's capsule if it is in one of `states`. :raise InvalidState:"""
-        state = self.state(entry.id)
-        if state == ERROR or state not in states:
-            current = S(state) if state != ERROR else S.STOPPED
-            raise InvalidState(entry.id, current, frozenset(states))
-        return self.runtime.get(entry.id)
+    # ── pause / resume / destroy ────────────────────────────────────────────────────────
 
     async def pause(self, capsule_id: str, *, only_if_idle: bool = False) -> bool:
         """Pause a running capsule (see the module docstring for the order).
@@ -306,33 +246,7 @@ class CapsuleManager(GuestCalls):
         timeout once the lock is held; returns whether it paused.
         :raise CapsuleNotFound: :raise InvalidState: :raise VmError: (the VM runs on)
         """
-        entry = self.entry(capsule_id)
-        async with entry.lock:
-            self._require(entry, S.RUNNING)
-            if only_if_idle and not entry.is_idle_expired():
-                return False
-            await self._quiesced(entry, self.runtime.pause)
-            await self._end_run(entry)
-        return True
-
-    async def _quiesced(
-        self, entry: ManagedCapsule, action: Callable[[str], Awaitable[object]]
-    ) -> object:
-        """Run `action(capsule_id)` (which snapshots the VM) after the first steps of the pause
-        order; on failure let proxied traffic in again and resume sampling."""
-        entry.stop_sampler()
-        if not await entry.tracker.drain(self.settings.drain_timeout_s):
-            active = entry.tracker.statistics().active
-            log.info("pausing with %d proxied requests in flight", active,
-                     extra={"capsule_id": entry.id})  # fmt: skip
-        try:
-            return await action(entry.id)
-        except BaseException:
-            entry.tracker.reset()
-            capsule = self._capsule(entry.id)
-            if capsule is not None and capsule.state == S.RUNNING:
-                self._start_sampler(entry, capsule)
-            raise
+        return await self.runtime.pause(capsule_id, only_if_idle=only_if_idle)
 
     async def resume(
         self,
@@ -344,42 +258,18 @@ class CapsuleManager(GuestCalls):
     ) -> CapsuleView:
         """Restore a paused capsule into a fresh slot. :raise InvalidState: :raise NoFreeSlot:
         :raise GuestUnreachable: (it stays paused)"""
-        entry = self.entry(capsule_id)
-        async with entry.lock:
-            capsule = self._require(entry, S.PAUSED)
-            if idle_timeout_s is not None and idle_timeout_s != entry.meta.idle_timeout_s:
-                entry.meta = entry.meta.model_copy(update={"idle_timeout_s": idle_timeout_s})
-                await anyio.to_thread.run_sync(write_meta, capsule.record.dir, entry.meta)
-            await self.runtime.resume(
-                capsule_id, egress=entry.meta.egress, default_user=default_user or None,
-                env_vars=default_env or None,
-            )  # fmt: skip
-            await self._start_run(entry, capsule)
+        await self.runtime.resume(
+            capsule_id, default_user=default_user or None, env_vars=default_env or None,
+            idle_timeout_s=idle_timeout_s,
+        )  # fmt: skip
         return self.view(capsule_id)
-
-    # ── destroy ─────────────────────────────────────────────────────────────────────────
 
     async def destroy(self, capsule_id: str) -> None:
         """Remove the capsule whatever its state (one in `error` is only forgotten).
 
         :raise CapsuleNotFound: :raise TeardownError: (it is forgotten all the same)
         """
-        entry = self.entry(capsule_id)
-        async with entry.lock:
-            try:
-                await self._end_run(entry)
-                await self.runtime.destroy(capsule_id)
-            except CapsuleNotFound:
-                pass
-            finally:
-                self._entries.pop(capsule_id, None)
-        log.info("capsule destroyed", extra={"capsule_id": capsule_id})
-
-    async def _destroy_quietly(self, capsule_id: str) -> None:
-        try:
-            await self.runtime.destroy(capsule_id)
-        except Exception as err:
-            log.error("destroy after a failure: %s", err, extra={"capsule_id": capsule_id})
+        await self.runtime.destroy(capsule_id)
 
     async def pause_all(self, *, destroy_failed: bool) -> tuple[list[str], list[str]]:
         """Pause every running capsule (4 at a time). Returns (paused, failed); failed ones are
@@ -404,7 +294,7 @@ class CapsuleManager(GuestCalls):
                             log.error("destroy after a failed pause: %s", destroy_err,
                                       extra={"capsule_id": cid})  # fmt: skip
 
-        running = [cid for cid in list(self._entries) if self.state(cid) == S.RUNNING]
+        running = [c.id for c in self.runtime.capsules() if c.state == S.RUNNING]
         async with anyio.create_task_group() as tg:
             for cid in running:
                 tg.start_soon(one, cid)
@@ -412,13 +302,17 @@ class CapsuleManager(GuestCalls):
 
     async def close(self) -> None:
         """Drop every run's envd client and cut the streams (agent shutdown)."""
-        for entry in list(self._entries.values()):
-            await entry.end_run()
+        await self.runtime.close_runs()
 
     # ── templates ───────────────────────────────────────────────────────────────────────
 
     async def create_template(
-        self, capsule_id: str, template_id: str = "", *, consume: bool = False
+        self,
+        capsule_id: str,
+        template_id: str = "",
+        *,
+        consume: bool = False,
+        kind: Literal["snapshot", "base"] = "snapshot",
     ) -> tuple[tpl.Template, CapsuleView | None]:
         """Snapshot a running or paused capsule into `template_id` (generated when empty).
 
@@ -427,33 +321,10 @@ class CapsuleManager(GuestCalls):
         :raise InvalidState: :raise BadRequest:
         """
         template_id = check_template_id(template_id or f"template-{secrets.token_hex(4)}")
-        entry = self.entry(capsule_id)
-        async with entry.lock:
-            capsule = self._require(entry, S.RUNNING, S.PAUSED)
-            user, env = capsule.record.default_user, dict(capsule.record.env_vars)
-            if capsule.state == S.PAUSED:
-                await self.runtime.resume(capsule_id, egress=entry.meta.egress)
-                await self._start_run(entry, capsule)
-
-            async def snapshot(cid: str) -> tpl.Template:
-                return await self.runtime.snapshot_template(cid, template_id)
-
-            template = await self._quiesced(entry, snapshot)
-            assert isinstance(template, tpl.Template)
-            await self._end_run(entry)
-            if consume:
-                self._entries.pop(capsule_id, None)
-                return template, None
-            try:
-                await self._clone(entry, template_id, user, env)
-                await self._quiesced(entry, self.runtime.pause)
-                await self._end_run(entry)
-            except Exception as err:
-                log.error("capsule lost after its template was made: %s", err,
-                          extra={"capsule_id": capsule_id})  # fmt: skip
-                self._entries.pop(capsule_id, None)
-                return template, None
-        return template, self.view(capsule_id)
+        template, capsule = await self.runtime.make_template(
+            capsule_id, template_id, consume=consume, kind=kind
+        )
+        return template, self.view(capsule.id) if capsule is not None else None
 
     async def delete_template(self, template_id: str) -> None:
         """Unpublish a template; versions capsules still use stay until they are unused.
@@ -481,45 +352,34 @@ class CapsuleManager(GuestCalls):
 
         :raise TargetNotFound: :raise TargetUnavailable: (`Draining` while pausing)
         """
-        entry = self._entries.get(capsule_id)
-        if entry is None:
-            raise TargetNotFound(capsule_id)
-        if entry.tracker.statistics().draining:
+        try:
+            capsule = self.runtime.get(capsule_id)
+        except CapsuleNotFound:
+            raise TargetNotFound(capsule_id) from None
+        if capsule.tracker.statistics().draining:
             raise Draining(f"capsule {capsule_id} is being paused")
-        capsule = self._capsule(capsule_id)
-        if entry.error or capsule is None or capsule.host_address is None:
-            raise TargetUnavailable(f"capsule {capsule_id} is {self.state(capsule_id)}")
-        if capsule.state != S.RUNNING:
+        address = capsule.host_address
+        if capsule.state != S.RUNNING or address is None:
             raise TargetUnavailable(f"capsule {capsule_id} is {capsule.state}")
-        entry.tracker.acquire()
-        entry.touch()
+        capsule.tracker.acquire()
+        capsule.touch()
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                entry.tracker.release()
-                entry.touch()
+                capsule.tracker.release()
+                capsule.touch()
 
-        return Lease(capsule.host_address, release)
+        return Lease(address, release)
 
-    # ── recovery hooks ──────────────────────────────────────────────────────────────────
+    # ── recovery and the reaper ─────────────────────────────────────────────────────────
 
-    async def adopt(self, capsule: Capsule, meta: CapsuleMeta) -> None:
-        """Register a capsule that `recovery` re-adopted into the runtime."""
-        entry = self._entries[capsule.id] = ManagedCapsule(capsule.id, meta)
-        entry.creating = False
-        if capsule.state == S.RUNNING:
-            await self._start_run(entry, capsule)
-        else:
-            entry.tracker.reset()
-
-    def add_failed(self, capsule_id: str, meta: CapsuleMeta, reason: str) -> None:
-        """Register a capsule that recovery found dead (listed as `error` until destroyed)."""
-        entry = self._entries[capsule_id] = ManagedCapsule(capsule_id, meta)
-        entry.creating = False
-        entry.error = reason
+    async def adopt(self, capsule: Capsule) -> None:
+        """Register a capsule that `recovery` took back (running or paused)."""
+        await self.runtime.adopt(capsule)
+        await self._learn_envd_version(capsule)
 
     def record_auto_paused(self, capsule_id: str) -> None:
         self._auto_paused.append(capsule_id)
@@ -527,7 +387,5 @@ class CapsuleManager(GuestCalls):
     def expired(self) -> list[str]:
         """Running capsules idle longer than their timeout (the reaper's candidates)."""
         return [
-            cid
-            for cid, entry in list(self._entries.items())
-            if entry.is_idle_expired() and self.state(cid) == S.RUNNING
+            c.id for c in self.runtime.capsules() if c.state == S.RUNNING and c.is_idle_expired()
         ]

@@ -7,7 +7,14 @@ and works while envd is busy or hung) and from the file system.
 - mem_bytes: the VMM's resident set (VmRSS).
 - disk_bytes: the blocks allocated to the capsule's copy-on-write overlay.
 
-A `MetricsRing` keeps the last `capacity` samples (10 minutes at 1 s). The manager runs one
+A `MetricsRing` is one capsule's bounded history, in the agent's memory only: it lives as long
+as the manager's entry for the capsule, so it is kept through pause and resume (a paused
+capsule answers its history, with no points for the paused time) and lost when the capsule is
+destroyed or the agent restarts. Three tiers, as Wrenn's: every sample for 10 minutes (600 at
+1 s), 30-second averages for 2 hours (240) and 5-minute averages for 24 hours (288), so a
+capsule costs at most ~1 100 points whatever its age. `since(range_s)` answers from the finest
+tier that covers the range (10 minutes or less: samples; 2 hours or less: 30 s averages;
+else 5 min), the bucket still filling included as a partial average. The manager runs one
 `sample_loop` per running capsule in its task group and cancels it before a pause.
 """
 
@@ -35,21 +42,69 @@ class MetricPoint:
     disk_bytes: int
 
 
+class _Tier:
+    """Averages of `step_s`-second buckets, the last `capacity` of them."""
+
+    def __init__(self, step_s: int, capacity: int) -> None:
+        self.step_ms = step_s * 1000
+        self.done: collections.deque[MetricPoint] = collections.deque(maxlen=capacity)
+        self._bucket = -1
+        self._sum: list[float] = [0.0, 0.0, 0.0]
+        self._n = 0
+
+    def add(self, p: MetricPoint) -> None:
+        bucket = p.ts_unix_ms // self.step_ms
+        if bucket != self._bucket and self._n:
+            self.done.append(self._average())
+            self._sum, self._n = [0.0, 0.0, 0.0], 0
+        self._bucket = bucket
+        self._sum[0] += p.cpu_pct
+        self._sum[1] += p.mem_bytes
+        self._sum[2] += p.disk_bytes
+        self._n += 1
+
+    def _average(self) -> MetricPoint:
+        n = self._n
+        return MetricPoint(ts_unix_ms=self._bucket * self.step_ms,
+                           cpu_pct=round(self._sum[0] / n, 2), mem_bytes=int(self._sum[1] / n),
+                           disk_bytes=int(self._sum[2] / n))  # fmt: skip
+
+    def points(self) -> list[MetricPoint]:
+        """The finished buckets and the one filling, oldest first."""
+        return [*self.done, self._average()] if self._n else list(self.done)
+
+
 class MetricsRing:
-    """The latest samples of one capsule, oldest first."""
+    """One capsule's history (see the module's text), oldest first."""
+
+    RAW_S = 600
+    TIERS = ((7200, 30), (86400, 300))
+    """(range it serves, bucket seconds)."""
 
     def __init__(self, capacity: int = 600) -> None:
         self._points: collections.deque[MetricPoint] = collections.deque(maxlen=capacity)
+        self._tiers = [_Tier(step, span // step) for span, step in self.TIERS]
 
     def add(self, point: MetricPoint) -> None:
         self._points.append(point)
+        for tier in self._tiers:
+            tier.add(point)
 
     def since(self, range_s: float | None = None) -> list[MetricPoint]:
-        """Samples of the last `range_s` seconds (all of them when None or 0)."""
+        """Points of the last `range_s` seconds (the raw samples when None or 0), from the
+        finest tier that covers that range."""
         if not range_s:
             return list(self._points)
+        if range_s <= self.RAW_S:
+            points = list(self._points)
+        else:
+            points = self._tiers[-1].points()
+            for (span, _), tier in zip(self.TIERS, self._tiers, strict=True):
+                if range_s <= span:
+                    points = tier.points()
+                    break
         oldest = int((time.time() - range_s) * 1000)
-        return [p for p in self._points if p.ts_unix_ms >= oldest]
+        return [p for p in points if p.ts_unix_ms >= oldest]
 
 
 def allocated_bytes(path: Path) -> int:

@@ -22,7 +22,9 @@ A SNAPSHOTTING capsule whose VM is gone was being consumed into its template (it
 already have moved): it is removed and listed as `error`. Re-adoption claims the slot, takes the
 VMM back (`Hypervisor.adopt`), lets the guest run (`resume`, or `cancel_save` after an
 interrupted snapshot) and rebuilds the run's undo stack (slot network, VMM, envd client); the
-guest never noticed. A capsule in `error` is listed until the control plane destroys it.
+guest never noticed. A capsule in `error` stays in the registry (state ERROR, the reason in its
+record) until the control plane destroys it. A record an agent before the one-record merge wrote
+has its `agent.json` (team, idle timeout, egress) folded in first (`capsule.migrate_legacy_meta`).
 
 The VMs of a capsule are the recorded pid and any QEMU whose command line names the capsule's
 directory (one launched in the instant before its pid reached the record). Each is held by a
@@ -52,8 +54,8 @@ import anyio
 from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import Capsule, CapsuleRecord, CapsuleState
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
-from nestbox.hostagent.managed import CapsuleMeta, read_meta
 from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
+from nestbox.hostagent.network.egress import open_forwarder
 from nestbox.hostagent.vmm import confine
 from nestbox.hostagent.vmm.base import VmError
 from nestbox.hostagent.vmm.process import VmProcess
@@ -93,26 +95,26 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     report = RecoveryReport([], [], {})
     vms = await anyio.to_thread.run_sync(_qemu_cmdlines, cap.records_dir(state_dir))
     for record in await anyio.to_thread.run_sync(cap.read_records, state_dir):
-        meta = await anyio.to_thread.run_sync(read_meta, record.dir)
+        # A record an older agent wrote keeps its service settings in a file of their own.
+        record = await anyio.to_thread.run_sync(cap.migrate_legacy_meta, state_dir, record)
         found = _claim_vms(record, vms)
         try:
-            capsule = await _recover(host, record, meta, found)
+            capsule = await _recover(host, record, found)
         except NotAdoptable as why:
             reason = str(why)
             await _kill_all(found)  # before its files go: never a deleted disk under a VM
             await _discard(host, record)
             if record.state != S.STOPPING:
                 report.failed[record.id] = reason
-                manager.add_failed(record.id, meta, reason)
+                runtime.add_failed(record, reason)
             log.warning("capsule not re-adopted: %s", reason, extra={"capsule_id": record.id})
             continue
-        await runtime.adopt(capsule)
-        await manager.adopt(capsule, meta)
+        await manager.adopt(capsule)
         (report.running if capsule.state == S.RUNNING else report.paused).append(capsule.id)
     await cleanup_leftovers(host.system, host.settings, host.slots.in_use())
     running = {c.id for c in runtime.capsules() if c.run is not None}
     await anyio.to_thread.run_sync(confine.remove_leftover_cgroups, host.settings, running)
-    await _remove_strays(state_dir, {c.id for c in runtime.capsules()})
+    await _remove_strays(state_dir, {c.id for c in runtime.capsules() if c.state != S.ERROR})
     host.networks.start()  # the warm pool, now that no leftover shares a slot with it
     if report.running or report.paused or report.failed:
         log.info(
@@ -122,9 +124,7 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     return report
 
 
-async def _recover(
-    host: Host, record: CapsuleRecord, meta: CapsuleMeta, found: list[VmProcess]
-) -> Capsule:
+async def _recover(host: Host, record: CapsuleRecord, found: list[VmProcess]) -> Capsule:
     """The capsule of `record` as the table in the module docstring says. Every VM in `found`
     is either the adopted capsule's or killed when this returns. :raise NotAdoptable: (the
     caller kills what is left in `found`)"""
@@ -136,7 +136,7 @@ async def _recover(
         if record.slot is None:
             raise NotAdoptable("the record has no slot")
         await _kill_all(vm for vm in found if vm is not recorded)
-        run = await _adopt_run(host, record, record.slot, recorded, meta.egress)
+        run = await _adopt_run(host, record, record.slot, recorded, record.egress)
         await anyio.to_thread.run_sync(_remove_unfinished, record, True)
         running = record.model_copy(update={"state": S.RUNNING, "snapshot": None, "staging": None})
         capsule = Capsule(running, _files(host, record))
@@ -184,6 +184,12 @@ async def _adopt_run(
         lease.stack.push_async_callback(host.slots.release, slot)
         lease.stack.push_async_callback(_remove_slot_network, host, slot)
         stack.push_async_callback(host.networks.release, lease)
+        if egress:  # the slot's DNS forwarder lived in the agent that made it
+            try:
+                forwarder = await open_forwarder(host.settings, network.veth_host_ip)
+            except OSError as err:
+                raise NotAdoptable(f"the slot's DNS forwarder cannot listen: {err}") from err
+            lease.stack.callback(forwarder.close)
         spec = machine_spec(record, network, incoming=False)
         try:
             with anyio.fail_after(ADOPT_S):

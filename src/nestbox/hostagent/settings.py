@@ -48,6 +48,22 @@ class AgentSettings(BaseSettings):
     tap_burst_mbytes: int = Field(default=100, description="guest egress burst, MB")
     default_vcpus: int = Field(default=1, ge=1)
     default_memory_mib: int = Field(default=256, ge=64)
+    max_memory_mib: int = Field(
+        default=4096,
+        ge=128,
+        description="largest memory_mb a capsule booted from a base template may ask for",
+    )
+    dns_upstream: list[str] = Field(
+        default_factory=list,
+        description="resolvers the egress DNS forwarder asks (IPv4 addresses); "
+        "empty = the host's /etc/resolv.conf nameservers",
+    )
+    dns_port: int = Field(
+        default=10053,
+        ge=1,
+        le=65535,
+        description="port of the egress DNS forwarder on the host end of each egress slot's veth",
+    )
     # ── VM confinement (vmm/confine.py) ──
     confine: bool = Field(
         default=True,

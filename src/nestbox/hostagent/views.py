@@ -14,6 +14,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
+from nestbox.hostagent.capsule import CapsuleState
 from nestbox.hostagent.envdconn import Ended, Event, Output, Started
 from nestbox.hostagent.envdconn.errors import DeadlineExceeded
 from nestbox.hostagent.errors import classify
@@ -56,17 +57,18 @@ BY_HTTP_STATUS: dict[int, Code] = {
     404: Code.NOT_FOUND, 409: Code.FAILED_PRECONDITION, 413: Code.RESOURCE_EXHAUSTED,
     503: Code.UNAVAILABLE, 507: Code.RESOURCE_EXHAUSTED,
 }  # fmt: skip
-STATES: dict[str, pb.CapsuleState] = {
-    "starting": pb.CapsuleState.STARTING,
-    "running": pb.CapsuleState.RUNNING,
-    "pausing": pb.CapsuleState.PAUSING,
-    "paused": pb.CapsuleState.PAUSED,
-    "resuming": pb.CapsuleState.RESUMING,
-    "snapshotting": pb.CapsuleState.SNAPSHOTTING,
-    "stopping": pb.CapsuleState.STOPPING,
-    "stopped": pb.CapsuleState.STOPPED,
-    "error": pb.CapsuleState.ERROR,
+STATES: dict[CapsuleState, pb.CapsuleState] = {
+    CapsuleState.STARTING: pb.CapsuleState.STARTING,
+    CapsuleState.RUNNING: pb.CapsuleState.RUNNING,
+    CapsuleState.PAUSING: pb.CapsuleState.PAUSING,
+    CapsuleState.PAUSED: pb.CapsuleState.PAUSED,
+    CapsuleState.RESUMING: pb.CapsuleState.RESUMING,
+    CapsuleState.SNAPSHOTTING: pb.CapsuleState.SNAPSHOTTING,
+    CapsuleState.STOPPING: pb.CapsuleState.STOPPING,
+    CapsuleState.STOPPED: pb.CapsuleState.STOPPED,
+    CapsuleState.ERROR: pb.CapsuleState.ERROR,
 }
+"""Every state of the agent's one enum, on the wire (a test checks none is missing)."""
 
 
 # ── errors ───────────────────────────────────────────────────────────────────────────────
@@ -137,16 +139,20 @@ class ErrorMapper:
 def capsule(view: CapsuleView) -> pb.Capsule:
     return pb.Capsule(
         capsule_id=view.capsule_id,
-        state=STATES.get(str(view.state), pb.CapsuleState.UNSPECIFIED),
+        state=STATES[view.state],
         template_id=view.template_id,
-        team_id=view.meta.team_id,
+        team_id=view.team_id,
         vcpus=view.vcpus,
         memory_mb=view.memory_mib,
-        idle_timeout_sec=view.meta.idle_timeout_s,
+        idle_timeout_sec=view.idle_timeout_s,
         host_ip=view.host_address or "",
         guest_ip="169.254.0.21" if view.host_address else "",
-        egress=view.meta.egress,
-        created_at_unix_ms=view.meta.created_at_unix_ms,
+        egress=view.egress,
+        egress_allow=view.egress_allow,
+        template_kind=(
+            pb.TemplateKind.BASE if view.template_kind == "base" else pb.TemplateKind.SNAPSHOT
+        ),
+        created_at_unix_ms=view.created_at_unix_ms,
         last_active_at_unix_ms=view.last_active_unix_ms,
         error=view.error or "",
         metadata=view.metadata,
@@ -195,4 +201,6 @@ def template(t: Template) -> pb.Template:
         template_id=meta.template_id, vcpus=meta.vcpus, memory_mb=meta.memory_mib,
         default_user=meta.default_user, default_env=dict(meta.default_env),
         created_at_unix_ms=int(meta.created_at.timestamp() * 1000), source=meta.source,
+        kind=pb.TemplateKind.BASE if meta.kind == "base" else pb.TemplateKind.SNAPSHOT,
+        size_bytes=t.size_bytes(),
     )  # fmt: skip

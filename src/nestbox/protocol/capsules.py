@@ -26,12 +26,23 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nestbox.protocol.metadata import Metadata  # noqa: TC001 (pydantic needs it at runtime)
+
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """Template and snapshot names (Wrenn's `validate.SafeName`): no slashes, no leading dot."""
 DEFAULT_TEMPLATE = "minimal"
 MAX_TAG = 64
 
 TemplateName = Annotated[str, Field(pattern=SAFE_NAME)]
+EgressTarget = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        # An IPv4 address or CIDR, or a host name (the agent checks each strictly again).
+        pattern=r"^([0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$",
+    ),
+]
 
 
 class CapsuleStatus(StrEnum):
@@ -75,7 +86,33 @@ class CapsuleCreate(_Request):
     timeout_sec: int = Field(
         default=0, ge=0, le=30 * 86400, description="idle auto-pause after this; 0 = never"
     )
-    metadata: dict[str, str] | None = Field(default=None, max_length=20)
+    metadata: Metadata | None = Field(
+        default=None, description="at most 20 string pairs; `GET /v1/capsules` filters on them"
+    )
+    auto_resume: bool | None = Field(
+        default=None, description="a guest call to it while paused resumes it first "
+        "(default: the server's setting)",
+    )  # fmt: skip
+    ttl_sec: int = Field(
+        default=0, ge=0, le=30 * 86400, description="lifetime of each run; 0 = none"
+    )
+    on_timeout: Literal["pause", "destroy"] = Field(
+        default="pause", description="what ends a run at `ttl_sec`"
+    )
+    envs: dict[str, str] | None = Field(
+        default=None,
+        max_length=100,
+        description="added to the default environment of the "
+        "capsule's processes (over the template's)",
+    )
+    allow_internet_access: bool | None = Field(
+        default=None, description="egress: NAT out and DNS, never to private, link-local, "
+        "metadata or the host's addresses (default: the server's setting)",
+    )  # fmt: skip
+    egress_allow: list[EgressTarget] | None = Field(
+        default=None, max_length=64, description="with internet access: the only IPv4 CIDRs "
+        "or host names it may reach (names resolved when the capsule starts); none = any",
+    )  # fmt: skip
 
 
 class CapsuleView(_View):
@@ -94,6 +131,16 @@ class CapsuleView(_View):
     last_active_at: datetime | None = None
     last_updated: datetime
     metadata: dict[str, str] = Field(default_factory=dict)
+    auto_resume: bool = False
+    ttl_sec: int = 0
+    on_timeout: Literal["pause", "destroy"] = "pause"
+    expires_at: datetime | None = Field(default=None, description="when this run's lifetime ends")
+    template_type: Literal["base", "snapshot"] = Field(
+        default="snapshot", description="snapshot: the template's vCPUs and memory, whatever "
+        "was asked; base: booted with the ones asked for",
+    )  # fmt: skip
+    allow_internet_access: bool = False
+    egress_allow: list[str] = Field(default_factory=list)
 
 
 # ── commands and processes ──
@@ -112,6 +159,13 @@ class ExecCreate(_Request):
     envs: dict[str, str] | None = None
     cwd: str | None = Field(default=None, max_length=4096)
     tag: str | None = Field(default=None, min_length=1, max_length=MAX_TAG)
+    user: str | None = Field(
+        default=None, min_length=1, max_length=64, description="guest user; default: the capsule's"
+    )
+    stdin: bool = Field(
+        default=False, description="background only: a stdin pipe that "
+        "`POST .../processes/{pid}/stdin` writes to",
+    )  # fmt: skip
 
 
 class ExecResultView(_View):

@@ -33,6 +33,8 @@ class IdPrefix(StrEnum):
     HOST_TOKEN = "htok"
     REFRESH_TOKEN = "hrt"
     TEMPLATE = "tpl"
+    CHANNEL = "ch"
+    BUILD = "bld"
 
 
 API_KEY_PREFIX = "wrn_"

@@ -5,7 +5,8 @@
     DELETE /v1/snapshots/{name}                            -> 204
 
 A snapshot is taken of a running or paused capsule, which is left paused; capsules made from
-it start where it stood, processes and all.
+it start where it stood, processes and all, with the template's vCPUs and memory. A base
+template is a disk only: capsules boot it cold with the vCPUs and memory they ask for.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class TemplateView(BaseModel):
     type: Literal["base", "snapshot"]
     vcpus: int | None = None
     memory_mb: int | None = None
-    size_bytes: int = 0
+    size_bytes: int = Field(default=0, description="size on disk, once its host made it")
+    default_user: str = "root"
+    default_env: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
+    created_by: str | None = Field(
+        default=None, description="a user id, an API key id, or `platform`"
+    )
     platform: bool = Field(description="the platform's, visible to every team")
     protected: bool = Field(description="cannot be deleted")
     metadata: dict[str, str] = Field(default_factory=dict)

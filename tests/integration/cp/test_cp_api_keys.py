@@ -8,6 +8,8 @@ import pytest
 from sqlalchemy import select
 
 from nestbox.controlplane.db.models import ApiKeyRow
+from nestbox.controlplane.services.bootstrap import bootstrap_admin, reset_admin_key
+from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.ids import IdPrefix, is_api_key, is_id
 from tests.integration.cp.harness import RunningCP, signup
 
@@ -91,3 +93,30 @@ async def test_members_revoke_only_their_own_keys(cp: RunningCP) -> None:
     assert r.json()["error"]["code"] == "forbidden"
     r = await cp.client.delete(f"/v1/api-keys/{members_key.json()['id']}", headers=member_in_team)
     assert r.status_code == 204
+
+
+async def test_the_operators_key_is_not_revoked_through_the_api(
+    cp: RunningCP, settings: CPSettings
+) -> None:
+    """The key in `admin-api-key` answers 409 to a revoke (by itself or by a session of its
+    user); another key of the same admin is revoked as usual; after a reset-key the old one is
+    gone and the new one is the protected one."""
+    boot = await bootstrap_admin(cp.services.db, settings.data_dir, "op@test.io")
+    assert boot is not None
+    key = {"X-API-Key": boot.api_key}
+    listed = (await cp.client.get("/v1/api-keys", headers=key)).json()
+    [operator] = [k for k in listed if boot.api_key.startswith(k["key_prefix"])]
+    r = await cp.client.delete(f"/v1/api-keys/{operator['id']}", headers=key)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "conflict"
+    assert "reset-key" in r.json()["error"]["message"]
+    other = (await cp.client.post("/v1/api-keys", json={"name": "o"}, headers=key)).json()
+    r = await cp.client.delete(f"/v1/api-keys/{other['id']}", headers=key)
+    assert r.status_code == 204, r.text  # positive control: revoking works for other keys
+    assert (await cp.client.get("/v1/me", headers=key)).status_code == 200
+    fresh = await reset_admin_key(cp.services.db, settings.data_dir, "op@test.io")
+    new = {"X-API-Key": fresh.api_key}
+    assert (await cp.client.get("/v1/me", headers=key)).status_code == 401
+    listed = (await cp.client.get("/v1/api-keys", headers=new)).json()
+    [now] = [k for k in listed if fresh.api_key.startswith(k["key_prefix"])]
+    assert (await cp.client.delete(f"/v1/api-keys/{now['id']}", headers=new)).status_code == 409

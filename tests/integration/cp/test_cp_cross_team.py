@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,10 @@ class Call:
 
 
 FILE = {"path": "/root/secret.txt"}
+PLATFORM = Call(ids={"capsule_id": "platform_capsule"})
 CROSS_TEAM: dict[RouteKey, Call] = {
     ("POST", "/v1/auth/switch-team"): Call({"team_id": "{team_id}"}),
+    ("POST", "/v1/auth/session/team"): Call({"team_id": "{team_id}"}),
     ("DELETE", "/v1/api-keys/{key_id}"): Call(),
     ("GET", "/v1/teams/{team_id}"): Call(),
     ("PATCH", "/v1/teams/{team_id}"): Call({"name": "Taken"}),
@@ -88,12 +90,50 @@ CROSS_TEAM: dict[RouteKey, Call] = {
     ("POST", "/v1/capsules/{capsule_id}/files/move"): Call(
         {"source": "/root/secret.txt", "destination": "/tmp/taken"}
     ),
+    # lifetime, fork, stdin and watch (issue 13)
+    ("POST", "/v1/capsules/{capsule_id}/timeout"): Call({"timeout_sec": 120, "ttl_sec": 60}),
+    ("POST", "/v1/capsules/{capsule_id}/fork"): Call({"count": 2}),
+    ("POST", "/v1/capsules/{capsule_id}/processes/{selector}/stdin"): Call({"data": "taken"}),
+    ("DELETE", "/v1/capsules/{capsule_id}/processes/{selector}/stdin"): Call(),
+    ("GET", "/v1/capsules/{capsule_id}/files/watch"): Call(query="?path=/root"),
     ("POST", "/v1/snapshots"): Call({"sandbox_id": "{capsule_id}", "name": "taken"}),
     ("DELETE", "/v1/snapshots/{name}"): Call(),
     ("POST", "/v1/hosts"): Call({"type": "byoc", "team_id": "{team_id}"}),
     ("GET", "/v1/hosts/{host_id}"): Call(),
     ("DELETE", "/v1/hosts/{host_id}"): Call(query="?force=true"),
     ("POST", "/v1/hosts/{host_id}/token"): Call(),
+    # metrics and channels (issue 13)
+    ("GET", "/v1/capsules/{capsule_id}/metrics"): Call(query="?range=10m"),
+    ("GET", "/v1/channels/{channel_id}"): Call(),
+    ("PATCH", "/v1/channels/{channel_id}"): Call({"name": "taken", "events": ["host.up"]}),
+    ("DELETE", "/v1/channels/{channel_id}"): Call(),
+    ("PUT", "/v1/channels/{channel_id}/config"): Call({"config": {"url": "http://127.0.0.1:9/t"}}),
+    ("GET", "/v1/channels/{channel_id}/deliveries"): Call(),
+    # the template builder: team admins on their own team's builds and templates (issue 12)
+    ("POST", "/v1/admin/builds"): Call({"name": "taken", "base_template": "{name}"}),
+    ("GET", "/v1/admin/builds/{build_id}"): Call(),
+    ("POST", "/v1/admin/builds/{build_id}/cancel"): Call(),
+    ("GET", "/v1/admin/builds/{build_id}/events"): Call(),
+    ("DELETE", "/v1/admin/templates/{name}"): Call(),
+    # E2B's facade (issue 16)
+    ("POST", "/v2/sandboxes"): Call({"templateID": "{name}"}),
+    ("POST", "/sandboxes"): Call({"templateID": "{name}"}),
+    ("GET", "/sandboxes/{capsule_id}"): Call(),
+    ("DELETE", "/sandboxes/{capsule_id}"): Call(),
+    ("POST", "/sandboxes/{capsule_id}/pause"): Call(),
+    ("POST", "/sandboxes/{capsule_id}/resume"): Call({}, ids={"capsule_id": "paused_id"}),
+    ("POST", "/sandboxes/{capsule_id}/connect"): Call({}, ids={"capsule_id": "paused_id"}),
+    ("POST", "/v2/sandboxes/{capsule_id}/connect"): Call({}, ids={"capsule_id": "paused_id"}),
+    ("POST", "/sandboxes/{capsule_id}/timeout"): Call({"timeout": 5}),
+    ("POST", "/sandboxes/{capsule_id}/refreshes"): Call({"duration": 60}),
+    ("GET", "/sandboxes/{capsule_id}/metrics"): Call(),
+    ("GET", "/templates/{template_id}/files/{files_hash}"): Call(
+        ids={"template_id": "name", "files_hash": "name"}
+    ),
+    ("POST", "/v2/templates/{template_id}/builds/{build_id}"): Call(
+        {"fromTemplate": "minimal", "steps": []}, ids={"template_id": "name"}
+    ),
+    ("GET", "/templates/{template_id}/builds/{build_id}/status"): Call(ids={"template_id": "name"}),
 }
 LISTINGS: dict[RouteKey, str] = {
     ("GET", "/v1/api-keys"): "",
@@ -103,6 +143,11 @@ LISTINGS: dict[RouteKey, str] = {
     ("GET", "/v1/capsules"): "",
     ("GET", "/v1/snapshots"): "",
     ("GET", "/v1/hosts"): "",
+    ("GET", "/v1/channels"): "",
+    ("GET", "/v1/admin/builds"): "",
+    ("GET", "/v1/admin/templates"): "",
+    ("GET", "/v2/sandboxes"): "",
+    ("GET", "/sandboxes"): "",
 }
 WEBSOCKETS: dict[RouteKey, dict[str, Any] | None] = {
     # route: the first frame the owner sends (the positive control), None: nothing to send
@@ -118,6 +163,30 @@ ADMIN_ONLY: dict[RouteKey, list[Call]] = {
         Call({"status": "disabled"}, ids={"user_id": "admin_id"}),  # lock the operator out
     ],
     ("GET", "/v1/admin/teams"): [Call()],
+    # platform capsules (issue 13); `platform_capsule` is the admin's own, with FILE in it
+    ("GET", "/v1/admin/capsules"): [Call()],
+    ("POST", "/v1/admin/capsules"): [Call({"template": "minimal"})],
+    ("GET", "/v1/admin/capsules/{capsule_id}"): [PLATFORM],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/read"): [replace(PLATFORM, body=FILE)],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/stream/read"): [replace(PLATFORM, body=FILE)],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/list"): [
+        replace(PLATFORM, body={"path": "/root"})
+    ],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/stat"): [replace(PLATFORM, body=FILE)],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/mkdir"): [
+        replace(PLATFORM, body={"path": "/root/made"})
+    ],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/write"): [replace(PLATFORM, multipart=True)],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/stream/write"): [
+        replace(PLATFORM, multipart=True)
+    ],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/move"): [
+        replace(PLATFORM, body={"source": "/root/secret.txt", "destination": "/tmp/moved"})
+    ],
+    ("POST", "/v1/admin/capsules/{capsule_id}/files/remove"): [
+        replace(PLATFORM, body={"path": "/tmp/moved"})
+    ],
+    ("DELETE", "/v1/admin/capsules/{capsule_id}"): [PLATFORM],
 }
 REGULAR_HOST: list[tuple[RouteKey, Call, int]] = [
     (("POST", "/v1/hosts"), Call({}), 403),
@@ -140,13 +209,30 @@ EXEMPT: dict[RouteKey, str] = {
     ("POST", "/v1/me/password"): OWN,
     ("POST", "/v1/api-keys"): "makes a key in the caller's own team",
     ("POST", "/v1/teams"): "makes a new team owned by the caller",
+    ("POST", "/v3/templates"): "E2B: asks for a template build in the caller's own team "
+    "(signed ids, nothing stored)",
     ("POST", "/v1/hosts/register"): "an agent's call: the one-time registration token is the "
     "credential and names its host (test_cp_hosts.py::test_registration_contract)",
     ("GET", "/openapi.json"): DOC,
     ("GET", "/docs"): DOC,
     ("GET", "/docs/"): DOC,
-    ("GET", "/docs/docs.js"): DOC,
+    ("POST", "/v1/auth/session"): "public: the caller's own email and password (a browser)",
+    ("POST", "/v1/auth/session/signup"): "public: makes a new user and team (a browser)",
+    ("GET", "/v1/auth/session"): "the browser's own session cookie; names no other object",
+    ("DELETE", "/v1/auth/session"): "ends the browser's own session (cookie + CSRF token)",
+    ("POST", "/v1/auth/ws-ticket"): "a ticket for the browser's own session; names no object",
+    ("GET", "/v1/capsules/stats"): "the caller's own team's totals, no object named "
+    "(test_cp_usage.py::test_stats: another team's capsules are not counted)",
+    ("GET", "/v1/capsules/usage"): "the caller's own team's usage, no object named "
+    "(test_cp_usage.py: another team's capsule is not counted)",
+    ("GET", "/v1/events/stream"): "the caller's own team's events, no object named "
+    "(test_cp_events.py: another team's never reach it)",
+    ("POST", "/v1/channels"): "makes a channel in the caller's own team",
+    ("POST", "/v1/channels/test"): "sends a test event to the config in its body, keeps nothing",
 }
+TEAM_ADMIN = {route for route in [*CROSS_TEAM, *LISTINGS] if route[1].startswith("/v1/admin/")}
+"""`/v1/admin/` routes that team owners and admins use on their own team's objects (the
+template builder, wrenn-surface §1.7): cross-team cases, not admin-only ones."""
 TABLES: dict[str, Any] = {"CROSS_TEAM": CROSS_TEAM, "LISTINGS": LISTINGS,
                           "WEBSOCKETS": WEBSOCKETS, "ADMIN_ONLY": ADMIN_ONLY, "AGENT": AGENT,
                           "EXEMPT": EXEMPT}  # fmt: skip
@@ -212,7 +298,9 @@ def agent_state(c: Cluster) -> Any:
 def quiet(settings: CPSettings) -> CPSettings:
     """No background pass during the test: any change is a request's."""
     return settings.model_copy(update={"reconcile_interval_s": 3600,
-                                       "host_monitor_interval_s": 3600})  # fmt: skip
+                                       "host_monitor_interval_s": 3600,
+                                       "stats_interval_s": 3600,
+                                       "channels_allow_private": True})  # fmt: skip
 
 
 @dataclass
@@ -264,12 +352,30 @@ async def _world(c: Cluster) -> World:
     assert r.status_code == 201, r.text
     byoc = r.json()["host"]["id"]
     [key] = (await c.client.get("/v1/api-keys", headers=a_key)).json()
+    r = await c.client.post("/v1/admin/builds", json={"name": "a-build", "recipe": ["BOGUS"]},
+                            headers=a_key)  # fmt: skip
+    assert r.status_code == 201, r.text  # failed at once (a bad line): nothing runs later
+    build = r.json()["id"]
+    r = await c.client.post(
+        "/v1/channels",
+        headers=a_key,
+        json={
+            "name": "a-channel",
+            "provider": "webhook",
+            "config": {"url": "http://127.0.0.1:9/a"},
+            "events": ["host.down"],
+        },
+    )  # host.down only: no event of this test is delivered
+    assert r.status_code == 201, r.text
+    channel = r.json()["id"]
     b, b_key = await c.user("b@example.com")
     ids = {"team_id": a_owner.team_id, "key_id": key["id"], "user_id": a_admin.user_id,
-           "capsule_id": cid, "paused_id": paused, "selector": "a-proc", "name": "a-snapshot",
-           "host_id": byoc, "b_email": b.email}  # fmt: skip
+           "channel_id": channel, "capsule_id": cid, "paused_id": paused,
+           "selector": "a-proc", "name": "a-snapshot", "host_id": byoc, "b_email": b.email,
+           "build_id": build}  # fmt: skip
     markers = [a_owner.team_id, key["id"], key["key_prefix"], a_owner.user_id, a_admin.user_id,
-               a_owner.email, a_admin.email, cid, paused, "a-snapshot", byoc]  # fmt: skip
+               a_owner.email, a_admin.email, cid, paused, "a-snapshot", byoc, build,
+               "a-build", channel, "a-channel"]  # fmt: skip
     return World(a_owner, a_key, b, b_key, ids, markers)
 
 
@@ -298,7 +404,7 @@ async def test_every_route_is_classified(tmp_path: Path) -> None:
     for route in routes:
         endpoint = by_route.get(route)
         admin = endpoint is not None and endpoint.auth is Auth.ADMIN
-        if admin or route[1].startswith("/v1/admin/"):
+        if admin or (route[1].startswith("/v1/admin/") and route not in TEAM_ADMIN):
             assert route in ADMIN_ONLY, f"{route} is for platform admins: put it in ADMIN_ONLY"
         if route[0] == "WS":
             assert route in WEBSOCKETS, route
@@ -447,6 +553,12 @@ async def test_admin_routes_refuse_non_admins(settings: CPSettings) -> None:
                                                               "member")  # fmt: skip
         me = (await c.client.get("/v1/me", headers=c.admin)).json()
         host = c.hosts[0]
+        r = await c.client.post("/v1/admin/capsules", json={}, headers=c.admin)
+        assert r.status_code == 201, r.text
+        platform = r.json()["id"]
+        r = await c.client.post(f"/v1/admin/capsules/{platform}/files/write", data=FILE,
+                                files={"file": ("s", b"platform")}, headers=c.admin)  # fmt: skip
+        assert r.status_code == 204, r.text
         callers = [
             ("member key", member_key, member_id),
             ("member session", member_session, member_id),
@@ -469,7 +581,12 @@ async def test_admin_routes_refuse_non_admins(settings: CPSettings) -> None:
 
         nobody = [("no credentials", {}), ("a made-up key", {"X-API-Key": "wrn_" + "0" * 32})]
         for who, headers, self_id in callers:
-            ids = {"self_id": self_id, "admin_id": me["id"], "host_id": host.host_id}
+            ids = {
+                "self_id": self_id,
+                "admin_id": me["id"],
+                "host_id": host.host_id,
+                "platform_capsule": platform,
+            }
             for route, calls in ADMIN_ONLY.items():
                 for call in calls:
                     await expect(route, call, ids, who, headers, 403, "forbidden")
@@ -479,7 +596,12 @@ async def test_admin_routes_refuse_non_admins(settings: CPSettings) -> None:
             listed = (await c.client.get("/v1/hosts", headers=headers)).json()
             if host.host_id in json.dumps(listed):
                 problems.append(f"GET /v1/hosts by {who} lists the regular host")
-        ids = {"self_id": member_id, "admin_id": me["id"], "host_id": host.host_id}
+        ids = {
+            "self_id": member_id,
+            "admin_id": me["id"],
+            "host_id": host.host_id,
+            "platform_capsule": platform,
+        }
         for who, headers in nobody:
             for route, calls in ADMIN_ONLY.items():
                 for call in calls:
@@ -499,12 +621,17 @@ async def test_admin_routes_refuse_non_admins(settings: CPSettings) -> None:
         assert [e["action"] for e in after if e["id"] not in before] == []
 
         # Positive control: the platform admin gets through (a no-op update for the PATCH).
-        ids = {"self_id": member_id, "admin_id": me["id"], "host_id": host.host_id}
+        ids = {
+            "self_id": member_id,
+            "admin_id": me["id"],
+            "host_id": host.host_id,
+            "platform_capsule": platform,
+        }
         harmless = Call({"status": "active"}, ids={"user_id": "self_id"})
         for route, calls in ADMIN_ONLY.items():
             call = harmless if route[0] == "PATCH" else calls[0]
             r = await _send(c.client, route, call, ids, c.admin)
-            assert r.status_code == 200, (route, r.text)
+            assert r.is_success, (route, r.text)
         r = await _send(c.client, ("GET", "/v1/hosts/{host_id}"), Call(), ids, c.admin)
         assert r.status_code == 200
 

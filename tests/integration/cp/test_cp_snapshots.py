@@ -41,11 +41,17 @@ async def test_snapshot_then_capsules_from_it(settings: CPSettings) -> None:
         r = await c.client.post("/v1/capsules", json={"template": "base-1"}, headers=other)
         assert r.status_code == 404
         names = {t["name"] for t in (await c.client.get("/v1/snapshots", headers=other)).json()}
-        assert names == {"minimal"}
+        assert names == {"minimal", "minimal-base", "base"}  # the platform's
 
         listed = (await c.client.get("/v1/snapshots?type=snapshot", headers=key)).json()
-        assert {t["name"]: t["platform"] for t in listed} == {"base-1": False, "minimal": True}
-        assert (await c.client.get("/v1/snapshots?type=base", headers=key)).json() == []
+        assert {t["name"]: t["platform"] for t in listed} == {
+            "base-1": False, "minimal": True, "base": True,
+        }  # fmt: skip
+        mine = next(t for t in listed if t["name"] == "base-1")
+        assert mine["created_by"] is not None  # the key's id
+        assert (mine["default_user"], mine["default_env"]) == ("root", {})
+        bases = (await c.client.get("/v1/snapshots?type=base", headers=key)).json()
+        assert [(t["name"], t["created_by"]) for t in bases] == [("minimal-base", "platform")]
         assert (await c.client.get("/v1/snapshots?type=x", headers=key)).status_code == 400
 
         # of a paused capsule too; same name needs overwrite

@@ -55,10 +55,10 @@ async def test_deleting_a_team_destroys_its_capsules_and_templates(settings: CPS
         paused = (await c.create(key))["id"]
         assert (await c.client.post(f"/v1/capsules/{paused}/pause", headers=key)).status_code == 200
         snap = await c.client.post("/v1/snapshots", json={"sandbox_id": running[0],
-                                                          "name": "base"}, headers=key)  # fmt: skip
+                                                          "name": "mine"}, headers=key)  # fmt: skip
         assert snap.status_code == 201
         [template_id] = [t for h in c.hosts for t in h.agent.templates if t.startswith("tpl-")]
-        from_snapshot = (await c.create(key, template="base"))["id"]
+        from_snapshot = (await c.create(key, template="mine"))["id"]
         kept = (await c.create(bystander))["id"]
         doomed = {*running, paused, from_snapshot}
         on_agents = {cid for h in c.hosts for cid in h.agent.capsules}

@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from nestbox.hostagent.capsule import CapsuleState
 from tests.integration.vm.conftest import open_runtime, settled_leftovers
 
 if TYPE_CHECKING:
@@ -102,9 +103,13 @@ async def test_killed_vm_process_is_detected_and_cleaned(vm: AgentSettings) -> N
         assert capsule.pid is not None
         os.kill(capsule.pid, signal.SIGKILL)
         with anyio.fail_after(30):
-            while runtime.capsules():  # noqa: ASYNC110 (the runtime has no event to wait on)
+            while capsule.state != CapsuleState.ERROR:  # noqa: ASYNC110 (no event to wait on)
                 await anyio.sleep(0.05)
+        # Its resources are gone; the entry stays listed in ERROR until it is destroyed.
         assert await settled_leftovers(runtime) == before
+        assert runtime.capsules() == [capsule]
+        await runtime.destroy(capsule.id)
+        assert runtime.capsules() == []
 
 
 async def test_destroy_paused_capsule(vm: AgentSettings) -> None:

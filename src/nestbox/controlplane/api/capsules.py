@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.services import paging
 from nestbox.protocol.capsules import CapsuleCreate, CapsuleView
 
 if TYPE_CHECKING:
@@ -23,8 +24,13 @@ async def create_capsule(request: Request) -> Response:
 
 
 async def list_capsules(request: Request) -> Response:
+    query = paging.parse_query(request.query_params.multi_items())
     capsules = deps.services(request).capsules
-    return deps.json(await capsules.list_for(deps.principal(request)))
+    page = await paging.list_page(capsules, deps.principal(request), query)
+    response = deps.json(page.capsules)
+    if page.next_cursor is not None:
+        response.headers[paging.NEXT_CURSOR_HEADER] = page.next_cursor
+    return response
 
 
 async def get_capsule(request: Request) -> Response:
@@ -65,7 +71,16 @@ router = Router(
                  description="Placed on the least-loaded online host; answers once it runs. "
                              "503 host_unavailable when no host has room."),
         Endpoint("GET", "/v1/capsules", list_capsules, "Your team's capsules",
-                 response=list[CapsuleView]),
+                 response=list[CapsuleView],
+                 query=[("status", "only these statuses (repeated, or comma-separated)"),
+                        ("metadata.<key>", "only capsules whose metadata has key = value "
+                                           "(several: all must match)"),
+                        ("limit", "at most this many (1-1000); the next page's cursor is in "
+                                  "the X-Next-Cursor header, absent on the last page"),
+                        ("cursor", "the X-Next-Cursor of the page before")],
+                 description="Oldest first (created_at, then id). Paging is by key: every "
+                             "capsule is listed exactly once across the pages, however many "
+                             "are created meanwhile. Without limit: all of them."),
         Endpoint("GET", CAPSULE, get_capsule, "One capsule", response=CapsuleView,
                  description="404 once destroyed; a capsule that died on its own stays "
                              "visible as stopped, error or missing until destroyed."),

@@ -4,17 +4,18 @@ body, and a JSON answer. Also the authentication used by `Endpoint` and by WebSo
 
 from __future__ import annotations
 
-import json as jsonlib
 import re
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from nestbox.controlplane.errors import InvalidRequest, NotFound, TooLarge, Unauthorized
 from nestbox.controlplane.services.auth import Credentials
+from nestbox.controlplane.services.sessions import SessionCredentials
 from nestbox.protocol.capsules import SAFE_NAME
 from nestbox.protocol.ids import IdPrefix, is_id
+from nestbox.protocol.web import CSRF_HEADER, SESSION_COOKIE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from nestbox.controlplane.services.container import Services
     from nestbox.controlplane.services.principal import Principal
+    from nestbox.controlplane.services.sessions import WebSessions
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,12 +51,36 @@ def credentials(conn: HTTPConnection) -> Credentials:
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         bearer = token.strip()
-    return Credentials(api_key=conn.headers.get(API_KEY_HEADER) or None, bearer=bearer)
+    # A present but empty X-API-Key is a (bad) key, never "no key": a request must not pass on
+    # the strength of another credential while carrying a broken one.
+    return Credentials(api_key=conn.headers.get(API_KEY_HEADER), bearer=bearer)
 
 
 async def authenticate(conn: HTTPConnection) -> Principal:
-    """The principal behind a request or WebSocket handshake. :raise Unauthorized:"""
-    return await services(conn).auth.authenticate(credentials(conn))
+    """The principal behind a request or WebSocket handshake: `X-API-Key`, `Authorization:
+    Bearer`, or (HTTP requests only, never a WebSocket) the dashboard's session cookie, which
+    needs `X-CSRF-Token` on state-changing methods (`services/sessions.py`).
+    :raise Unauthorized: :raise Forbidden: a cookie request without its CSRF token."""
+    creds = credentials(conn)
+    if creds.api_key is None and creds.bearer is None and conn.scope["type"] == "http":
+        token = conn.cookies.get(SESSION_COOKIE)
+        if token:
+            return await web_sessions(conn).authenticate(
+                token, method=str(conn.scope["method"]), csrf=conn.headers.get(CSRF_HEADER)
+            )
+    return await authenticate_with(conn, creds)
+
+
+async def authenticate_with(conn: HTTPConnection, creds: Credentials) -> Principal:
+    """The principal behind `creds`, a browser session's (a spent WebSocket ticket) included.
+    :raise Unauthorized:"""
+    if isinstance(creds, SessionCredentials):
+        return await web_sessions(conn).principal_of(creds)
+    return await services(conn).auth.authenticate(creds)
+
+
+def web_sessions(conn: HTTPConnection) -> WebSessions:
+    return cast("WebSessions", conn.app.state.web_sessions)
 
 
 def client_address(conn: HTTPConnection) -> str:
@@ -69,16 +95,16 @@ def require_session(found: Principal) -> None:
 
 
 async def body(request: Request, model: type[M]) -> M:
-    """The JSON body validated as `model`; an empty body counts as `{}`.
-    :raise InvalidRequest: not JSON, or not valid. :raise TooLarge: over 1 MiB."""
+    """The JSON body validated as `model`, strictly (JSON's types as the document states them:
+    `"true"` is not a boolean, `0` not a string); an empty body counts as `{}` (the document
+    marks such bodies optional). :raise InvalidRequest: not JSON, or not valid. :raise
+    TooLarge: over 1 MiB."""
     raw = await _read_limited(request, MAX_JSON_BODY)
     try:
-        data: Any = jsonlib.loads(raw) if raw.strip() else {}
-    except ValueError:
-        raise InvalidRequest("the body is not valid JSON") from None
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw if raw.strip() else b"{}", strict=True)
     except ValidationError as err:
+        if any(e["type"] == "json_invalid" for e in err.errors()):
+            raise InvalidRequest("the body is not valid JSON") from None
         raise InvalidRequest(validation_message(err)) from None
 
 
@@ -98,6 +124,8 @@ ID_PARAMS: dict[str, tuple[str, IdPrefix]] = {
     "user_id": ("user", IdPrefix.USER),
     "key_id": ("API key", IdPrefix.API_KEY),
     "host_id": ("host", IdPrefix.HOST),
+    "build_id": ("build", IdPrefix.BUILD),
+    "channel_id": ("channel", IdPrefix.CHANNEL),
 }
 """Path parameters that are ids, and what they name."""
 NAME_PARAMS: dict[str, tuple[str, re.Pattern[str]]] = {

@@ -1,22 +1,23 @@
-"""`/openapi.json` and `/docs`: the API reference, served from this package only (no CDN), so
-it works on a machine without internet. The page (`static/docs.html` + `docs.js`) fetches
-`openapi.json` and renders every path, its auth, parameters and schemas."""
+"""`/openapi.json` and `/docs`: the API reference. `/docs` is a page of the dashboard (its
+client-side router shows Swagger UI, built from npm into the dashboard: nothing comes from
+another site), which reads `openapi.json` and tries requests with the browser's session
+(cookie and CSRF token) when one is logged in. Without a dashboard build it is the page that
+says how to build one."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from nestbox.controlplane.api.routing import Router
+from nestbox.controlplane.api.web import Dashboard
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-STATIC = Path(__file__).resolve().parent / "static"
 CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -25,12 +26,9 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def docs_page(request: Request) -> Response:
-    return FileResponse(STATIC / "docs.html", media_type="text/html; charset=utf-8", headers=CACHE)
-
-
-async def docs_script(request: Request) -> Response:
-    return FileResponse(STATIC / "docs.js", media_type="text/javascript; charset=utf-8",
-                        headers=CACHE)  # fmt: skip
+    dashboard = request.app.router.default
+    assert isinstance(dashboard, Dashboard)
+    return dashboard.page()
 
 
 async def docs_slash(request: Request) -> Response:
@@ -43,6 +41,5 @@ router = Router(
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs_page, methods=["GET"]),
         Route("/docs/", docs_slash, methods=["GET"]),
-        Route("/docs/docs.js", docs_script, methods=["GET"]),
     ],
 )

@@ -100,14 +100,16 @@ def _operation(
         op["parameters"] = params
     if endpoint.body is not None:
         op["requestBody"] = {
-            "required": True,
+            # An empty body counts as `{}` (deps.body): optional when `{}` is a valid one.
+            "required": any(f.is_required() for f in endpoint.body.model_fields.values()),
             "content": {"application/json": {"schema": schemas.ref(endpoint.body, "validation")}},
         }
     ok: dict[str, Any] = {"description": "OK" if endpoint.status < 300 else "done"}
     if endpoint.response is not None:
-        ok["content"] = {
-            "application/json": {"schema": schemas.ref(endpoint.response, "serialization")}
-        }
+        schema = schemas.ref(endpoint.response, "serialization")
+        if endpoint.media_type == "text/event-stream":
+            schema = _sse_event(schema)
+        ok["content"] = {endpoint.media_type: {"schema": schema}}
     op["responses"] = {str(endpoint.status): ok, "default": error}
     if endpoint.rate_limited:
         op["responses"]["429"] = {
@@ -116,6 +118,22 @@ def _operation(
             "`Retry-After` seconds",
         }
     return op
+
+
+def _sse_event(data: dict[str, Any]) -> dict[str, Any]:
+    """One Server-Sent Event (OpenAPI 3.1 reads a stream's `schema` as one event's): its `data:`
+    is JSON that `data` describes."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": data},
+        },
+    }  # fmt: skip
 
 
 def _openapi_path(path: str) -> str:

@@ -52,6 +52,9 @@ class Endpoint:
     description: str = ""
     query: Sequence[tuple[str, str]] = ()
     """(name, description) of the query parameters, for the document."""
+    media_type: str = "application/json"
+    """Of the 2xx answer: `text/event-stream` for Server-Sent Events (`response` is then the
+    model of one message's `data`)."""
     rate_limited: bool = False
     """Each client address gets its own token bucket for this route (login, signup, key
     creation); checked before anything else, so refused requests cost nothing."""
@@ -86,3 +89,34 @@ class Router:
 
     def starlette_routes(self) -> list[BaseRoute]:
         return [e.route() for e in self.endpoints] + list(self.routes)
+
+
+def starlette_routes(routers: Sequence[Router]) -> list[BaseRoute]:
+    """Every router's routes, the endpoints of one path (from any router) as ONE route: a
+    method no endpoint of that path takes then gets a 405 whose `Allow` names every method the
+    path has (one route per method would name only its own). Paths with fewer parameters come
+    first, so `/v1/hosts/register` is tried before `/v1/hosts/{host_id}` whatever the order
+    the routers were listed in (Starlette takes the first route that matches)."""
+    by_path: dict[str, list[Endpoint]] = {}
+    for router in routers:
+        for e in router.endpoints:
+            by_path.setdefault(e.path, []).append(e)
+    routes: list[BaseRoute] = []
+    for path, endpoints in sorted(by_path.items(), key=lambda item: item[0].count("{")):
+        if len(endpoints) == 1:
+            routes.append(endpoints[0].route())
+            continue
+        handlers: dict[str, Handler] = {e.method: e._endpoint for e in endpoints}
+        if len(handlers) != len(endpoints):
+            raise ValueError(f"two endpoints for one method of {path}")
+        if "GET" in handlers:
+            handlers.setdefault("HEAD", handlers["GET"])
+
+        async def dispatch(request: Request, handlers: dict[str, Handler] = handlers) -> Response:
+            return await handlers[request.method](request)  # Route checked the method
+
+        name = "_or_".join(e.handler.__name__ for e in endpoints)
+        routes.append(Route(path, dispatch, methods=list(handlers), name=name))
+    for router in routers:
+        routes.extend(router.routes)
+    return routes

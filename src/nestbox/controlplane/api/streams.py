@@ -1,7 +1,7 @@
 """Process output over WebSockets (sdk-request-map §2.5):
 
     WS /v1/capsules/{capsule_id}/exec/stream               first frame {"type": "start", "cmd",
-                                                            "args", "envs"?, "cwd"?}; later
+                                                            "args", "envs"?, "cwd"?, "user"?}; later
                                                             {"type": "stop"} kills it
     WS /v1/capsules/{capsule_id}/processes/{sel}/stream    re-attach by pid or tag
 
@@ -53,13 +53,13 @@ async def exec_stream(ws: WebSocket) -> None:
         return
     try:
         start = await wsconn.receive_json(ws)
-        cmd, args, envs, cwd = _start_fields(start)
+        cmd, args, envs, cwd, user = _start_fields(start)
     except InvalidRequest as err:
         await wsconn.refuse(ws, err, error_frame)
         return
     except WebSocketDisconnect:
         return
-    events = processes.exec_stream(target, cmd, args, envs=envs, cwd=cwd)
+    events = processes.exec_stream(target, cmd, args, envs=envs, cwd=cwd, user=user)
     await relay(ws, target, events, stoppable=True)
 
 
@@ -75,10 +75,12 @@ async def attach_process(ws: WebSocket) -> None:
     await relay(ws, target, processes.connect(target, which), stoppable=False)
 
 
-def _start_fields(doc: dict[str, Any]) -> tuple[str, list[str], dict[str, str], str | None]:
+def _start_fields(
+    doc: dict[str, Any],
+) -> tuple[str, list[str], dict[str, str], str | None, str | None]:
     """:raise InvalidRequest: not a well-formed `start` frame."""
     cmd, args = doc.get("cmd"), doc.get("args") or []
-    envs, cwd = doc.get("envs") or {}, doc.get("cwd")
+    envs, cwd, user = doc.get("envs") or {}, doc.get("cwd"), doc.get("user")
     if doc.get("type") != "start" or not isinstance(cmd, str) or not cmd:
         raise InvalidRequest('the first frame must be {"type": "start", "cmd": …}')
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
@@ -87,7 +89,9 @@ def _start_fields(doc: dict[str, Any]) -> tuple[str, list[str], dict[str, str], 
         raise InvalidRequest("envs must map names to strings")
     if cwd is not None and not isinstance(cwd, str):
         raise InvalidRequest("cwd must be a string")
-    return cmd, args, {str(k): v for k, v in envs.items()}, cwd
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("user must be a string")
+    return cmd, args, {str(k): v for k, v in envs.items()}, cwd, user
 
 
 class _Decoders:

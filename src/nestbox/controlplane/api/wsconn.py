@@ -2,7 +2,10 @@
 
 Authentication, in Wrenn's order: `X-API-Key` or `Authorization: Bearer` on the handshake (the
 SDK's way); else the socket is accepted and the first message must be
-`{"type": "auth", "token": <API key or session JWT>}` within 5 s (browsers cannot set headers).
+`{"type": "auth", "token": <API key, session JWT or dashboard ticket>}` within 5 s (browsers
+cannot set headers). The dashboard's session cookie never opens a socket (any site could start
+that handshake): its page sends a single-use ticket (`nbt_…`, `services/sessions.py`), and
+the socket then acts for, and is re-checked against, the browser session.
 
 A refusal before the socket is accepted is a plain HTTP answer with the usual error body (401,
 404, 409, …; the SDK raises it as a failed upgrade); after, it is an error frame and a close
@@ -31,6 +34,7 @@ from nestbox.controlplane.errors import ControlPlaneError, InvalidRequest, Unaut
 from nestbox.controlplane.services.auth import Credentials
 from nestbox.protocol.errors import HTTP_STATUS
 from nestbox.protocol.ids import API_KEY_PREFIX
+from nestbox.protocol.web import TICKET_PREFIX
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -63,7 +67,7 @@ async def open_session(
             await ws.accept()
             accepted = True
             creds = await _auth_message(ws)
-        principal = await deps.services(ws).auth.authenticate(creds)
+        principal = await deps.authenticate_with(ws, creds)
         found = await resolve(principal)
     except ControlPlaneError as err:
         await refuse(ws, err, error_frame)
@@ -88,7 +92,7 @@ async def watch_credentials(
     while True:
         await anyio.sleep(services.settings.session_recheck_s)
         try:
-            await services.auth.authenticate(creds)
+            await deps.authenticate_with(ws, creds)
         except Unauthorized as err:
             log.info("closing a WebSocket session: %s", err.message)
             await send_json(ws, error_frame(f"{REVOKED_REASON}: {err.message}"))
@@ -125,6 +129,8 @@ async def _auth_message(ws: WebSocket) -> Credentials:
             raise Unauthorized('send X-API-Key, or first {"type": "auth", "token": …}')
         if token.startswith(API_KEY_PREFIX):
             return Credentials(api_key=token)
+        if token.startswith(TICKET_PREFIX):  # the dashboard's: one use, 30 s
+            return await deps.web_sessions(ws).redeem(token)
         return Credentials(bearer=token)
     raise Unauthorized(f"no auth message within {AUTH_TIMEOUT_S:.0f} s")
 

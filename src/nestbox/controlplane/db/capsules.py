@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from nestbox.controlplane.db.base import utcnow
 from nestbox.controlplane.db.models import CapsuleRow
@@ -49,6 +49,21 @@ class Capsule:
     last_active_at: datetime | None
     last_updated: datetime
     metadata: dict[str, Any] = field(default_factory=dict)
+    template_type: str = "snapshot"
+    allow_internet_access: bool = False
+    egress_allow: tuple[str, ...] = ()
+    auto_resume: bool = False
+    ttl_sec: int = 0
+    on_timeout: str = "pause"
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PageKey:
+    """Where a page of `page_team` starts: after the capsule with this (created_at, id)."""
+
+    created_at: datetime
+    id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +91,10 @@ def _record(row: CapsuleRow) -> Capsule:
         memory_mb=row.memory_mb, disk_mb=row.disk_mb, timeout_sec=row.timeout_sec,
         guest_ip=row.guest_ip, host_ip=row.host_ip, created_at=row.created_at,
         started_at=row.started_at, last_active_at=row.last_active_at,
-        last_updated=row.last_updated, metadata=dict(row.meta),
+        last_updated=row.last_updated, metadata=dict(row.meta), auto_resume=row.auto_resume,
+        template_type=row.template_type, allow_internet_access=row.allow_internet_access,
+        egress_allow=tuple(row.egress_allow or ()),
+        ttl_sec=row.ttl_sec, on_timeout=row.on_timeout, expires_at=row.expires_at,
     )  # fmt: skip
 
 
@@ -97,13 +115,15 @@ class CapsuleRepo:
         disk_mb: int,
         timeout_sec: int,
         metadata: dict[str, str],
+        **extra: Any,
     ) -> Capsule:
+        """A `pending` row; `extra` sets the lifetime columns (auto_resume, ttl_sec, ...)."""
         now = utcnow()
         row = CapsuleRow(
             id=capsule_id, team_id=team_id, host_id=host_id, template=template,
             template_id=template_id, status="pending", vcpus=vcpus, memory_mb=memory_mb,
             disk_mb=disk_mb, timeout_sec=timeout_sec, guest_ip="", host_ip="", meta=metadata,
-            created_at=now, last_updated=now,
+            created_at=now, last_updated=now, **extra,
         )  # fmt: skip
         self._s.add(row)
         await self._s.flush()
@@ -127,6 +147,47 @@ class CapsuleRepo:
             select(CapsuleRow)
             .where(CapsuleRow.team_id == team_id, CapsuleRow.status != DESTROYED)
             .order_by(CapsuleRow.created_at, CapsuleRow.id)
+        )
+        return [_record(r) for r in rows]
+
+    async def page_team(
+        self,
+        team_id: str,
+        *,
+        statuses: Iterable[str] | None = None,
+        metadata: dict[str, str] | None = None,
+        after: PageKey | None = None,
+        limit: int | None = None,
+    ) -> list[Capsule]:
+        """The team's capsules (not destroyed) in (created_at, id) order: only `statuses`,
+        only those whose metadata holds every pair of `metadata`, only after `after` (keyset
+        paging: a capsule created meanwhile sorts after every page already read), at most
+        `limit`."""
+        query = select(CapsuleRow).where(
+            CapsuleRow.team_id == team_id, CapsuleRow.status != DESTROYED
+        )
+        if statuses is not None:
+            query = query.where(CapsuleRow.status.in_(tuple(statuses)))
+        for key, value in (metadata or {}).items():
+            query = query.where(CapsuleRow.meta[key].as_string() == value)
+        if after is not None:
+            query = query.where(
+                or_(
+                    CapsuleRow.created_at > after.created_at,
+                    and_(CapsuleRow.created_at == after.created_at, CapsuleRow.id > after.id),
+                )
+            )
+        query = query.order_by(CapsuleRow.created_at, CapsuleRow.id)
+        if limit is not None:
+            query = query.limit(limit)
+        return [_record(r) for r in await self._s.scalars(query)]
+
+    async def expired(self, now: datetime, statuses: Iterable[str]) -> list[Capsule]:
+        """Capsules in `statuses` whose lifetime ended by `now` (services/lifetime.py)."""
+        rows = await self._s.scalars(
+            select(CapsuleRow)
+            .where(CapsuleRow.expires_at <= now, CapsuleRow.status.in_(tuple(statuses)))
+            .order_by(CapsuleRow.expires_at, CapsuleRow.id)
         )
         return [_record(r) for r in rows]
 

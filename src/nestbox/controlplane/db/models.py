@@ -14,10 +14,10 @@ from __future__ import annotations
 from datetime import datetime  # noqa: TC003 (SQLAlchemy resolves Mapped[] at runtime)
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from nestbox.controlplane.db.base import Base, BigId, utcnow
+from nestbox.controlplane.db.base import Base, BigId, JSONDoc, utcnow
 
 ID = String(40)
 HASH = String(64)
@@ -156,6 +156,8 @@ class TemplateRow(Base):
     default_env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    """Who made it: a user id, an API key id, or `platform`."""
 
 
 class CapsuleRow(Base):
@@ -163,6 +165,8 @@ class CapsuleRow(Base):
     __table_args__ = (
         Index("ix_capsules_team_id_status", "team_id", "status"),
         Index("ix_capsules_host_id_status", "host_id", "status"),
+        Index("ix_capsules_team_id_created_at_id", "team_id", "created_at", "id"),
+        Index("ix_capsules_expires_at", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -184,6 +188,19 @@ class CapsuleRow(Base):
     started_at: Mapped[datetime | None]
     last_active_at: Mapped[datetime | None]
     last_updated: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    template_type: Mapped[str] = mapped_column(String(16), default="snapshot")
+    """base | snapshot: a snapshot template's vCPUs and memory win over the create's."""
+    allow_internet_access: Mapped[bool] = mapped_column(default=False)
+    egress_allow: Mapped[list[str]] = mapped_column(JSONDoc, default=list)
+    """With internet access: the only CIDRs / host names it may reach (empty = any public)."""
+    auto_resume: Mapped[bool] = mapped_column(default=False)
+    """A guest call (exec, files, PTY, processes) to it while paused resumes it first."""
+    ttl_sec: Mapped[int] = mapped_column(default=0)
+    """Lifetime of each run (from create, resume or a timeout change); 0 = none."""
+    on_timeout: Mapped[str] = mapped_column(String(16), default="pause")
+    """pause | destroy: what happens at `expires_at`."""
+    expires_at: Mapped[datetime | None]
+    """When the current run's lifetime ends (services/lifetime.py); None = never."""
 
 
 class AuditLogRow(Base):
@@ -205,3 +222,162 @@ class AuditLogRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="success")
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EventRow(Base):
+    """A published event (`services/events.py`): the SSE streams and channels read it by id."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str | None] = mapped_column(ID)
+    """None: a shared host's event (platform admins see it)."""
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ChannelRow(Base):
+    """A team's notification channel (webhook, slack, discord)."""
+
+    __tablename__ = "channels"
+    __table_args__ = (UniqueConstraint("team_id", "name"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(16))
+    config_enc: Mapped[str] = mapped_column(Text)
+    """The provider config (URL, signing secret) as JSON, sealed (`secretbox`)."""
+    event_types: Mapped[list[str]] = mapped_column(JSONDoc)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ChannelDeliveryRow(Base):
+    """The outbox: one event for one channel, retried with backoff until delivered or given
+    up. Delivered in `id` order per channel."""
+
+    __tablename__ = "channel_deliveries"
+    __table_args__ = (
+        Index("ix_channel_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_channel_deliveries_channel_id_id", "channel_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(36), unique=True)
+    """`X-Wrenn-Delivery`: the same on every attempt, so a receiver can drop repeats."""
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(BigId, ForeignKey("events.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    """pending | delivered | failed"""
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str] = mapped_column(String(500), default="")
+    response_status: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class CapsuleRunRow(Base):
+    """One interval a capsule's VM ran, at its size then. Written by triggers on `capsules`
+    (migration 0005), never by code: every status change anywhere is counted."""
+
+    __tablename__ = "capsule_runs"
+    __table_args__ = (Index("ix_capsule_runs_team_id_started_at", "team_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    capsule_id: Mapped[str] = mapped_column(
+        ForeignKey("capsules.id", ondelete="CASCADE"), index=True
+    )
+    team_id: Mapped[str] = mapped_column(ID)
+    vcpus: Mapped[int]
+    memory_mb: Mapped[int]
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+
+class StatsSampleRow(Base):
+    """What one team held at one instant (`services/stats.py`)."""
+
+    __tablename__ = "stats_samples"
+    __table_args__ = (Index("ix_stats_samples_team_id_sampled_at", "team_id", "sampled_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ID)
+    sampled_at: Mapped[datetime]
+    running_count: Mapped[int]
+    vcpus_reserved: Mapped[int]
+    memory_mb_reserved: Mapped[int]
+
+
+class WebSessionRow(Base):
+    """A logged-in browser (the dashboard): its cookie's token is stored as SHA-256 only."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(HASH, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class WsTicketRow(Base):
+    """A single-use ticket a browser session trades for one WebSocket handshake."""
+
+    __tablename__ = "ws_tickets"
+
+    id: Mapped[str] = mapped_column(HASH, primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("web_sessions.id", ondelete="CASCADE"), index=True
+    )
+    expires_at: Mapped[datetime]
+
+
+class BuildRow(Base):
+    """A template build (`services/builds.py`): its configuration, progress and outcome, and
+    its place in the queue. Workers claim `pending` rows, and `running` rows whose worker
+    stopped heartbeating, with `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL)."""
+
+    __tablename__ = "builds"
+    __table_args__ = (
+        Index("ix_builds_status_created_at", "status", "created_at"),
+        Index("ix_builds_team_id_created_at", "team_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(128))
+    base_template: Mapped[str] = mapped_column(String(128))
+    recipe: Mapped[list[Any]] = mapped_column(JSONDoc, default=list)
+    healthcheck: Mapped[str | None] = mapped_column(Text)
+    vcpus: Mapped[int | None]
+    memory_mb: Mapped[int | None]
+    skip_pre_post: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending | running | success | failed | cancelled"""
+    current_step: Mapped[int] = mapped_column(default=0)
+    total_steps: Mapped[int] = mapped_column(default=0)
+    logs: Mapped[list[Any]] = mapped_column(JSONDoc, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    archive: Mapped[str | None] = mapped_column(String(16))
+    """The uploaded archive's kind (tar, tar.gz, zip); its file is `<builds dir>/<id>.archive`."""
+    capsule_id: Mapped[str | None] = mapped_column(ID)
+    host_id: Mapped[str | None] = mapped_column(ID)
+    template_id: Mapped[str | None] = mapped_column(ID)
+    template_type: Mapped[str | None] = mapped_column(String(16))
+    default_user: Mapped[str] = mapped_column(String(64), default="root")
+    default_env: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    default_workdir: Mapped[str | None] = mapped_column(String(4096))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    worker: Mapped[str | None] = mapped_column(String(64))
+    """The control-plane process running it (a random id per process)."""
+    attempts: Mapped[int] = mapped_column(default=0)
+    heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -35,6 +35,7 @@ class Template:
     created_at: datetime
     default_env: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    created_by: str | None = None
 
     @property
     def platform(self) -> bool:
@@ -55,6 +56,7 @@ def _record(row: TemplateRow) -> Template:
         created_at=row.created_at,
         default_env={str(k): str(v) for k, v in row.default_env.items()},
         metadata=dict(row.meta),
+        created_by=row.created_by,
     )
 
 
@@ -80,6 +82,12 @@ class TemplateRepo:
         return [_record(r) for r in rows]
 
     # ── a team's snapshot templates (added for the snapshots service) ──
+
+    async def list_all(self) -> list[Template]:
+        """Every team's templates and the platform's (platform admins)."""
+        rows = await self._s.scalars(select(TemplateRow).order_by(TemplateRow.team_id,
+                                                                  TemplateRow.name))  # fmt: skip
+        return [_record(r) for r in rows]
 
     async def own(self, team_id: str, name: str) -> Template | None:
         """The template `name` of `team_id` itself (never the platform's)."""
@@ -110,11 +118,14 @@ class TemplateRepo:
         default_user: str,
         default_env: dict[str, str],
         metadata: dict[str, Any],
+        type_: str = "snapshot",
+        size_bytes: int = 0,
+        created_by: str | None = None,
     ) -> Template:
         row = TemplateRow(
-            id=template_id, team_id=team_id, name=name, type="snapshot", host_id=host_id,
-            vcpus=vcpus, memory_mb=memory_mb, size_bytes=0, default_user=default_user,
-            default_env=dict(default_env), meta=dict(metadata),
+            id=template_id, team_id=team_id, name=name, type=type_, host_id=host_id,
+            vcpus=vcpus, memory_mb=memory_mb, size_bytes=size_bytes, default_user=default_user,
+            default_env=dict(default_env), meta=dict(metadata), created_by=created_by,
         )  # fmt: skip
         self._s.add(row)
         await self._s.flush()

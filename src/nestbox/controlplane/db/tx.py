@@ -11,10 +11,14 @@ from typing import TYPE_CHECKING
 
 from nestbox.controlplane.db.api_keys import ApiKeyRepo
 from nestbox.controlplane.db.audit import AuditRepo
+from nestbox.controlplane.db.builds import BuildRepo
 from nestbox.controlplane.db.capsules import CapsuleRepo
+from nestbox.controlplane.db.channels import ChannelRepo
+from nestbox.controlplane.db.events import EventRepo
 from nestbox.controlplane.db.hosts import HostRepo
 from nestbox.controlplane.db.teams import TeamRepo
 from nestbox.controlplane.db.templates import TemplateRepo
+from nestbox.controlplane.db.usage import UsageRepo
 from nestbox.controlplane.db.users import UserRepo
 
 if TYPE_CHECKING:
@@ -52,3 +56,19 @@ class Tx:
     @cached_property
     def capsules(self) -> CapsuleRepo:
         return CapsuleRepo(self.session)
+
+    @cached_property
+    def events(self) -> EventRepo:
+        return EventRepo(self.session)
+
+    @cached_property
+    def channels(self) -> ChannelRepo:
+        return ChannelRepo(self.session)
+
+    @cached_property
+    def usage(self) -> UsageRepo:
+        return UsageRepo(self.session)
+
+    @cached_property
+    def builds(self) -> BuildRepo:
+        return BuildRepo(self.session)

@@ -1,16 +1,24 @@
 """Team API keys: made by any member, shown in full once, listed by prefix, revoked by their
-maker or a team admin. Another team's key is `NotFound`."""
+maker or a team admin. Another team's key is `NotFound`.
+
+The operator's key (the one in `<data_dir>/admin-api-key`) cannot be revoked through the API
+(409 `conflict`): it is what `make run` and the operator's scripts hold, and an API call (a
+fuzzer's, a script's) must not lock the operator out; `nestbox-cp admin reset-key` rotates it."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nestbox.controlplane.errors import Forbidden, NotFound
+import anyio
+
+from nestbox.controlplane.errors import Conflict, Forbidden, NotFound
 from nestbox.controlplane.services.auth import key_hash
 from nestbox.protocol.accounts import ApiKeyView, Role
 from nestbox.protocol.ids import API_KEY_DISPLAY_CHARS, new_api_key
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nestbox.controlplane.db import Database, Tx
     from nestbox.controlplane.db.api_keys import ApiKey
     from nestbox.controlplane.services.principal import Principal
@@ -40,8 +48,19 @@ async def create_key(tx: Tx, team_id: str, name: str, created_by: str | None) ->
 
 
 class ApiKeyService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, operator_key_file: Path | None = None) -> None:
         self._db = db
+        self._operator_key_file = operator_key_file
+
+    async def _operator_key_hash(self) -> str | None:
+        """The hash of the key in the operator's key file, if there is one."""
+        if self._operator_key_file is None:
+            return None
+        try:
+            text = await anyio.Path(self._operator_key_file).read_text()
+        except (FileNotFoundError, PermissionError):
+            return None
+        return key_hash(text.strip()) if text.strip() else None
 
     async def create(self, principal: Principal, name: str) -> ApiKeyView:
         """A new key for the principal's team; the answer holds the key, the only time."""
@@ -64,5 +83,12 @@ class ApiKeyService:
             mine = key.created_by is not None and key.created_by == principal.user_id
             if not mine and not principal.role.at_least(Role.ADMIN):
                 raise Forbidden("only the key's maker or a team admin may revoke it")
+            operator = await self._operator_key_hash()
+            held = await tx.api_keys.by_hash(operator) if operator is not None else None
+            if held is not None and held.id == key.id:
+                raise Conflict(
+                    "this is the operator's key (admin-api-key in the data directory); rotate "
+                    "it with `nestbox-cp admin reset-key` instead of revoking it"
+                )
             await tx.api_keys.delete(principal.team_id, key_id)
             await tx.audit.record(principal.audit("api_key.revoke", "api_key", key_id))

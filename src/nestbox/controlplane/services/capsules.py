@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -32,9 +32,10 @@ from nestbox.controlplane.agent_client import AgentCallError
 from nestbox.controlplane.db.capsules import DESTROYED, Committed
 from nestbox.controlplane.errors import HostUnavailable, InvalidState, NotFound, QuotaExceeded
 from nestbox.controlplane.scheduling import Candidate, Demand
+from nestbox.controlplane.services.capsule_policy import CreatePolicy, demand_for, egress_for
+from nestbox.controlplane.services.events import publish_audit
 from nestbox.controlplane.services.locks import KeyedLocks
 from nestbox.controlplane.services.views import (
-    DEFAULT_DISK_MB,
     capsule_view,
     from_unix_ms,
     status_of,
@@ -45,11 +46,11 @@ from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.ids import new_capsule_id
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from nestbox.controlplane.db import Database, Tx
     from nestbox.controlplane.db.audit import AuditEvent
-    from nestbox.controlplane.db.capsules import Capsule
+    from nestbox.controlplane.db.capsules import Capsule, PageKey
     from nestbox.controlplane.db.hosts import Host
     from nestbox.controlplane.db.templates import Template
     from nestbox.controlplane.scheduling import Placement
@@ -91,21 +92,40 @@ class CapsuleService:
         placement: Placement,
         *,
         quota: int = 0,
+        policy: CreatePolicy | None = None,
         locks: KeyedLocks | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        auto_resume_default: bool = False,
+        min_idle_timeout_s: int = MIN_IDLE_TIMEOUT_S,
     ) -> None:
+        self.min_idle_timeout_s = min_idle_timeout_s
         self._db = db
         self._targets = targets
         self._placement = placement
         self._quota = quota
+        self._policy = policy or CreatePolicy()
+        self._auto_resume_default = auto_resume_default
         self._clock = clock
         self.locks = locks or KeyedLocks()
 
     # ── reads ──
 
-    async def list_for(self, principal: Principal) -> list[CapsuleView]:
+    async def list_for(
+        self,
+        principal: Principal,
+        *,
+        statuses: Sequence[str] | None = None,
+        metadata: dict[str, str] | None = None,
+        after: PageKey | None = None,
+        limit: int | None = None,
+    ) -> list[CapsuleView]:
+        """The team's capsules in creation order, filtered (`statuses`, every pair of
+        `metadata`) and paged by key (after `after`, at most `limit`: see `services/paging`)."""
         async with self._db.transaction() as tx:
-            return [capsule_view(c) for c in await tx.capsules.list_team(principal.team_id)]
+            found = await tx.capsules.page_team(
+                principal.team_id, statuses=statuses, metadata=metadata, after=after, limit=limit
+            )
+        return [capsule_view(c) for c in found]
 
     async def get(self, principal: Principal, capsule_id: str) -> CapsuleView:
         capsule, _ = await self._targets.find(principal, capsule_id)
@@ -132,24 +152,25 @@ class CapsuleService:
             if template is None:
                 raise NotFound("template", req.template)
             await self._within_quota(tx, principal.team_id)
-            demand = Demand(
-                vcpus=template.vcpus or req.vcpus or DEFAULT_VCPUS,
-                memory_mb=template.memory_mb or req.memory_mb or DEFAULT_MEMORY_MB,
-                disk_mb=DEFAULT_DISK_MB,
-            )
+            demand = demand_for(template, req, self._policy)
+            egress, egress_allow = egress_for(req, self._policy)
             host = await self._place(tx, principal, template, demand)
-            timeout = req.timeout_sec and max(req.timeout_sec, MIN_IDLE_TIMEOUT_S)
+            timeout = req.timeout_sec and max(req.timeout_sec, self.min_idle_timeout_s)
             capsule = await tx.capsules.create(
                 capsule_id, team_id=principal.team_id, host_id=host.id,
                 template=template.name, template_id=template.id, vcpus=demand.vcpus,
                 memory_mb=demand.memory_mb, disk_mb=demand.disk_mb, timeout_sec=timeout,
-                metadata=dict(req.metadata or {}),
+                metadata=dict(req.metadata or {}), ttl_sec=req.ttl_sec, on_timeout=req.on_timeout,
+                auto_resume=self._auto_resume_default if req.auto_resume is None
+                else req.auto_resume, template_type=template.type,
+                allow_internet_access=egress, egress_allow=egress_allow,
             )  # fmt: skip
         request = pb.CreateCapsuleRequest(
             template=agent_template_id(template), vcpus=demand.vcpus, memory_mb=demand.memory_mb,
             disk_mb=demand.disk_mb, idle_timeout_sec=timeout, default_user=template.default_user,
-            default_env=dict(template.default_env), capsule_id=capsule.id,
-            team_id=principal.team_id,
+            default_env={**template.default_env, **(req.envs or {})}, capsule_id=capsule.id,
+            team_id=principal.team_id, egress=egress, egress_allow=egress_allow,
+            default_workdir=str(template.metadata.get("default_workdir") or ""),
         )  # fmt: skip
         with anyio.CancelScope(shield=True):
             view = await self._start(principal, capsule, host, request)
@@ -182,6 +203,7 @@ class CapsuleService:
             failed = replace(event, status="error", metadata={**event.metadata, "error": err.code})
             async with self._db.transaction() as tx:
                 await tx.audit.record(failed)
+                await publish_audit(tx, failed)
             raise
         now = self._clock()
         system = {k: v for k, v in started.metadata.items() if k in AGENT_METADATA}
@@ -189,7 +211,8 @@ class CapsuleService:
         fresh = await self._set_and_get(
             capsule.id, audit=event, vcpus=started.vcpus or capsule.vcpus,
             memory_mb=started.memory_mb or capsule.memory_mb, started_at=now,
-            metadata=metadata, **running_values(started, now),
+            metadata=metadata, expires_at=expiry(capsule.ttl_sec, now),
+            **running_values(started, now),
         )  # fmt: skip
         if fresh.status == DESTROYED:
             # Its team was deleted meanwhile (or the reconciler settled a create it thought
@@ -246,10 +269,15 @@ class CapsuleService:
                 capsule_id,
                 lambda: target.agent.resume_capsule(request),
                 undo=CapsuleStatus.PAUSED,
-                outcome=lambda answer: running_values(answer, self._clock()),
+                outcome=lambda answer: self._resumed(target.capsule, answer),
                 audit=principal.audit("capsule.resume", "capsule", capsule_id),
             )
         return capsule_view(resumed)
+
+    def _resumed(self, capsule: Capsule, answer: pb.Capsule) -> dict[str, Any]:
+        """Row values after a resume: running, and a new run's lifetime."""
+        now = self._clock()
+        return {**running_values(answer, now), "expires_at": expiry(capsule.ttl_sec, now)}
 
     async def ping(self, principal: Principal, capsule_id: str) -> None:
         """Reset the idle timer. :raise InvalidState: not running."""
@@ -283,13 +311,18 @@ class CapsuleService:
 
     # ── helpers ──
 
-    async def _within_quota(self, tx: Tx, team_id: str) -> None:
-        """:raise QuotaExceeded: the team already holds `quota` capsules (none if 0)."""
+    async def within_quota(self, tx: Tx, team_id: str, adding: int = 1) -> None:
+        """For verbs outside this service that start capsules (fork). :raise QuotaExceeded:"""
+        await self._within_quota(tx, team_id, adding)
+
+    async def _within_quota(self, tx: Tx, team_id: str, adding: int = 1) -> None:
+        """:raise QuotaExceeded: `adding` more would take the team over its `quota` (none
+        if 0)."""
         if self._quota <= 0:
             return
         await tx.teams.lock(team_id)
         held = await tx.capsules.count_holding(team_id)
-        if held >= self._quota:
+        if held + adding > self._quota:
             raise QuotaExceeded(
                 f"the team already has {held} capsules (its quota is {self._quota}); "
                 "pause or destroy one first"
@@ -348,6 +381,12 @@ class CapsuleService:
         await tx.capsules.update(capsule_id, **values)
         if audit is not None:
             await tx.audit.record(audit)
+            await publish_audit(tx, audit)  # capsule.create|pause|resume|destroy: the stream
+
+
+def expiry(ttl_sec: int, now: datetime) -> datetime | None:
+    """When a run started `now` ends, for a lifetime of `ttl_sec` (0: never)."""
+    return now + timedelta(seconds=ttl_sec) if ttl_sec > 0 else None
 
 
 def candidate(host: Host, committed: Committed | None) -> Candidate:

@@ -38,6 +38,7 @@ from nestbox.controlplane.errors import (
 from nestbox.controlplane.secretbox import SecretError, host_context
 from nestbox.controlplane.services import jwt
 from nestbox.controlplane.services.auth import key_hash
+from nestbox.controlplane.services.events import publish_audit, publish_state_change
 from nestbox.controlplane.services.views import host_view
 from nestbox.protocol.accounts import Role
 from nestbox.protocol.capsules import CapsuleStatus
@@ -258,7 +259,8 @@ class HostService:
                 raise NotFound("host", host_id)
             host = await tx.hosts.get(host_id)
             if before == HostStatus.UNREACHABLE:
-                await tx.audit.record(_host_event("host.up", host_id))
+                await tx.audit.record(up := _host_event("host.up", host_id))
+                await publish_audit(tx, up)
             counts = await tx.capsules.count_on_host(host_id)
         assert host is not None
         if before == HostStatus.UNREACHABLE:
@@ -301,11 +303,20 @@ class HostService:
             async with self._db.transaction() as tx:
                 if not await tx.hosts.mark_unreachable(host.id, since):
                     continue  # a heartbeat came in meanwhile
+                held = await tx.capsules.on_host(host.id, statuses=_MISSABLE)
+                prior = {c.id: c.status for c in held}
                 missing = await tx.capsules.set_status_on_host(
                     host.id, CapsuleStatus.MISSING.value, among=_MISSABLE
                 )
-                await tx.audit.record(replace(_host_event("host.down", host.id),
-                                              metadata={"capsules": len(missing)}))  # fmt: skip
+                missing_before = [(cid, prior.get(cid, "")) for cid in missing]
+                down = replace(_host_event("host.down", host.id),
+                               metadata={"capsules": len(missing)})  # fmt: skip
+                await tx.audit.record(down)
+                await publish_audit(tx, down)
+                for capsule_id, before in missing_before:
+                    missing_now = CapsuleStatus.MISSING.value
+                    await publish_state_change(tx, capsule_id, before, missing_now,
+                                               reason="host_down")  # fmt: skip
             changed.append(host.id)
             log.warning(
                 "host %s sent no heartbeat for %.0f s: unreachable, %d capsules missing",

@@ -82,13 +82,13 @@ class ProcessService:
         if req.background:
             started = await target.agent.start_background(pb.StartBackgroundRequest(
                 capsule_id=capsule_id, cmd=req.cmd, args=req.args, envs=envs, cwd=cwd,
-                tag=req.tag or "",
+                tag=req.tag or "", user=req.user or "", stdin=req.stdin,
             ))  # fmt: skip
             return BackgroundView(sandbox_id=capsule_id, cmd=req.cmd, pid=started.pid,
                                   tag=started.tag)  # fmt: skip
         done = await target.agent.exec(pb.ExecRequest(
             capsule_id=capsule_id, cmd=req.cmd, args=req.args, envs=envs, cwd=cwd,
-            timeout_sec=req.timeout_sec or DEFAULT_TIMEOUT_S,
+            timeout_sec=req.timeout_sec or DEFAULT_TIMEOUT_S, user=req.user or "",
         ))  # fmt: skip
         stdout, stderr, encoding = encode_output(done.stdout, done.stderr)
         return ExecResultView(
@@ -130,10 +130,11 @@ class ProcessService:
         *,
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        user: str | None = None,
     ) -> AsyncIterator[pb.ExecStreamResponse]:
         return target.agent.exec_stream(pb.ExecStreamRequest(
             capsule_id=target.capsule.id, cmd=cmd, args=list(args), envs=dict(envs or {}),
-            cwd=cwd or "",
+            cwd=cwd or "", user=user or "",
         ))  # fmt: skip
 
     @staticmethod

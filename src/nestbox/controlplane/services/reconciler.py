@@ -35,6 +35,7 @@ from nestbox.controlplane.agent_client import AgentCallError
 from nestbox.controlplane.db.audit import AuditEvent
 from nestbox.controlplane.db.capsules import DESTROYED, Expect
 from nestbox.controlplane.errors import HostUnavailable
+from nestbox.controlplane.services.events import publish_audit, publish_state_change
 from nestbox.controlplane.services.views import from_unix_ms, status_of
 from nestbox.protocol.capsules import CapsuleStatus
 
@@ -206,11 +207,19 @@ class Reconciler:
                     if new == CapsuleStatus.PAUSED and row.id in auto_paused
                     else "capsule.state.changed"
                 )
-                await tx.audit.record(AuditEvent(
+                audit = AuditEvent(
                     action=action, resource_type="capsule", resource_id=row.id,
                     team_id=row.team_id, actor_type="system",
                     metadata={"from": row.status, "to": new},
-                ))  # fmt: skip
+                )  # fmt: skip
+                await tx.audit.record(audit)
+                # The stream: every change as capsule.state.changed, an auto-pause also as
+                # capsule.pause (reason ttl_expired), as Wrenn does.
+                auto = action == "capsule.auto_pause"
+                reason = "ttl_expired" if auto else "host_state_sync"
+                await publish_state_change(tx, row.id, row.status, new, reason=reason)
+                if auto:
+                    await publish_audit(tx, audit)
         if done and "status" in values:
             log.info("capsule %s: %s -> %s (reconciled)", row.id, row.status, values["status"],
                      extra={"capsule_id": row.id})  # fmt: skip

@@ -21,8 +21,10 @@ from nestbox.controlplane.errors import (
     InvalidState,
     NotFound,
 )
+from nestbox.controlplane.services.events import publish_audit
 from nestbox.controlplane.services.views import status_of, template_view
 from nestbox.protocol.capsules import CapsuleStatus
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.ids import IdPrefix, is_id, new_id
 
 if TYPE_CHECKING:
@@ -100,10 +102,14 @@ class SnapshotService:
                 default_user=shape.default_user if shape else "root",
                 default_env=dict(shape.default_env) if shape else {},
                 metadata={"source_capsule": capsule.id},
+                type_="base" if shape and shape.kind == pb.TemplateKind.BASE else "snapshot",
+                size_bytes=shape.size_bytes if shape else 0,
+                created_by=principal.api_key_id or principal.user_id,
             )  # fmt: skip
             event = principal.audit("template.snapshot.create", "template", template_id,
                                     name=name, capsule=capsule.id)  # fmt: skip
             await tx.audit.record(event)
+            await publish_audit(tx, event)
         log.info("snapshot %s of %s on %s", name, capsule.id, target.host.id)
         return template
 
@@ -123,8 +129,10 @@ class SnapshotService:
                     raise Forbidden(f"template {name} is protected")
                 raise NotFound("template", name)
             await tx.templates.delete(template.id)
-            await tx.audit.record(principal.audit("template.snapshot.delete", "template",
-                                                  template.id, name=name))  # fmt: skip
+            deleted = principal.audit("template.snapshot.delete", "template", template.id,
+                                      name=name)  # fmt: skip
+            await tx.audit.record(deleted)
+            await publish_audit(tx, deleted)
         await self._remove_from_host(template)
 
     async def _remove_from_host(self, template: Template) -> None:

@@ -14,6 +14,8 @@ from nestbox.controlplane.services.hosts import agent_token
 from nestbox.protocol.capsules import CapsuleStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from nestbox.controlplane.agent_client import AgentClient, AgentPool
     from nestbox.controlplane.db import Database
     from nestbox.controlplane.db.capsules import Capsule
@@ -34,6 +36,9 @@ class Targets:
         self._db = db
         self.agents = agents
         self._box = box
+        self.auto_resume: Callable[[Principal, Capsule], Awaitable[bool]] | None = None
+        """`LifetimeService.ensure_running`, set once the services exist: a guest call to a
+        paused capsule created with `auto_resume` resumes it first."""
 
     async def find(self, principal: Principal, capsule_id: str) -> tuple[Capsule, Host | None]:
         """The caller's capsule and its host. :raise NotFound:"""
@@ -60,8 +65,13 @@ class Targets:
         return Target(capsule, host, self.agent(host))
 
     async def running(self, principal: Principal, capsule_id: str) -> Target:
-        """Like `target`, for calls into the guest. :raise InvalidState: not running."""
+        """Like `target`, for calls into the guest (a paused capsule with `auto_resume` is
+        resumed first). :raise InvalidState: not running."""
         target = await self.target(principal, capsule_id)
+        resume = self.auto_resume
+        if target.capsule.status != CapsuleStatus.RUNNING and resume is not None:  # noqa: SIM102 (the resume is awaited only then)
+            if await resume(principal, target.capsule):
+                target = await self.target(principal, capsule_id)
         if target.capsule.status != CapsuleStatus.RUNNING:
             raise InvalidState(f"capsule {capsule_id}", target.capsule.status, ["running"])
         return target

@@ -49,7 +49,11 @@ def capsule_view(c: Capsule) -> CapsuleView:
         memory_mb=c.memory_mb, timeout_sec=c.timeout_sec, disk_size_mb=c.disk_mb,
         host_id=c.host_id, guest_ip=c.guest_ip, host_ip=c.host_ip, created_at=c.created_at,
         started_at=c.started_at, last_active_at=c.last_active_at, last_updated=c.last_updated,
-        metadata={str(k): str(v) for k, v in c.metadata.items()},
+        metadata={str(k): str(v) for k, v in c.metadata.items()}, auto_resume=c.auto_resume,
+        ttl_sec=c.ttl_sec, on_timeout="destroy" if c.on_timeout == "destroy" else "pause",
+        expires_at=c.expires_at,
+        template_type="base" if c.template_type == "base" else "snapshot",
+        allow_internet_access=c.allow_internet_access, egress_allow=list(c.egress_allow),
     )  # fmt: skip
 
 
@@ -65,6 +69,7 @@ def template_view(t: Template) -> TemplateView:
     return TemplateView(
         name=t.name, type="base" if t.type == "base" else "snapshot", vcpus=t.vcpus,
         memory_mb=t.memory_mb, size_bytes=t.size_bytes, created_at=t.created_at,
+        default_user=t.default_user, default_env=dict(t.default_env), created_by=t.created_by,
         platform=t.platform, protected=t.platform,
         metadata={str(k): str(v) for k, v in t.metadata.items()},
     )  # fmt: skip

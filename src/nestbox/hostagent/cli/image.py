@@ -24,6 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     image = subparsers.add_parser("image", help="the guest image (kernel, initramfs, rootfs)")
     verbs = image.add_subparsers(dest="verb", metavar="VERB", required=True)
     build = verbs.add_parser("build", help="build the guest image, reusing unchanged stages")
+    build.add_argument(
+        "--with-base",
+        action="store_true",
+        help="also build the `base` flavour (git, node, pip, a C toolchain, ...): minutes",
+    )
     build.set_defaults(func=run_build)
     show = verbs.add_parser("show", help="print the cached image for the current inputs")
     show.add_argument("--json", action="store_true", help="print JSON")
@@ -33,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run_build(args: argparse.Namespace, settings: AgentSettings) -> int:
     print(f"building the guest image in {settings.images_dir}", file=sys.stderr)
     try:
-        image = asyncio.run(_build_until_signalled(settings))
+        image = asyncio.run(_build_until_signalled(settings, with_base=args.with_base))
     except ImageBuildError as err:
         print(f"image build failed: {err}", file=sys.stderr)
         return 1
@@ -44,14 +49,14 @@ def run_build(args: argparse.Namespace, settings: AgentSettings) -> int:
     return 0
 
 
-async def _build_until_signalled(settings: AgentSettings) -> GuestImage:
+async def _build_until_signalled(settings: AgentSettings, *, with_base: bool) -> GuestImage:
     """The build, cancelled by SIGTERM as by Ctrl-C, so that its clean-up runs either way."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await build_image(settings, Progress(sys.stderr))
+        return await build_image(settings, Progress(sys.stderr), with_base=with_base)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 

@@ -63,6 +63,7 @@ def init_request(
     default_user: str = "root",
     env_vars: dict[str, str] | None = None,
     access_token: str | None = None,
+    default_workdir: str | None = None,
 ) -> InitRequest:
     """The `/init` body sent after every boot and restore: the host's time now, 32 fresh random
     bytes for the guest RNG, and the capsule's identity, default user and environment."""
@@ -75,6 +76,7 @@ def init_request(
             "defaultUser": default_user,
             "envVars": env_vars or {},
             "accessToken": access_token,
+            "defaultWorkdir": default_workdir or None,
         }
     )
 

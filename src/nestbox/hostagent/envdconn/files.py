@@ -14,18 +14,33 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
+import anyio
+from connectrpc.errors import ConnectError
+from protobuf import Oneof
 from pyqwest import ReadError, RemoteProtocolError, WriteError
 
-from nestbox.hostagent.envdconn.errors import TooLarge, Unavailable, from_http, from_transport
+from nestbox.hostagent.envdconn.errors import (
+    DeadlineExceeded,
+    TooLarge,
+    Unavailable,
+    from_connect,
+    from_http,
+    from_transport,
+)
+from nestbox.hostagent.envdconn.events import aclose_quietly
 from nestbox.hostagent.envdconn.transport import OpsBase
 from nestbox.protocol.gen.filesystem.filesystem_pb import (
     EntryInfo,
+    EventType,
+    FilesystemEvent,
     FileType,
     ListDirRequest,
     MakeDirRequest,
     MoveRequest,
     RemoveRequest,
     StatRequest,
+    WatchDirRequest,
+    WatchDirResponse,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +51,24 @@ if TYPE_CHECKING:
 CHUNK = 64 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
 TRANSPORT_ERRORS = (OSError, ReadError, WriteError, RemoteProtocolError)
+KEEPALIVE_HEADER = "Keepalive-Ping-Interval"
+WATCH_KEEPALIVE_S = 15
 _TYPES = {FileType.FILE: "file", FileType.DIRECTORY: "directory", FileType.SYMLINK: "symlink"}
+_EVENTS = {
+    EventType.CREATE: "create", EventType.WRITE: "write", EventType.REMOVE: "remove",
+    EventType.RENAME: "rename", EventType.CHMOD: "chmod",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One event of a directory watch: `start` (the watch is set; `name` empty), then
+    `create`, `write`, `remove`, `rename` or `chmod` of `name` (relative to the directory), and
+    `keepalive` after every `WATCH_KEEPALIVE_S` of quiet (so relays can keep their clients'
+    connections alive without timers of their own)."""
+
+    type: str
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +115,22 @@ class FileOps(OpsBase):
 
         :raise Forbidden, NotEnoughSpace, InvalidRequest, Unavailable:
         """
-        content = _split(chunks)
+        sent = anyio.Event()
+        content = _then_set(_split(chunks), sent)
         headers = {**self._conn.headers(), "Content-Type": "application/octet-stream"}
         url = self._files_url(path, user)
-        async with _request(self._conn.pools().stream, "POST", url, headers, content,
-                           "upload") as response:  # fmt: skip
-            body = await _read_limited(response, ERROR_BODY_LIMIT, "upload")
+        with anyio.CancelScope() as deadline:
+            async with anyio.create_task_group() as tg:
+                # A slow upload may take minutes; only the wait for the answer once the body
+                # is all sent is bounded (by the response-head timeout, as for other calls).
+                tg.start_soon(_cancel_after, sent, self._conn.pool.response_header_timeout_s,
+                              deadline)  # fmt: skip
+                async with _request(self._conn.pools().upload, "POST", url, headers, content,
+                                   "upload") as response:  # fmt: skip
+                    body = await _read_limited(response, ERROR_BODY_LIMIT, "upload")
+                tg.cancel_scope.cancel()
+        if deadline.cancelled_caught:
+            raise DeadlineExceeded("envd upload: no answer after the body was sent")
         return _written_path(body, path)
 
     async def write_file(self, path: str, data: bytes, *, user: str | None = None) -> str:
@@ -138,6 +180,25 @@ class FileOps(OpsBase):
         response = await self._unary(self._conn.pools().filesystem.move, request, user=user)
         return _entry(response.entry)
 
+    async def watch_dir(
+        self, path: str, *, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        """The events under `path` (envd's inotify watch) until the caller stops iterating:
+        `start` first, once the watch is set. :raise EnvdCallError: (e.g. `NotFound`)"""
+        headers = {**self._conn.headers(user), KEEPALIVE_HEADER: str(WATCH_KEEPALIVE_S)}
+        responses = self._conn.pools().filesystem_stream.watch_dir(
+            WatchDirRequest(path=path, recursive=recursive), headers=headers
+        )
+        try:
+            async for response in responses:
+                event = _watch_event(response)
+                if event is not None:
+                    yield event
+        except ConnectError as err:
+            raise from_connect(err) from err
+        finally:
+            await aclose_quietly(responses)
+
     def _files_url(self, path: str, user: str | None) -> str:
         query = {"path": path, **({"username": user} if user else {})}
         return self._conn.url("/files?" + urlencode(query))
@@ -163,6 +224,18 @@ async def _request(
             body = await _read_limited(response, ERROR_BODY_LIMIT, what, cut=True)
             raise from_http(response.status, body, what)
         yield response
+
+
+async def _then_set(chunks: AsyncIterable[bytes], done: anyio.Event) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+    done.set()
+
+
+async def _cancel_after(event: anyio.Event, seconds: float, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    await anyio.sleep(seconds)
+    scope.cancel()
 
 
 async def _read_limited(
@@ -225,3 +298,15 @@ def _entry(info: EntryInfo | None) -> FileEntry:
         modified_at=modified.seconds if modified is not None else 0,
         symlink_target=info.symlink_target if info.has_field("symlink_target") else None,
     )
+
+
+def _watch_event(response: WatchDirResponse) -> WatchEvent | None:
+    """The event of one WatchDir message; None for keepalives."""
+    match response.event:
+        case Oneof("start", _):
+            return WatchEvent("start")
+        case Oneof("filesystem", FilesystemEvent() as fs):
+            return WatchEvent(_EVENTS.get(fs.type, "unknown") if fs.type else "unknown", fs.name)
+        case Oneof("keepalive", _):
+            return WatchEvent("keepalive")
+    return None

@@ -146,10 +146,13 @@ class ProcessOps(OpsBase):
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
+        stdin: bool = False,
     ) -> BackgroundProcess:
-        """Start a process that runs on after this call; `tag` defaults to `proc-<8 hex>`."""
+        """Start a process that runs on after this call; `tag` defaults to `proc-<8 hex>`.
+        With `stdin` it reads a pipe that `send_stdin` feeds (else /dev/null)."""
         tag = tag or f"proc-{secrets.token_hex(4)}"
-        async with self._open_start(start_request(cmd, args, envs, cwd, tag=tag), user) as ev:
+        request = start_request(cmd, args, envs, cwd, tag=tag, stdin=stdin)
+        async with self._open_start(request, user) as ev:
             return BackgroundProcess(pid=ev.pid, tag=tag)
 
     async def list_processes(self) -> list[ProcessView]:
@@ -235,9 +238,10 @@ def start_request(
     *,
     tag: str | None,
     pty: PTY | None = None,
+    stdin: bool = False,
 ) -> StartRequest:
     config = ProcessConfig(cmd=cmd, args=list(args), envs=dict(envs or {}), cwd=cwd or None)
-    return StartRequest(process=config, tag=tag, pty=pty)
+    return StartRequest(process=config, tag=tag, pty=pty, stdin=True if stdin else None)
 
 
 def selector_of(selector: Selector) -> ProcessSelector:

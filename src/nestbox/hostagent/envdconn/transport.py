@@ -95,7 +95,12 @@ class _Pools:
         header_timeout = pool.response_header_timeout_s
         self.unary = Client(_HeaderTimeout(self.unary_transport, header_timeout))
         self.stream = Client(_HeaderTimeout(self.stream_transport, header_timeout))
+        # Streamed uploads: envd answers once the whole body is in, so the head's deadline
+        # starts when the last chunk is sent (files.write_file_stream), not at the start.
+        self.upload = Client(self.stream_transport)
         self.filesystem = FilesystemClient(base_url, http_client=self.unary)
+        # Watches are streams: no overall bound.
+        self.filesystem_stream = FilesystemClient(base_url, http_client=self.stream)
         self.process = ProcessClient(base_url, http_client=self.stream)
 
     async def aclose(self) -> None:

@@ -3,10 +3,15 @@
 Stages, in order, each reused when its key's directory exists (see `layout.py`):
 kernel (Debian cloud kernel + initramfs), tree (debootstrap), deps (envd's Python
 requirements), image (ext4 of tree + deps + envd's code + PID 1). Needs root.
+
+With `with_base` two more stages follow for the `base` flavour (`basetree.py`): basetree (the
+tree plus git, node, pip, a C toolchain, ...) and base image (the same final stage over that
+tree), whose manifest names the flavour so `find_image` never returns it for `minimal`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from nestbox.hostagent.image import kernel, layout, pydeps, rootfs
+from nestbox.hostagent.image import basetree, kernel, layout, pydeps, rootfs
 from nestbox.hostagent.image.commands import require_tools
 from nestbox.hostagent.image.errors import ImageBuildError
 from nestbox.hostagent.image.inputs import (
@@ -26,13 +31,14 @@ from nestbox.hostagent.image.inputs import (
     envd_source_files,
     guest_file,
     hash_files,
+    local_key,
     stage_keys,
 )
 from nestbox.hostagent.image.layout import CacheLayout, CacheLock, GuestImage
 from nestbox.hostagent.image.progress import Progress, StageReport
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
     from nestbox.hostagent.settings import AgentSettings
@@ -65,23 +71,83 @@ def current_inputs() -> ImageInputs:
     )
 
 
-async def build_image(settings: AgentSettings, progress: Progress | None = None) -> GuestImage:
-    """Build the guest image for the current inputs, reusing every cached stage.
+def base_local_key(inputs: ImageInputs) -> str:
+    """Names the `base` flavour's recipe (the minimal recipe plus the base packages)."""
+    return digest("base", local_key(inputs), basetree.base_recipe())
+
+
+async def build_image(
+    settings: AgentSettings, progress: Progress | None = None, *, with_base: bool = False
+) -> GuestImage:
+    """Build the guest image for the current inputs, reusing every cached stage; with
+    `with_base` also the `base` flavour's stages (the minimal image is returned all the same).
 
     :raise ImageBuildError: not root, a tool is missing, or a stage failed. A failed or
         cancelled build leaves no partial artifact in the cache.
+    """
+    images = await build_images(settings, progress, with_base=with_base)
+    return images[0]
+
+
+async def build_images(
+    settings: AgentSettings, progress: Progress | None = None, *, with_base: bool = False
+) -> tuple[GuestImage, GuestImage | None]:
+    """(minimal image, base image or None): see `build_image`.
+
+    The minimal stages and the base image's final stage run under the cache lock; the slow
+    basetree stage (apt: minutes) runs between them under a lock of its own, in a temporary
+    directory of its own, so other builds (an envd change: seconds) never wait for it.
     """
     if os.geteuid() != 0:
         raise ImageBuildError("building the guest image needs root (debootstrap, chroot, mkfs)")
     require_tools(*TOOLS)
     progress = progress or Progress(None)
     cache = CacheLayout(settings.images_dir)
-    lock = CacheLock(cache)
-    with progress.stage("lock") as report:
+    async with _locked(cache, progress, "lock"):
+        image, keys, package = await _build_all(cache, progress)
+    if not with_base:
+        return image, None
+    base_key = basetree.base_tree_key(keys.tree)
+    async with _locked(cache, progress, "lock", base=True):
+        base_tree_dir = await _stage(
+            progress,
+            "basetree",
+            cache.tree(base_key),
+            layout.META,
+            lambda: basetree.build_base_tree(cache, base_key, cache.tree(keys.tree)),
+        )
+    inputs = await anyio.to_thread.run_sync(current_inputs)
+    base_local = base_local_key(inputs)
+    base_keys = StageKeys(
+        kernel=keys.kernel, tree=base_key, deps=keys.deps, local=base_local,
+        version=digest("image", base_local, keys.kernel),
+    )  # fmt: skip
+    async with _locked(cache, progress, "lock"):
+        base_dir = await _stage(
+            progress,
+            "base",
+            cache.guest(base_keys.version),
+            layout.MANIFEST,
+            lambda: _build_guest(
+                cache, base_keys, package, cache.kernel(keys.kernel), base_tree_dir,
+                cache.deps(keys.deps),
+            ),
+        )  # fmt: skip
+    return image, layout.image_at(base_dir)
+
+
+@contextlib.asynccontextmanager
+async def _locked(
+    cache: CacheLayout, progress: Progress, name: str, *, base: bool = False
+) -> AsyncIterator[None]:
+    """Hold the cache lock (or the basetree stage's own) and start from an empty temp dir."""
+    lock = CacheLock(cache, base=base)
+    with progress.stage(name) as report:
         await _acquire(lock, report)
     try:
-        await anyio.to_thread.run_sync(layout.clear_temp, cache)
-        return await _build_stages(cache, progress)
+        tmp = cache.tmp_base if base else cache.tmp
+        await anyio.to_thread.run_sync(layout.clear_temp, cache, tmp)
+        yield
     finally:
         lock.release()
 
@@ -99,6 +165,13 @@ async def _acquire(lock: CacheLock, report: StageReport) -> None:
 
 
 async def _build_stages(cache: CacheLayout, progress: Progress) -> GuestImage:
+    image, _, _ = await _build_all(cache, progress)
+    return image
+
+
+async def _build_all(
+    cache: CacheLayout, progress: Progress
+) -> tuple[GuestImage, StageKeys, KernelPackage]:
     with progress.stage("inputs") as report:
         inputs = await anyio.to_thread.run_sync(current_inputs)
         package = await kernel.resolve_package()
@@ -133,7 +206,7 @@ async def _build_stages(cache: CacheLayout, progress: Progress) -> GuestImage:
         layout.MANIFEST,
         lambda: _build_guest(cache, keys, package, kernel_dir, tree_dir, deps_dir),
     )
-    return layout.image_at(image_dir)
+    return layout.image_at(image_dir), keys, package
 
 
 async def _stage(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from nestbox.hostagent.image import layout
-from nestbox.hostagent.image.build import build_image, current_inputs
+from nestbox.hostagent.image.build import base_local_key, build_images, current_inputs
 from nestbox.hostagent.image.inputs import local_key
 from nestbox.hostagent.image.layout import CacheLayout, GuestImage
 
@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from nestbox.hostagent.image.progress import Progress
     from nestbox.hostagent.settings import AgentSettings
 
-__all__ = ["GuestImage", "ensure_image", "find_image", "find_in"]
+__all__ = [
+    "GuestImage",
+    "ensure_base_image",
+    "ensure_image",
+    "find_base_image",
+    "find_image",
+    "find_in",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,12 @@ def find_image(settings: AgentSettings) -> GuestImage | None:
     through `anyio.to_thread.run_sync`.
     """
     return find_in(CacheLayout(settings.images_dir), local_key(current_inputs()))
+
+
+def find_base_image(settings: AgentSettings) -> GuestImage | None:
+    """The newest cached image of the `base` flavour for the current inputs, or None
+    (blocking file reads, as `find_image`)."""
+    return find_in(CacheLayout(settings.images_dir), base_local_key(current_inputs()))
 
 
 def find_in(cache: CacheLayout, key: str) -> GuestImage | None:
@@ -60,4 +73,22 @@ async def ensure_image(settings: AgentSettings, progress: Progress | None = None
     if image is not None:
         return image
     log.info("no guest image for the current inputs in %s; building it", settings.images_dir)
-    return await build_image(settings, progress)
+    image, _ = await build_images(settings, progress)
+    return image
+
+
+async def ensure_base_image(
+    settings: AgentSettings, progress: Progress | None = None
+) -> GuestImage:
+    """The cached `base` flavour for the current inputs; built first (minutes: apt downloads
+    and installs its packages) if there is none.
+
+    :raise ImageBuildError: a build was needed and failed.
+    """
+    image = await anyio.to_thread.run_sync(find_base_image, settings)
+    if image is not None:
+        return image
+    log.info("no base guest image in %s; building it", settings.images_dir)
+    _, base = await build_images(settings, progress, with_base=True)
+    assert base is not None
+    return base

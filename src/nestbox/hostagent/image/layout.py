@@ -1,11 +1,14 @@
 """Where the image cache keeps what, and the two rules that keep it consistent.
 
     <images_dir>/
-      .lock                  flock'ed by a build for its whole run: one build at a time
+      .lock                  flock'ed by a build while it builds in tmp/: one at a time
+      .lock-base             flock'ed while the basetree stage builds in tmp-base/
       tmp/<stage>-<random>/  a stage being built; removed on failure and by the next build
+      tmp-base/              the same for the (slow) basetree stage
       debs/                  debootstrap's .deb cache (speeds up a tree rebuild)
       kernels/<key>/         vmlinux, initramfs.cpio.gz, meta.json
-      trees/<key>/           root/ (debootstrap tree + users + config), meta.json
+      trees/<key>/           root/ (debootstrap tree + users + config), meta.json; also the
+                             `base` flavour's tree (the tree plus its packages)
       deps/<key>/            lib/ (envd's pinned Python dependencies), meta.json
       guest/<version>/       rootfs.ext4, vmlinux, initramfs.cpio.gz (hard links), manifest.json
 
@@ -64,6 +67,10 @@ class CacheLayout:
         return self.root / "tmp"
 
     @property
+    def tmp_base(self) -> Path:
+        return self.root / "tmp-base"
+
+    @property
     def debs(self) -> Path:
         return self.root / "debs"
 
@@ -112,10 +119,12 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def make_temp(layout: CacheLayout, stage: str) -> Path:
-    """A fresh directory under `tmp/` for building `stage` (same file system as its target)."""
-    layout.tmp.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=layout.tmp))
+def make_temp(layout: CacheLayout, stage: str, *, base: bool = False) -> Path:
+    """A fresh directory under `tmp/` (`tmp-base/` for the basetree stage) for building
+    `stage` (same file system as its target)."""
+    tmp = layout.tmp_base if base else layout.tmp
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=tmp))
     path.chmod(0o755)  # mkdtemp's 0700 would stay on the published stage
     return path
 
@@ -150,10 +159,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def clear_temp(layout: CacheLayout) -> None:
-    """Remove everything an interrupted build left in `tmp/` (call with the lock held)."""
-    if layout.tmp.is_dir():
-        for entry in layout.tmp.iterdir():
+def clear_temp(layout: CacheLayout, tmp: Path | None = None) -> None:
+    """Remove everything an interrupted build left in `tmp/` (or `tmp`; call with the lock
+    that guards it held)."""
+    tmp = tmp or layout.tmp
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
             remove_tree(entry)
 
 
@@ -163,8 +174,8 @@ class CacheLock:
     Async code polls `acquire(blocking=False)`; `acquire()` blocks, for synchronous callers.
     """
 
-    def __init__(self, layout: CacheLayout) -> None:
-        self.path = layout.lock_file
+    def __init__(self, layout: CacheLayout, *, base: bool = False) -> None:
+        self.path = layout.root / ".lock-base" if base else layout.lock_file
         self._fd: int | None = None
 
     def acquire(self, *, blocking: bool = True) -> bool:

@@ -63,8 +63,17 @@ def tree_recipe() -> str:
     return digest(TREE_RECIPE, SUITE, *PACKAGES, *map(str, GUEST_USER), *config)
 
 
+RESOLV_CONF = (
+    "# Nestbox: the agent's DNS forwarder, on the guest's gateway (tap0 in the slot's netns).\n"
+    "# It answers only capsules that have egress; without egress nothing resolves.\n"
+    "nameserver 169.254.0.22\n"
+    "options timeout:2 attempts:2\n"
+)
+"""Written by the image stage over the tree's (a tree rebuild costs minutes; this, seconds)."""
+
+
 def image_recipe() -> str:
-    return digest(IMAGE_RECIPE, str(MIN_SIZE_MIB), INIT_PATH, LIB_PATH)
+    return digest(IMAGE_RECIPE, str(MIN_SIZE_MIB), INIT_PATH, LIB_PATH, RESOLV_CONF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +122,10 @@ async def _set_up_tree(root: Path) -> None:
     useradd = ["chroot", str(root), "useradd", "--create-home", "--uid", str(uid),
                "--user-group", "--shell", "/bin/bash", "--groups", "sudo", name]  # fmt: skip
     await run(useradd)
-    await anyio.to_thread.run_sync(_configure_tree, root)
+    await anyio.to_thread.run_sync(configure_tree, root)
 
 
-def _configure_tree(root: Path) -> None:
+def configure_tree(root: Path) -> None:
     """Write our config files, then drop apt's downloads and indexes (useless offline)."""
     for rel, (text, mode) in CONFIG_FILES.items():
         write_new(root, rel, text.encode(), mode)
@@ -272,4 +281,5 @@ def _add_our_files(
         (staging / dest).unlink(missing_ok=True)
         shutil.copy2(source, staging / dest)  # keeps the mtime the .pyc files are checked by
     write_new(staging, INIT_PATH, init, 0o755)
+    write_new(staging, "etc/resolv.conf", RESOLV_CONF.encode(), 0o644)
     write_new(staging, "opt/nestbox/image-version", f"{version}\n".encode(), 0o644)

@@ -8,8 +8,10 @@ Inside the netns (applied in one atomic `iptables-restore`, removed with the net
     every connection the host opens to the capsule (the DNAT changes only the destination),
     so nothing forwarded from elsewhere reaches envd even if the root namespace's rules let
     it through; OUTPUT to it over tap0 is dropped (no process in the netns talks to envd);
-  - INPUT from tap0: only ESTABLISHED,RELATED; the netns itself offers the guest nothing;
-  - no default route and no MASQUERADE, unless the capsule has egress.
+  - INPUT from tap0: only ESTABLISHED,RELATED; the netns itself offers the guest nothing
+    (DNS to the gateway is rejected at once without egress, so lookups fail fast);
+  - no default route and no MASQUERADE, unless the capsule has egress; with egress, UDP 53 to
+    the gateway is DNATed to the slot's DNS forwarder (`egress.py`) on the host end of the veth.
 
 In the root namespace (tagged `nestbox:<agent_id>:<slot>` so cleanup removes exactly its own,
 added with `iptables-restore --noflush`, which leaves every other program's rules alone):
@@ -18,7 +20,9 @@ added with `iptables-restore --noflush`, which leaves every other program's rule
   - FORWARD: drop new connections *into* the slot's veth (nobody but the host itself opens
     connections to a capsule, even if the operator enables forwarding for egress), and drop
     everything *from* it, or with egress only what goes to internal ranges (other capsules,
-    veths, private and link-local networks such as cloud metadata).
+    veths, private and link-local networks such as cloud metadata); with an allow-list,
+    accept only its CIDRs (after those drops) and drop the rest;
+  - with egress, INPUT accepts UDP to the slot's DNS forwarder (above the INPUT drop).
 Drops are inserted at the top of their chain, ahead of anyone's ACCEPT; the few egress ACCEPTs
 are appended at the bottom, so the operator's own FORWARD filtering still applies first.
 Egress also needs `net.ipv4.ip_forward=1` in the root namespace, which the agent never sets
@@ -32,7 +36,7 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from nestbox.hostagent.network.slots import GUEST_IP, NETNS_VETH, TAP_NAME, SlotNetwork
+from nestbox.hostagent.network.slots import GUEST_IP, NETNS_VETH, TAP_IP, TAP_NAME, SlotNetwork
 from nestbox.protocol.envd import ENVD_PORT
 
 if TYPE_CHECKING:
@@ -70,9 +74,19 @@ def netns_ruleset(plan: SlotNetwork) -> str:
         f"-A FORWARD -i {NETNS_VETH} -o {TAP_NAME} -d {guest} -j ACCEPT",
         f"-A FORWARD -i {TAP_NAME} -o {NETNS_VETH} {' '.join(A_REPLY)} -j ACCEPT",
     ]
+    dns = f"-i {TAP_NAME} -d {TAP_IP}/32 -p udp --dport 53"
+    guest_input = [f"-A INPUT -i {TAP_NAME} {' '.join(A_REPLY)} -j ACCEPT"]
     if plan.egress:
+        to = f"{plan.veth_host_ip}:{plan.dns_port}"
+        nat.insert(0, f"-A PREROUTING {dns} -j DNAT --to-destination {to}")
         nat.append(f"-A POSTROUTING -o {NETNS_VETH} -s {guest} -j MASQUERADE")
         forward.append(f"-A FORWARD -i {TAP_NAME} -o {NETNS_VETH} -s {guest} -j ACCEPT")
+    else:
+        guest_input += [
+            f"-A INPUT {dns} -j REJECT --reject-with icmp-port-unreachable",
+            f"-A INPUT -i {TAP_NAME} -d {TAP_IP}/32 -p tcp --dport 53 -j REJECT "
+            "--reject-with tcp-reset",
+        ]
     lines = [
         "*nat",
         ":PREROUTING ACCEPT [0:0]",
@@ -85,7 +99,7 @@ def netns_ruleset(plan: SlotNetwork) -> str:
         ":INPUT ACCEPT [0:0]",
         ":FORWARD DROP [0:0]",
         ":OUTPUT ACCEPT [0:0]",
-        f"-A INPUT -i {TAP_NAME} {' '.join(A_REPLY)} -j ACCEPT",
+        *guest_input,
         f"-A INPUT -i {TAP_NAME} -j DROP",
         *forward,
         f"-A OUTPUT {to_envd} -j DROP",
@@ -124,9 +138,19 @@ def host_rules(settings: AgentSettings, plan: SlotNetwork) -> list[HostRule]:
     if not plan.egress:
         rules.append(HostRule("filter", "FORWARD", "top", ("-i", dev, "-j", "DROP")))
         return rules
+    src = f"{plan.veth_ns_ip}/32"
+    # "top" rules are each inserted at position 1, so a later one ends up above an earlier
+    # one: the DNS accept above the INPUT drop; for FORWARD, from the top down: the denied
+    # ranges, the allowed CIDRs, the drop of everything else.
+    dns = ("-i", dev, "-d", f"{plan.veth_host_ip}/32", "-p", "udp", "--dport", str(plan.dns_port))
+    rules.append(HostRule("filter", "INPUT", "top", (*dns, "-j", "ACCEPT")))
+    if plan.egress_allow:
+        rules.append(HostRule("filter", "FORWARD", "top", ("-i", dev, "-j", "DROP")))
+        for net in plan.egress_allow:
+            spec = ("-i", dev, "-s", src, "-d", net, "-j", "ACCEPT")
+            rules.append(HostRule("filter", "FORWARD", "top", spec))
     for net in (settings.slot_cidr, settings.veth_cidr, *EGRESS_DENIED):
         rules.append(HostRule("filter", "FORWARD", "top", ("-i", dev, "-d", net, "-j", "DROP")))
-    src = f"{plan.veth_ns_ip}/32"
     rules += [
         HostRule("filter", "FORWARD", "bottom", ("-i", dev, "-s", src, "-j", "ACCEPT")),
         HostRule("filter", "FORWARD", "bottom", ("-o", dev, *A_REPLY, "-j", "ACCEPT")),

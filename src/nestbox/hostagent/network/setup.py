@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nestbox.hostagent.network import egress as egress_
 from nestbox.hostagent.network import firewall, netns, tap
 from nestbox.hostagent.network.slots import (
     SlotNetwork,
@@ -43,14 +44,22 @@ async def open_slot_network(
     """Build slot `slot`'s netns, TAP, rate limit, firewall, veth and host route.
 
     Everything is undone when the caller closes `stack` (shielded, with its own deadline).
-    Egress (off unless a capsule asks for it) adds a default route and NAT, but the guest still
-    never reaches the host itself, internal ranges or another capsule (see `firewall`).
+    Egress (off unless a capsule asks for it) adds a default route and NAT, forwarding on the
+    host end of the slot's veth (that interface only: the uplink's is the operator's), and a
+    DNS forwarder (`egress.py`), but the guest still never reaches the host itself, internal
+    ranges or another capsule (see `firewall`); an allow-list (`egress.egress_allow`) narrows
+    it further.
 
-    :raise ValueError: the slot is not in this agent's plan.
+    :raise ValueError: the slot is not in this agent's plan, or a bad allow-list.
     :raise SystemCommandError: a step failed (e.g. a leftover of the slot still exists:
         run `cleanup_leftovers` at start-up).
     """
     plan = dataclasses.replace(plan_slot(settings, slot), egress=egress)
+    if egress:
+        upstreams = await egress_.upstreams_for(settings)
+        allow = egress_.parse_allow(egress_.current_allow())
+        cidrs = await egress_.resolve_allow(allow, upstreams) if allow.names else allow.cidrs
+        plan = dataclasses.replace(plan, egress_allow=tuple(cidrs), dns_port=settings.dns_port)
     started = time.monotonic()
     # Order matters: everything inside the netns (TAP, rate limit, firewall) is in place before
     # the veth connects it to the host, and the host route that makes the capsule reachable
@@ -67,6 +76,9 @@ async def open_slot_network(
     await firewall.add_host_rules(system, settings, plan, stack)
     await netns.create_veth(system, plan, stack)
     if egress:
+        forwarder = await egress_.open_forwarder(settings, plan.veth_host_ip)
+        stack.callback(forwarder.close)
+        await system.sysctl(None, f"net.ipv4.conf.{plan.host_veth}.forwarding", "1")
         await netns.add_default_route(system, plan)
     await netns.add_host_route(system, plan, stack)
     log.debug(

@@ -69,6 +69,10 @@ class SlotNetwork:
     veth_host_ip: str
     veth_ns_ip: str
     egress: bool = False
+    egress_allow: tuple[str, ...] = ()
+    """With egress: the only CIDRs the guest may reach (empty: every public address)."""
+    dns_port: int = 0
+    """With egress: the port of the slot's DNS forwarder on `veth_host_ip`."""
 
 
 def netns_name(agent_id: str, slot: int) -> str:

@@ -1,4 +1,9 @@
-"""The template directory: `templates/<template>/` holds one snapshot template.
+"""The template directory: `templates/<template>/` holds one template, of one of two kinds:
+
+  - snapshot: disk + memory + device state; a capsule restores it (fast) and gets its baked
+    vCPUs and memory;
+  - base: a disk only (`disk.qcow2`, on the guest image's raw rootfs); a capsule boots it cold
+    with the vCPUs and memory it asks for.
 
     templates/<template> -> .<template>.v-<random>     the current version (a symlink)
     templates/.<template>.v-<random>/                   one version, never modified:
@@ -15,6 +20,7 @@ complete. Nothing here starts VMs; `lifecycle.py` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -61,6 +67,8 @@ class TemplateMeta(BaseModel):
     """`file`: RAM is `mem`, the state file is tiny (x-ignore-shared). `state`: RAM is in the
     state file (a template made from a capsule whose RAM was private)."""
     state_bytes: int
+    kind: Literal["snapshot", "base"] = "snapshot"
+    """`base`: no `mem` nor `state`; `cmdline`, `vcpus` and `memory_mib` are only defaults."""
     default_user: str = "root"
     default_env: dict[str, str] = {}
     access_token: str | None = None
@@ -97,6 +105,15 @@ class Template:
     @property
     def template_id(self) -> str:
         return self.meta.template_id
+
+    def size_bytes(self) -> int:
+        """Bytes the version's files take on disk (allocated blocks: `mem` and the disks are
+        sparse). A few `stat`s."""
+        total = 0
+        for path in (self.dir.disk, self.dir.mem, self.dir.state, self.dir.meta_file):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_blocks * 512
+        return total
 
 
 def template_path(templates_dir: Path, template_id: str) -> TemplateDir:

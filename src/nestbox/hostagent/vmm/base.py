@@ -161,6 +161,9 @@ class SaveResult:
 
     state_bytes: int
     """The state file's size (small when the RAM stayed in a shared file)."""
+    downtime_ms: int | None = None
+    """For a save of a running guest (a live migration: RAM copied while it runs, then the
+    vCPUs stopped for what changed meanwhile), how long they were stopped, as the VMM saw it."""
 
 
 @dataclass(frozen=True, slots=True)

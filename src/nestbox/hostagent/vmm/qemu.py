@@ -189,6 +189,8 @@ class QemuHypervisor:
             await q.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
             await q.qmp.execute("migrate-incoming", {"uri": "fd:state"})
             status = await _wait_incoming(q.qmp)
+            if status == "running":
+                return  # saved live (a fork's source ran on): QEMU started it as it was
             if status != "paused":
                 raise MigrationFailed("restore", status, "the guest did not end paused")
             await q.qmp.execute("cont")
@@ -230,11 +232,14 @@ class QemuHypervisor:
                 q.save_set_up = None
                 await q.qmp.execute_with_fd("getfd", {"fdname": "state"}, fd)
                 await q.qmp.execute("migrate", {"uri": "fd:state"})
-                await _wait_migration(q.qmp)
+                info = await _wait_migration(q.qmp)
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        return SaveResult(state_bytes=size)
+        downtime = info.get("downtime")
+        return SaveResult(
+            state_bytes=size, downtime_ms=int(downtime) if downtime is not None else None
+        )
 
     async def cancel_save(self, vm: VmHandle) -> None:
         # A migration may still be writing, or may have completed into a file the caller will
@@ -351,13 +356,13 @@ async def _wait_incoming(qmp: QmpClient) -> str:
         await anyio.sleep(POLL_S)
 
 
-async def _wait_migration(qmp: QmpClient) -> None:
-    """Poll `query-migrate` until the outgoing migration ends."""
+async def _wait_migration(qmp: QmpClient) -> dict[str, Any]:
+    """Poll `query-migrate` until the outgoing migration ends; its final statistics."""
     while True:
         info: dict[str, Any] = await qmp.execute("query-migrate")
         status = info.get("status", "none")
         if status == "completed":
-            return
+            return info
         if status in ("failed", "cancelled"):
             raise MigrationFailed("save", status, str(info.get("error-desc", "")))
         await anyio.sleep(POLL_S)

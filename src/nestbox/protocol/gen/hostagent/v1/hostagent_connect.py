@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import hostagent_pb
-from .hostagent_pb import ConnectProcessRequest, ConnectProcessResponse, CreateCapsuleRequest, CreateCapsuleResponse, CreateTemplateRequest, CreateTemplateResponse, DeleteTemplateRequest, DeleteTemplateResponse, DestroyCapsuleRequest, DestroyCapsuleResponse, ExecRequest, ExecResponse, ExecStreamRequest, ExecStreamResponse, GetCapsuleMetricsRequest, GetCapsuleMetricsResponse, KillProcessRequest, KillProcessResponse, ListCapsulesRequest, ListCapsulesResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, PauseCapsuleRequest, PauseCapsuleResponse, PingCapsuleRequest, PingCapsuleResponse, PingRequest, PingResponse, PtyAttachRequest, PtyAttachResponse, PtyKillRequest, PtyKillResponse, PtyResizeRequest, PtyResizeResponse, PtySendInputRequest, PtySendInputResponse, ReadFileRequest, ReadFileResponse, ReadFileStreamRequest, ReadFileStreamResponse, RemovePathRequest, RemovePathResponse, ResumeCapsuleRequest, ResumeCapsuleResponse, StartBackgroundRequest, StartBackgroundResponse, StatRequest, StatResponse, TerminateRequest, TerminateResponse, WriteFileRequest, WriteFileResponse, WriteFileStreamRequest, WriteFileStreamResponse
+from .hostagent_pb import CloseStdinRequest, CloseStdinResponse, ConnectProcessRequest, ConnectProcessResponse, CreateCapsuleRequest, CreateCapsuleResponse, CreateTemplateRequest, CreateTemplateResponse, DeleteTemplateRequest, DeleteTemplateResponse, DestroyCapsuleRequest, DestroyCapsuleResponse, ExecRequest, ExecResponse, ExecStreamRequest, ExecStreamResponse, ForkCapsuleRequest, ForkCapsuleResponse, GetCapsuleMetricsRequest, GetCapsuleMetricsResponse, KillProcessRequest, KillProcessResponse, ListCapsulesRequest, ListCapsulesResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, PauseCapsuleRequest, PauseCapsuleResponse, PingCapsuleRequest, PingCapsuleResponse, PingRequest, PingResponse, PtyAttachRequest, PtyAttachResponse, PtyKillRequest, PtyKillResponse, PtyResizeRequest, PtyResizeResponse, PtySendInputRequest, PtySendInputResponse, ReadFileRequest, ReadFileResponse, ReadFileStreamRequest, ReadFileStreamResponse, RemovePathRequest, RemovePathResponse, ResumeCapsuleRequest, ResumeCapsuleResponse, SendStdinRequest, SendStdinResponse, SetIdleTimeoutRequest, SetIdleTimeoutResponse, StartBackgroundRequest, StartBackgroundResponse, StatRequest, StatResponse, TerminateRequest, TerminateResponse, WatchDirRequest, WatchDirResponse, WriteFileRequest, WriteFileResponse, WriteFileStreamRequest, WriteFileStreamResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -74,6 +74,22 @@ class HostAgentService(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    async def set_idle_timeout(self, request: SetIdleTimeoutRequest, ctx: RequestContext[SetIdleTimeoutRequest, SetIdleTimeoutResponse], /) -> SetIdleTimeoutResponse:
+        """
+        Change the idle timeout of a running or paused capsule (0 = never auto-pause); kept
+        across pause and resume.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def fork_capsule(self, request: ForkCapsuleRequest, ctx: RequestContext[ForkCapsuleRequest, ForkCapsuleResponse], /) -> ForkCapsuleResponse:
+        """
+        `count` new running capsules that are copies of a running one at this instant (memory,
+        processes, files): the source is paused for the snapshot only and runs on. Each copy
+        gets its own identity, envd token, slot and entropy, as any clone of a template does, and
+        outlives the source. invalid_state unless the source runs.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     async def exec(self, request: ExecRequest, ctx: RequestContext[ExecRequest, ExecResponse], /) -> ExecResponse:
         """
         ── processes ──────────────────────────────────────────────────────────────────────
@@ -106,6 +122,15 @@ class HostAgentService(Protocol):
         """
         Re-attach to a running process's output.
         """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def send_stdin(self, request: SendStdinRequest, ctx: RequestContext[SendStdinRequest, SendStdinResponse], /) -> SendStdinResponse:
+        """
+        Write to the stdin of a process started with `stdin` (StartBackground), or close it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def close_stdin(self, request: CloseStdinRequest, ctx: RequestContext[CloseStdinRequest, CloseStdinResponse], /) -> CloseStdinResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def pty_attach(self, request: PtyAttachRequest, ctx: RequestContext[PtyAttachRequest, PtyAttachResponse], /) -> AsyncIterator[PtyAttachResponse]:
@@ -166,6 +191,13 @@ class HostAgentService(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def move(self, request: MoveRequest, ctx: RequestContext[MoveRequest, MoveResponse], /) -> MoveResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_dir(self, request: WatchDirRequest, ctx: RequestContext[WatchDirRequest, WatchDirResponse], /) -> AsyncIterator[WatchDirResponse]:
+        """
+        Events in a directory (envd's WatchDir): first `start` once the watch is set, then one
+        message per change, until the caller leaves.
+        """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def create_template(self, request: CreateTemplateRequest, ctx: RequestContext[CreateTemplateRequest, CreateTemplateResponse], /) -> CreateTemplateResponse:
@@ -289,6 +321,28 @@ class HostAgentServiceASGIApplication(ConnectASGIApplication[HostAgentService]):
                     ),
                     function=svc.get_capsule_metrics,
                 ),
+                "/hostagent.v1.HostAgentService/SetIdleTimeout": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetIdleTimeout",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=SetIdleTimeoutRequest,
+                        output=SetIdleTimeoutResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_idle_timeout,
+                ),
+                "/hostagent.v1.HostAgentService/ForkCapsule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ForkCapsule",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=ForkCapsuleRequest,
+                        output=ForkCapsuleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.fork_capsule,
+                ),
                 "/hostagent.v1.HostAgentService/Exec": Endpoint.unary(
                     method=MethodInfo(
                         name="Exec",
@@ -354,6 +408,28 @@ class HostAgentServiceASGIApplication(ConnectASGIApplication[HostAgentService]):
                         stream_type=StreamType.SERVER_STREAM,
                     ),
                     function=svc.connect_process,
+                ),
+                "/hostagent.v1.HostAgentService/SendStdin": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SendStdin",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=SendStdinRequest,
+                        output=SendStdinResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.send_stdin,
+                ),
+                "/hostagent.v1.HostAgentService/CloseStdin": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CloseStdin",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=CloseStdinRequest,
+                        output=CloseStdinResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.close_stdin,
                 ),
                 "/hostagent.v1.HostAgentService/PtyAttach": Endpoint.server_stream(
                     method=MethodInfo(
@@ -497,6 +573,17 @@ class HostAgentServiceASGIApplication(ConnectASGIApplication[HostAgentService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.move,
+                ),
+                "/hostagent.v1.HostAgentService/WatchDir": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchDir",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=WatchDirRequest,
+                        output=WatchDirResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_dir,
                 ),
                 "/hostagent.v1.HostAgentService/CreateTemplate": Endpoint.unary(
                     method=MethodInfo(
@@ -718,6 +805,56 @@ class HostAgentServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_idle_timeout(
+        self,
+        request: SetIdleTimeoutRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetIdleTimeoutResponse:
+        """
+        Change the idle timeout of a running or paused capsule (0 = never auto-pause); kept
+        across pause and resume.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetIdleTimeout",
+                service_name="hostagent.v1.HostAgentService",
+                input=SetIdleTimeoutRequest,
+                output=SetIdleTimeoutResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def fork_capsule(
+        self,
+        request: ForkCapsuleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ForkCapsuleResponse:
+        """
+        `count` new running capsules that are copies of a running one at this instant (memory,
+        processes, files): the source is paused for the snapshot only and runs on. Each copy
+        gets its own identity, envd token, slot and entropy, as any clone of a template does, and
+        outlives the source. invalid_state unless the source runs.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ForkCapsule",
+                service_name="hostagent.v1.HostAgentService",
+                input=ForkCapsuleRequest,
+                output=ForkCapsuleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def exec(
         self,
         request: ExecRequest,
@@ -850,6 +987,49 @@ class HostAgentServiceClient(ConnectClient):
                 output=ConnectProcessResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def send_stdin(
+        self,
+        request: SendStdinRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SendStdinResponse:
+        """
+        Write to the stdin of a process started with `stdin` (StartBackground), or close it.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SendStdin",
+                service_name="hostagent.v1.HostAgentService",
+                input=SendStdinRequest,
+                output=SendStdinResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def close_stdin(
+        self,
+        request: CloseStdinRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CloseStdinResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CloseStdin",
+                service_name="hostagent.v1.HostAgentService",
+                input=CloseStdinRequest,
+                output=CloseStdinResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
             ),
             headers=headers,
             timeout_ms=timeout_ms,
@@ -1135,6 +1315,30 @@ class HostAgentServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    def watch_dir(
+        self,
+        request: WatchDirRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[WatchDirResponse]:
+        """
+        Events in a directory (envd's WatchDir): first `start` once the watch is set, then one
+        message per change, until the caller leaves.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchDir",
+                service_name="hostagent.v1.HostAgentService",
+                input=WatchDirRequest,
+                output=WatchDirResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def create_template(
         self,
         request: CreateTemplateRequest,
@@ -1274,6 +1478,22 @@ class HostAgentServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def set_idle_timeout(self, request: SetIdleTimeoutRequest, ctx: RequestContext[SetIdleTimeoutRequest, SetIdleTimeoutResponse], /) -> SetIdleTimeoutResponse:
+        """
+        Change the idle timeout of a running or paused capsule (0 = never auto-pause); kept
+        across pause and resume.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def fork_capsule(self, request: ForkCapsuleRequest, ctx: RequestContext[ForkCapsuleRequest, ForkCapsuleResponse], /) -> ForkCapsuleResponse:
+        """
+        `count` new running capsules that are copies of a running one at this instant (memory,
+        processes, files): the source is paused for the snapshot only and runs on. Each copy
+        gets its own identity, envd token, slot and entropy, as any clone of a template does, and
+        outlives the source. invalid_state unless the source runs.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def exec(self, request: ExecRequest, ctx: RequestContext[ExecRequest, ExecResponse], /) -> ExecResponse:
         """
         ── processes ──────────────────────────────────────────────────────────────────────
@@ -1306,6 +1526,15 @@ class HostAgentServiceSync(Protocol):
         """
         Re-attach to a running process's output.
         """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def send_stdin(self, request: SendStdinRequest, ctx: RequestContext[SendStdinRequest, SendStdinResponse], /) -> SendStdinResponse:
+        """
+        Write to the stdin of a process started with `stdin` (StartBackground), or close it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def close_stdin(self, request: CloseStdinRequest, ctx: RequestContext[CloseStdinRequest, CloseStdinResponse], /) -> CloseStdinResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def pty_attach(self, request: PtyAttachRequest, ctx: RequestContext[PtyAttachRequest, PtyAttachResponse], /) -> Iterator[PtyAttachResponse]:
@@ -1366,6 +1595,13 @@ class HostAgentServiceSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def move(self, request: MoveRequest, ctx: RequestContext[MoveRequest, MoveResponse], /) -> MoveResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_dir(self, request: WatchDirRequest, ctx: RequestContext[WatchDirRequest, WatchDirResponse], /) -> Iterator[WatchDirResponse]:
+        """
+        Events in a directory (envd's WatchDir): first `start` once the watch is set, then one
+        message per change, until the caller leaves.
+        """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def create_template(self, request: CreateTemplateRequest, ctx: RequestContext[CreateTemplateRequest, CreateTemplateResponse], /) -> CreateTemplateResponse:
@@ -1487,6 +1723,28 @@ class HostAgentServiceWSGIApplication(ConnectWSGIApplication):
                     ),
                     function=service.get_capsule_metrics,
                 ),
+                "/hostagent.v1.HostAgentService/SetIdleTimeout": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetIdleTimeout",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=SetIdleTimeoutRequest,
+                        output=SetIdleTimeoutResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_idle_timeout,
+                ),
+                "/hostagent.v1.HostAgentService/ForkCapsule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ForkCapsule",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=ForkCapsuleRequest,
+                        output=ForkCapsuleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.fork_capsule,
+                ),
                 "/hostagent.v1.HostAgentService/Exec": EndpointSync.unary(
                     method=MethodInfo(
                         name="Exec",
@@ -1552,6 +1810,28 @@ class HostAgentServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.SERVER_STREAM,
                     ),
                     function=service.connect_process,
+                ),
+                "/hostagent.v1.HostAgentService/SendStdin": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SendStdin",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=SendStdinRequest,
+                        output=SendStdinResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.send_stdin,
+                ),
+                "/hostagent.v1.HostAgentService/CloseStdin": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CloseStdin",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=CloseStdinRequest,
+                        output=CloseStdinResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.close_stdin,
                 ),
                 "/hostagent.v1.HostAgentService/PtyAttach": EndpointSync.server_stream(
                     method=MethodInfo(
@@ -1695,6 +1975,17 @@ class HostAgentServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.move,
+                ),
+                "/hostagent.v1.HostAgentService/WatchDir": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchDir",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=WatchDirRequest,
+                        output=WatchDirResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_dir,
                 ),
                 "/hostagent.v1.HostAgentService/CreateTemplate": EndpointSync.unary(
                     method=MethodInfo(
@@ -1916,6 +2207,56 @@ class HostAgentServiceClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    def set_idle_timeout(
+        self,
+        request: SetIdleTimeoutRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetIdleTimeoutResponse:
+        """
+        Change the idle timeout of a running or paused capsule (0 = never auto-pause); kept
+        across pause and resume.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetIdleTimeout",
+                service_name="hostagent.v1.HostAgentService",
+                input=SetIdleTimeoutRequest,
+                output=SetIdleTimeoutResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def fork_capsule(
+        self,
+        request: ForkCapsuleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ForkCapsuleResponse:
+        """
+        `count` new running capsules that are copies of a running one at this instant (memory,
+        processes, files): the source is paused for the snapshot only and runs on. Each copy
+        gets its own identity, envd token, slot and entropy, as any clone of a template does, and
+        outlives the source. invalid_state unless the source runs.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ForkCapsule",
+                service_name="hostagent.v1.HostAgentService",
+                input=ForkCapsuleRequest,
+                output=ForkCapsuleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     def exec(
         self,
         request: ExecRequest,
@@ -2048,6 +2389,49 @@ class HostAgentServiceClientSync(ConnectClientSync):
                 output=ConnectProcessResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def send_stdin(
+        self,
+        request: SendStdinRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SendStdinResponse:
+        """
+        Write to the stdin of a process started with `stdin` (StartBackground), or close it.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SendStdin",
+                service_name="hostagent.v1.HostAgentService",
+                input=SendStdinRequest,
+                output=SendStdinResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def close_stdin(
+        self,
+        request: CloseStdinRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CloseStdinResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CloseStdin",
+                service_name="hostagent.v1.HostAgentService",
+                input=CloseStdinRequest,
+                output=CloseStdinResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
             ),
             headers=headers,
             timeout_ms=timeout_ms,
@@ -2329,6 +2713,30 @@ class HostAgentServiceClientSync(ConnectClientSync):
                 output=MoveResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_dir(
+        self,
+        request: WatchDirRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[WatchDirResponse]:
+        """
+        Events in a directory (envd's WatchDir): first `start` once the watch is set, then one
+        message per change, until the caller leaves.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchDir",
+                service_name="hostagent.v1.HostAgentService",
+                input=WatchDirRequest,
+                output=WatchDirResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

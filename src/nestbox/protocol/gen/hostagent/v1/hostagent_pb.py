@@ -48,7 +48,7 @@ class ErrorInfo(Message[_ErrorInfoFields]):
 
         code: str
 
-_CapsuleFields: TypeAlias = Literal["capsule_id", "state", "template_id", "team_id", "vcpus", "memory_mb", "idle_timeout_sec", "host_ip", "guest_ip", "egress", "created_at_unix_ms", "last_active_at_unix_ms", "error", "metadata"]
+_CapsuleFields: TypeAlias = Literal["capsule_id", "state", "template_id", "team_id", "vcpus", "memory_mb", "idle_timeout_sec", "host_ip", "guest_ip", "egress", "created_at_unix_ms", "last_active_at_unix_ms", "error", "metadata", "egress_allow", "template_kind"]
 
 class Capsule(Message[_CapsuleFields]):
     """
@@ -121,9 +121,23 @@ class Capsule(Message[_CapsuleFields]):
             ```proto
             map<string, string> metadata = 14;
             ```
+        egress_allow:
+            With `egress`: what the guest may reach (CIDRs); empty = the whole internet (still never
+            private, link-local, metadata or the host's own addresses).
+
+            ```proto
+            repeated string egress_allow = 20;
+            ```
+        template_kind:
+            The kind of template the capsule came from: a snapshot's baked vcpus/memory won, a base
+            template booted cold with the ones asked for.
+
+            ```proto
+            hostagent.v1.TemplateKind template_kind = 21;
+            ```
     """
 
-    __slots__ = ("capsule_id", "state", "template_id", "team_id", "vcpus", "memory_mb", "idle_timeout_sec", "host_ip", "guest_ip", "egress", "created_at_unix_ms", "last_active_at_unix_ms", "error", "metadata")
+    __slots__ = ("capsule_id", "state", "template_id", "team_id", "vcpus", "memory_mb", "idle_timeout_sec", "host_ip", "guest_ip", "egress", "created_at_unix_ms", "last_active_at_unix_ms", "error", "metadata", "egress_allow", "template_kind")
 
     if TYPE_CHECKING:
 
@@ -144,6 +158,8 @@ class Capsule(Message[_CapsuleFields]):
             last_active_at_unix_ms: int = 0,
             error: str = "",
             metadata: dict[str, str] | None = None,
+            egress_allow: list[str] | None = None,
+            template_kind: TemplateKind | None = None,
         ) -> None:
             pass
 
@@ -161,8 +177,10 @@ class Capsule(Message[_CapsuleFields]):
         last_active_at_unix_ms: int
         error: str
         metadata: dict[str, str]
+        egress_allow: list[str]
+        template_kind: TemplateKind
 
-_CreateCapsuleRequestFields: TypeAlias = Literal["template", "vcpus", "memory_mb", "disk_mb", "idle_timeout_sec", "default_user", "default_env", "egress", "capsule_id", "team_id"]
+_CreateCapsuleRequestFields: TypeAlias = Literal["template", "vcpus", "memory_mb", "disk_mb", "idle_timeout_sec", "default_user", "default_env", "egress", "capsule_id", "team_id", "egress_allow", "default_workdir"]
 
 class CreateCapsuleRequest(Message[_CreateCapsuleRequestFields]):
     """
@@ -224,9 +242,24 @@ class CreateCapsuleRequest(Message[_CreateCapsuleRequestFields]):
             ```proto
             string team_id = 10;
             ```
+        egress_allow:
+            With `egress`: CIDRs (a.b.c.d/n or an address) or host names (resolved by the agent at
+            create) the guest may reach; empty = everywhere public. Private, link-local, metadata and
+            the host's own addresses stay blocked whatever is listed.
+
+            ```proto
+            repeated string egress_allow = 20;
+            ```
+        default_workdir:
+            Working directory of processes that name none (sent in the /init); empty = the user's
+            home, or what a snapshot template's envd already holds. A built template's last WORKDIR.
+
+            ```proto
+            string default_workdir = 30;
+            ```
     """
 
-    __slots__ = ("template", "vcpus", "memory_mb", "disk_mb", "idle_timeout_sec", "default_user", "default_env", "egress", "capsule_id", "team_id")
+    __slots__ = ("template", "vcpus", "memory_mb", "disk_mb", "idle_timeout_sec", "default_user", "default_env", "egress", "capsule_id", "team_id", "egress_allow", "default_workdir")
 
     if TYPE_CHECKING:
 
@@ -243,6 +276,8 @@ class CreateCapsuleRequest(Message[_CreateCapsuleRequestFields]):
             egress: bool = False,
             capsule_id: str = "",
             team_id: str = "",
+            egress_allow: list[str] | None = None,
+            default_workdir: str = "",
         ) -> None:
             pass
 
@@ -256,6 +291,8 @@ class CreateCapsuleRequest(Message[_CreateCapsuleRequestFields]):
         egress: bool
         capsule_id: str
         team_id: str
+        egress_allow: list[str]
+        default_workdir: str
 
 _CreateCapsuleResponseFields: TypeAlias = Literal["capsule"]
 
@@ -677,6 +714,157 @@ class GetCapsuleMetricsResponse(Message[_GetCapsuleMetricsResponseFields]):
 
         points: list[MetricPoint]
 
+_SetIdleTimeoutRequestFields: TypeAlias = Literal["capsule_id", "idle_timeout_sec"]
+
+class SetIdleTimeoutRequest(Message[_SetIdleTimeoutRequestFields]):
+    """
+    ```proto
+    message hostagent.v1.SetIdleTimeoutRequest
+    ```
+
+    Attributes:
+        capsule_id:
+            ```proto
+            string capsule_id = 1;
+            ```
+        idle_timeout_sec:
+            ```proto
+            uint32 idle_timeout_sec = 2;
+            ```
+    """
+
+    __slots__ = ("capsule_id", "idle_timeout_sec")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule_id: str = "",
+            idle_timeout_sec: int = 0,
+        ) -> None:
+            pass
+
+        capsule_id: str
+        idle_timeout_sec: int
+
+_SetIdleTimeoutResponseFields: TypeAlias = Literal["capsule"]
+
+class SetIdleTimeoutResponse(Message[_SetIdleTimeoutResponseFields]):
+    """
+    ```proto
+    message hostagent.v1.SetIdleTimeoutResponse
+    ```
+
+    Attributes:
+        capsule:
+            ```proto
+            optional hostagent.v1.Capsule capsule = 1;
+            ```
+    """
+
+    __slots__ = ("capsule",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule: Capsule | None = None,
+        ) -> None:
+            pass
+
+        capsule: Capsule | None
+
+_ForkCapsuleRequestFields: TypeAlias = Literal["capsule_id", "count", "capsule_ids"]
+
+class ForkCapsuleRequest(Message[_ForkCapsuleRequestFields]):
+    """
+    ```proto
+    message hostagent.v1.ForkCapsuleRequest
+    ```
+
+    Attributes:
+        capsule_id:
+            ```proto
+            string capsule_id = 1;
+            ```
+        count:
+            1-10.
+
+            ```proto
+            uint32 count = 2;
+            ```
+        capsule_ids:
+            The copies' ids (`cl-` + 25 base36), `count` of them; generated when empty.
+
+            ```proto
+            repeated string capsule_ids = 3;
+            ```
+    """
+
+    __slots__ = ("capsule_id", "count", "capsule_ids")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule_id: str = "",
+            count: int = 0,
+            capsule_ids: list[str] | None = None,
+        ) -> None:
+            pass
+
+        capsule_id: str
+        count: int
+        capsule_ids: list[str]
+
+_ForkCapsuleResponseFields: TypeAlias = Literal["capsules", "paused_ms", "quiesced_ms"]
+
+class ForkCapsuleResponse(Message[_ForkCapsuleResponseFields]):
+    """
+    ```proto
+    message hostagent.v1.ForkCapsuleResponse
+    ```
+
+    Attributes:
+        capsules:
+            The copies, running.
+
+            ```proto
+            repeated hostagent.v1.Capsule capsules = 1;
+            ```
+        paused_ms:
+            How long the source's vCPUs were stopped, and the whole quiesce-to-running window
+            (envd's snapshot prepare included).
+
+            ```proto
+            uint32 paused_ms = 2;
+            ```
+        quiesced_ms:
+            ```proto
+            uint32 quiesced_ms = 3;
+            ```
+    """
+
+    __slots__ = ("capsules", "paused_ms", "quiesced_ms")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsules: list[Capsule] | None = None,
+            paused_ms: int = 0,
+            quiesced_ms: int = 0,
+        ) -> None:
+            pass
+
+        capsules: list[Capsule]
+        paused_ms: int
+        quiesced_ms: int
+
 _ProcessEventFields: TypeAlias = Literal["started", "stdout", "stderr", "pty", "exited"]
 
 class ProcessEvent(Message[_ProcessEventFields]):
@@ -1011,7 +1199,7 @@ class ExecStreamResponse(Message[_ExecStreamResponseFields]):
 
         event: ProcessEvent | None
 
-_StartBackgroundRequestFields: TypeAlias = Literal["capsule_id", "cmd", "args", "envs", "cwd", "tag", "user"]
+_StartBackgroundRequestFields: TypeAlias = Literal["capsule_id", "cmd", "args", "envs", "cwd", "tag", "user", "stdin"]
 
 class StartBackgroundRequest(Message[_StartBackgroundRequestFields]):
     """
@@ -1050,9 +1238,15 @@ class StartBackgroundRequest(Message[_StartBackgroundRequestFields]):
             ```proto
             string user = 7;
             ```
+        stdin:
+            Give the process a stdin pipe that SendStdin feeds (else it reads /dev/null).
+
+            ```proto
+            bool stdin = 50;
+            ```
     """
 
-    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "user")
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "user", "stdin")
 
     if TYPE_CHECKING:
 
@@ -1066,6 +1260,7 @@ class StartBackgroundRequest(Message[_StartBackgroundRequestFields]):
             cwd: str = "",
             tag: str = "",
             user: str = "",
+            stdin: bool = False,
         ) -> None:
             pass
 
@@ -1076,6 +1271,7 @@ class StartBackgroundRequest(Message[_StartBackgroundRequestFields]):
         cwd: str
         tag: str
         user: str
+        stdin: bool
 
 _StartBackgroundResponseFields: TypeAlias = Literal["pid", "tag"]
 
@@ -1340,6 +1536,116 @@ class ConnectProcessResponse(Message[_ConnectProcessResponseFields]):
             pass
 
         event: ProcessEvent | None
+
+_SendStdinRequestFields: TypeAlias = Literal["capsule_id", "pid", "tag", "data"]
+
+class SendStdinRequest(Message[_SendStdinRequestFields]):
+    """
+    ```proto
+    message hostagent.v1.SendStdinRequest
+    ```
+
+    Attributes:
+        capsule_id:
+            ```proto
+            string capsule_id = 1;
+            ```
+        selector:
+            ```proto
+            oneof selector
+            ```
+        data:
+            ```proto
+            bytes data = 4;
+            ```
+    """
+
+    __slots__ = ("capsule_id", "data", "selector")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule_id: str = "",
+            selector: Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str] | None = None,
+            data: bytes = b"",
+        ) -> None:
+            pass
+
+        capsule_id: str
+        selector: Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str] | None
+        data: bytes
+
+_SendStdinResponseFields: TypeAlias = NoReturn
+
+class SendStdinResponse(Message[_SendStdinResponseFields]):
+    """
+    ```proto
+    message hostagent.v1.SendStdinResponse
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
+
+_CloseStdinRequestFields: TypeAlias = Literal["capsule_id", "pid", "tag"]
+
+class CloseStdinRequest(Message[_CloseStdinRequestFields]):
+    """
+    ```proto
+    message hostagent.v1.CloseStdinRequest
+    ```
+
+    Attributes:
+        capsule_id:
+            ```proto
+            string capsule_id = 1;
+            ```
+        selector:
+            ```proto
+            oneof selector
+            ```
+    """
+
+    __slots__ = ("capsule_id", "selector")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule_id: str = "",
+            selector: Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str] | None = None,
+        ) -> None:
+            pass
+
+        capsule_id: str
+        selector: Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str] | None
+
+_CloseStdinResponseFields: TypeAlias = NoReturn
+
+class CloseStdinResponse(Message[_CloseStdinResponseFields]):
+    """
+    ```proto
+    message hostagent.v1.CloseStdinResponse
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
 
 _PtyAttachRequestFields: TypeAlias = Literal["capsule_id", "cmd", "args", "tag", "cols", "rows", "envs", "cwd", "user"]
 
@@ -2367,7 +2673,92 @@ class MoveResponse(Message[_MoveResponseFields]):
 
         entry: FileEntry | None
 
-_TemplateFields: TypeAlias = Literal["template_id", "vcpus", "memory_mb", "default_user", "default_env", "created_at_unix_ms", "source"]
+_WatchDirRequestFields: TypeAlias = Literal["capsule_id", "path", "recursive", "user"]
+
+class WatchDirRequest(Message[_WatchDirRequestFields]):
+    """
+    ```proto
+    message hostagent.v1.WatchDirRequest
+    ```
+
+    Attributes:
+        capsule_id:
+            ```proto
+            string capsule_id = 1;
+            ```
+        path:
+            ```proto
+            string path = 2;
+            ```
+        recursive:
+            ```proto
+            bool recursive = 3;
+            ```
+        user:
+            ```proto
+            string user = 4;
+            ```
+    """
+
+    __slots__ = ("capsule_id", "path", "recursive", "user")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            capsule_id: str = "",
+            path: str = "",
+            recursive: bool = False,
+            user: str = "",
+        ) -> None:
+            pass
+
+        capsule_id: str
+        path: str
+        recursive: bool
+        user: str
+
+_WatchDirResponseFields: TypeAlias = Literal["type", "name"]
+
+class WatchDirResponse(Message[_WatchDirResponseFields]):
+    """
+    ```proto
+    message hostagent.v1.WatchDirResponse
+    ```
+
+    Attributes:
+        type:
+            start (the watch is set), create, write, remove, rename or chmod; keepalive after
+            every 15 s of quiet.
+
+            ```proto
+            string type = 1;
+            ```
+        name:
+            The entry's path relative to the watched directory (empty for `start`).
+
+            ```proto
+            string name = 2;
+            ```
+    """
+
+    __slots__ = ("type", "name")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            type: str = "",
+            name: str = "",
+        ) -> None:
+            pass
+
+        type: str
+        name: str
+
+_TemplateFields: TypeAlias = Literal["template_id", "vcpus", "memory_mb", "default_user", "default_env", "created_at_unix_ms", "source", "kind", "size_bytes"]
 
 class Template(Message[_TemplateFields]):
     """
@@ -2406,9 +2797,19 @@ class Template(Message[_TemplateFields]):
             ```proto
             string source = 7;
             ```
+        kind:
+            ```proto
+            hostagent.v1.TemplateKind kind = 20;
+            ```
+        size_bytes:
+            Bytes the template's files take on disk (allocated blocks).
+
+            ```proto
+            uint64 size_bytes = 21;
+            ```
     """
 
-    __slots__ = ("template_id", "vcpus", "memory_mb", "default_user", "default_env", "created_at_unix_ms", "source")
+    __slots__ = ("template_id", "vcpus", "memory_mb", "default_user", "default_env", "created_at_unix_ms", "source", "kind", "size_bytes")
 
     if TYPE_CHECKING:
 
@@ -2422,6 +2823,8 @@ class Template(Message[_TemplateFields]):
             default_env: dict[str, str] | None = None,
             created_at_unix_ms: int = 0,
             source: str = "",
+            kind: TemplateKind | None = None,
+            size_bytes: int = 0,
         ) -> None:
             pass
 
@@ -2432,8 +2835,10 @@ class Template(Message[_TemplateFields]):
         default_env: dict[str, str]
         created_at_unix_ms: int
         source: str
+        kind: TemplateKind
+        size_bytes: int
 
-_CreateTemplateRequestFields: TypeAlias = Literal["capsule_id", "template_id", "consume_capsule"]
+_CreateTemplateRequestFields: TypeAlias = Literal["capsule_id", "template_id", "consume_capsule", "kind"]
 
 class CreateTemplateRequest(Message[_CreateTemplateRequestFields]):
     """
@@ -2458,9 +2863,16 @@ class CreateTemplateRequest(Message[_CreateTemplateRequestFields]):
             ```proto
             bool consume_capsule = 3;
             ```
+        kind:
+            UNSPECIFIED = SNAPSHOT. BASE: the capsule's disk flattened into a standalone disk image,
+            no memory; the capsule is consumed or left paused as for a snapshot.
+
+            ```proto
+            hostagent.v1.TemplateKind kind = 20;
+            ```
     """
 
-    __slots__ = ("capsule_id", "template_id", "consume_capsule")
+    __slots__ = ("capsule_id", "template_id", "consume_capsule", "kind")
 
     if TYPE_CHECKING:
 
@@ -2470,12 +2882,14 @@ class CreateTemplateRequest(Message[_CreateTemplateRequestFields]):
             capsule_id: str = "",
             template_id: str = "",
             consume_capsule: bool = False,
+            kind: TemplateKind | None = None,
         ) -> None:
             pass
 
         capsule_id: str
         template_id: str
         consume_capsule: bool
+        kind: TemplateKind
 
 _CreateTemplateResponseFields: TypeAlias = Literal["template", "capsule"]
 
@@ -2753,9 +3167,38 @@ class CapsuleState(Enum):
     STOPPED = 8
     ERROR = 9
 
+class TemplateKind(Enum):
+    """
+    ```proto
+    enum hostagent.v1.TemplateKind
+    ```
+
+    Attributes:
+        UNSPECIFIED:
+            ```proto
+            TEMPLATE_KIND_UNSPECIFIED = 0
+            ```
+        SNAPSHOT:
+            Disk + memory: a capsule restores it; its baked vcpus/memory win.
+
+            ```proto
+            TEMPLATE_KIND_SNAPSHOT = 1
+            ```
+        BASE:
+            A standalone disk image: a capsule boots it cold with the vcpus/memory it asks for.
+
+            ```proto
+            TEMPLATE_KIND_BASE = 2
+            ```
+    """
+
+    UNSPECIFIED = 0
+    SNAPSHOT = 1
+    BASE = 2
+
 
 _DESC = file_desc(
-    b'\n\x1chostagent/v1/hostagent.proto\x12\x0chostagent.v1"\x1f\n\tErrorInfo\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code"\xb2\x04\n\x07Capsule\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x120\n\x05state\x18\x02 \x01(\x0e2\x1a.hostagent.v1.CapsuleStateR\x05state\x12\x1f\n\x0btemplate_id\x18\x03 \x01(\tR\ntemplateId\x12\x17\n\x07team_id\x18\x04 \x01(\tR\x06teamId\x12\x14\n\x05vcpus\x18\x05 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x06 \x01(\rR\x08memoryMb\x12(\n\x10idle_timeout_sec\x18\x07 \x01(\rR\x0eidleTimeoutSec\x12\x17\n\x07host_ip\x18\x08 \x01(\tR\x06hostIp\x12\x19\n\x08guest_ip\x18\t \x01(\tR\x07guestIp\x12\x16\n\x06egress\x18\n \x01(\x08R\x06egress\x12+\n\x12created_at_unix_ms\x18\x0b \x01(\x03R\x0fcreatedAtUnixMs\x122\n\x16last_active_at_unix_ms\x18\x0c \x01(\x03R\x12lastActiveAtUnixMs\x12\x14\n\x05error\x18\r \x01(\tR\x05error\x12?\n\x08metadata\x18\x0e \x03(\x0b2#.hostagent.v1.Capsule.MetadataEntryR\x08metadata\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xaf\x03\n\x14CreateCapsuleRequest\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x03 \x01(\rR\x08memoryMb\x12\x17\n\x07disk_mb\x18\x04 \x01(\rR\x06diskMb\x12(\n\x10idle_timeout_sec\x18\x05 \x01(\rR\x0eidleTimeoutSec\x12!\n\x0cdefault_user\x18\x06 \x01(\tR\x0bdefaultUser\x12S\n\x0bdefault_env\x18\x07 \x03(\x0b22.hostagent.v1.CreateCapsuleRequest.DefaultEnvEntryR\ndefaultEnv\x12\x16\n\x06egress\x18\x08 \x01(\x08R\x06egress\x12\x1d\n\ncapsule_id\x18\t \x01(\tR\tcapsuleId\x12\x17\n\x07team_id\x18\n \x01(\tR\x06teamId\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"H\n\x15CreateCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"6\n\x15DestroyCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"\x18\n\x16DestroyCapsuleResponse"4\n\x13PauseCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"G\n\x14PauseCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"\xb0\x02\n\x14ResumeCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12!\n\x0cdefault_user\x18\x02 \x01(\tR\x0bdefaultUser\x12S\n\x0bdefault_env\x18\x03 \x03(\x0b22.hostagent.v1.ResumeCapsuleRequest.DefaultEnvEntryR\ndefaultEnv\x12-\n\x10idle_timeout_sec\x18\x04 \x01(\rH\x00R\x0eidleTimeoutSec\x88\x01\x01\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x13\n\x11_idle_timeout_sec"H\n\x15ResumeCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"\x15\n\x13ListCapsulesRequest"q\n\x14ListCapsulesResponse\x121\n\x08capsules\x18\x01 \x03(\x0b2\x15.hostagent.v1.CapsuleR\x08capsules\x12&\n\x0fauto_paused_ids\x18\x02 \x03(\tR\rautoPausedIds"3\n\x12PingCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"\x15\n\x13PingCapsuleResponse"\x80\x01\n\x0bMetricPoint\x12\x1c\n\nts_unix_ms\x18\x01 \x01(\x03R\x08tsUnixMs\x12\x17\n\x07cpu_pct\x18\x02 \x01(\x01R\x06cpuPct\x12\x1b\n\tmem_bytes\x18\x03 \x01(\x04R\x08memBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x04R\tdiskBytes"V\n\x18GetCapsuleMetricsRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x1b\n\trange_sec\x18\x02 \x01(\rR\x08rangeSec"N\n\x19GetCapsuleMetricsResponse\x121\n\x06points\x18\x01 \x03(\x0b2\x19.hostagent.v1.MetricPointR\x06points"\xf8\x02\n\x0cProcessEvent\x12>\n\x07started\x18\x01 \x01(\x0b2".hostagent.v1.ProcessEvent.StartedH\x00R\x07started\x12\x18\n\x06stdout\x18\x02 \x01(\x0cH\x00R\x06stdout\x12\x18\n\x06stderr\x18\x03 \x01(\x0cH\x00R\x06stderr\x12\x12\n\x03pty\x18\x04 \x01(\x0cH\x00R\x03pty\x12;\n\x06exited\x18\x05 \x01(\x0b2!.hostagent.v1.ProcessEvent.ExitedH\x00R\x06exited\x1a-\n\x07Started\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x1ak\n\x06Exited\x12\x1b\n\texit_code\x18\x01 \x01(\x05R\x08exitCode\x12\x16\n\x06exited\x18\x02 \x01(\x08R\x06exited\x12\x16\n\x06status\x18\x03 \x01(\tR\x06status\x12\x14\n\x05error\x18\x04 \x01(\tR\x05errorB\x07\n\x05event"\x8b\x02\n\x0bExecRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x127\n\x04envs\x18\x04 \x03(\x0b2#.hostagent.v1.ExecRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x1f\n\x0btimeout_sec\x18\x06 \x01(\rR\ntimeoutSec\x12\x12\n\x04user\x18\x07 \x01(\tR\x04user\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xc4\x01\n\x0cExecResponse\x12\x16\n\x06stdout\x18\x01 \x01(\x0cR\x06stdout\x12\x16\n\x06stderr\x18\x02 \x01(\x0cR\x06stderr\x12\x1b\n\texit_code\x18\x03 \x01(\x05R\x08exitCode\x12\x10\n\x03pid\x18\x04 \x01(\rR\x03pid\x12\x1f\n\x0bduration_ms\x18\x05 \x01(\x04R\ndurationMs\x12\x1c\n\ttruncated\x18\x06 \x01(\x08R\ttruncated\x12\x16\n\x06status\x18\x07 \x01(\tR\x06status"\x88\x02\n\x11ExecStreamRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12=\n\x04envs\x18\x04 \x03(\x0b2).hostagent.v1.ExecStreamRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x12\n\x04user\x18\x06 \x01(\tR\x04user\x12\x10\n\x03tag\x18\x07 \x01(\tR\x03tag\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"F\n\x12ExecStreamResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"\x92\x02\n\x16StartBackgroundRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12B\n\x04envs\x18\x04 \x03(\x0b2..hostagent.v1.StartBackgroundRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x10\n\x03tag\x18\x06 \x01(\tR\x03tag\x12\x12\n\x04user\x18\x07 \x01(\tR\x04user\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"=\n\x17StartBackgroundResponse\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag"i\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x10\n\x03cmd\x18\x03 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x04 \x03(\tR\x04args\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd"5\n\x14ListProcessesRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"P\n\x15ListProcessesResponse\x127\n\tprocesses\x18\x01 \x03(\x0b2\x19.hostagent.v1.ProcessInfoR\tprocesses"\x7f\n\x12KillProcessRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tag\x12\x16\n\x06signal\x18\x04 \x01(\tR\x06signalB\n\n\x08selector"\x15\n\x13KillProcessResponse"j\n\x15ConnectProcessRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tagB\n\n\x08selector"J\n\x16ConnectProcessResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"\xae\x02\n\x10PtyAttachRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12\x10\n\x03tag\x18\x04 \x01(\tR\x03tag\x12\x12\n\x04cols\x18\x05 \x01(\rR\x04cols\x12\x12\n\x04rows\x18\x06 \x01(\rR\x04rows\x12<\n\x04envs\x18\x07 \x03(\x0b2(.hostagent.v1.PtyAttachRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x08 \x01(\tR\x03cwd\x12\x12\n\x04user\x18\t \x01(\tR\x04user\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"E\n\x11PtyAttachResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"Z\n\x13PtySendInputRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x12\n\x04data\x18\x03 \x01(\x0cR\x04data"\x16\n\x14PtySendInputResponse"k\n\x10PtyResizeRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x12\n\x04cols\x18\x03 \x01(\rR\x04cols\x12\x12\n\x04rows\x18\x04 \x01(\rR\x04rows"\x13\n\x11PtyResizeResponse"A\n\x0ePtyKillRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag"\x11\n\x0fPtyKillResponse"\x9d\x02\n\tFileEntry\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n\x04size\x18\x04 \x01(\x04R\x04size\x12\x12\n\x04mode\x18\x05 \x01(\rR\x04mode\x12 \n\x0bpermissions\x18\x06 \x01(\tR\x0bpermissions\x12\x14\n\x05owner\x18\x07 \x01(\tR\x05owner\x12\x14\n\x05group\x18\x08 \x01(\tR\x05group\x12\x1f\n\x0bmodified_at\x18\t \x01(\x03R\nmodifiedAt\x12*\n\x0esymlink_target\x18\n \x01(\tH\x00R\rsymlinkTarget\x88\x01\x01B\x11\n\x0f_symlink_target"s\n\x10WriteFileRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x18\n\x07content\x18\x03 \x01(\x0cR\x07content\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"\'\n\x11WriteFileResponse\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path"X\n\x0fReadFileRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user",\n\x10ReadFileResponse\x12\x18\n\x07content\x18\x01 \x01(\x0cR\x07content"V\n\rWriteFileMeta\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"n\n\x16WriteFileStreamRequest\x121\n\x04meta\x18\x01 \x01(\x0b2\x1b.hostagent.v1.WriteFileMetaH\x00R\x04meta\x12\x16\n\x05chunk\x18\x02 \x01(\x0cH\x00R\x05chunkB\t\n\x07message"R\n\x17WriteFileStreamResponse\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12#\n\rbytes_written\x18\x02 \x01(\x04R\x0cbytesWritten"^\n\x15ReadFileStreamRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user".\n\x16ReadFileStreamResponse\x12\x14\n\x05chunk\x18\x01 \x01(\x0cR\x05chunk"m\n\x0eListDirRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x14\n\x05depth\x18\x03 \x01(\rR\x05depth\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"D\n\x0fListDirResponse\x121\n\x07entries\x18\x01 \x03(\x0b2\x17.hostagent.v1.FileEntryR\x07entries"W\n\x0eMakeDirRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"@\n\x0fMakeDirResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"Z\n\x11RemovePathRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"\x14\n\x12RemovePathResponse"T\n\x0bStatRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"=\n\x0cStatResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"z\n\x0bMoveRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x16\n\x06source\x18\x02 \x01(\tR\x06source\x12 \n\x0bdestination\x18\x03 \x01(\tR\x0bdestination\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"=\n\x0cMoveResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"\xce\x02\n\x08Template\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x03 \x01(\rR\x08memoryMb\x12!\n\x0cdefault_user\x18\x04 \x01(\tR\x0bdefaultUser\x12G\n\x0bdefault_env\x18\x05 \x03(\x0b2&.hostagent.v1.Template.DefaultEnvEntryR\ndefaultEnv\x12+\n\x12created_at_unix_ms\x18\x06 \x01(\x03R\x0fcreatedAtUnixMs\x12\x16\n\x06source\x18\x07 \x01(\tR\x06source\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x80\x01\n\x15CreateTemplateRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\'\n\x0fconsume_capsule\x18\x03 \x01(\x08R\x0econsumeCapsule"\x8e\x01\n\x16CreateTemplateResponse\x122\n\x08template\x18\x01 \x01(\x0b2\x16.hostagent.v1.TemplateR\x08template\x124\n\x07capsule\x18\x02 \x01(\x0b2\x15.hostagent.v1.CapsuleH\x00R\x07capsule\x88\x01\x01B\n\n\x08_capsule"8\n\x15DeleteTemplateRequest\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId"\x18\n\x16DeleteTemplateResponse"\r\n\x0bPingRequest"\xcc\x01\n\x0cPingResponse\x12\x19\n\x08agent_id\x18\x01 \x01(\tR\x07agentId\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x14\n\x05accel\x18\x03 \x01(\tR\x05accel\x12)\n\x10capsules_running\x18\x04 \x01(\rR\x0fcapsulesRunning\x12\'\n\x0fcapsules_paused\x18\x05 \x01(\rR\x0ecapsulesPaused\x12\x1d\n\nslots_free\x18\x06 \x01(\rR\tslotsFree"\x12\n\x10TerminateRequest"Q\n\x11TerminateResponse\x12\x1d\n\npaused_ids\x18\x01 \x03(\tR\tpausedIds\x12\x1d\n\nfailed_ids\x18\x02 \x03(\tR\tfailedIds*\xa5\x02\n\x0cCapsuleState\x12\x1d\n\x19CAPSULE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16CAPSULE_STATE_STARTING\x10\x01\x12\x19\n\x15CAPSULE_STATE_RUNNING\x10\x02\x12\x19\n\x15CAPSULE_STATE_PAUSING\x10\x03\x12\x18\n\x14CAPSULE_STATE_PAUSED\x10\x04\x12\x1a\n\x16CAPSULE_STATE_RESUMING\x10\x05\x12\x1e\n\x1aCAPSULE_STATE_SNAPSHOTTING\x10\x06\x12\x1a\n\x16CAPSULE_STATE_STOPPING\x10\x07\x12\x19\n\x15CAPSULE_STATE_STOPPED\x10\x08\x12\x17\n\x13CAPSULE_STATE_ERROR\x10\t2\xc7\x13\n\x10HostAgentService\x12X\n\rCreateCapsule\x12".hostagent.v1.CreateCapsuleRequest\x1a#.hostagent.v1.CreateCapsuleResponse\x12[\n\x0eDestroyCapsule\x12#.hostagent.v1.DestroyCapsuleRequest\x1a$.hostagent.v1.DestroyCapsuleResponse\x12U\n\x0cPauseCapsule\x12!.hostagent.v1.PauseCapsuleRequest\x1a".hostagent.v1.PauseCapsuleResponse\x12X\n\rResumeCapsule\x12".hostagent.v1.ResumeCapsuleRequest\x1a#.hostagent.v1.ResumeCapsuleResponse\x12U\n\x0cListCapsules\x12!.hostagent.v1.ListCapsulesRequest\x1a".hostagent.v1.ListCapsulesResponse\x12R\n\x0bPingCapsule\x12 .hostagent.v1.PingCapsuleRequest\x1a!.hostagent.v1.PingCapsuleResponse\x12d\n\x11GetCapsuleMetrics\x12&.hostagent.v1.GetCapsuleMetricsRequest\x1a\'.hostagent.v1.GetCapsuleMetricsResponse\x12=\n\x04Exec\x12\x19.hostagent.v1.ExecRequest\x1a\x1a.hostagent.v1.ExecResponse\x12Q\n\nExecStream\x12\x1f.hostagent.v1.ExecStreamRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12^\n\x0fStartBackground\x12$.hostagent.v1.StartBackgroundRequest\x1a%.hostagent.v1.StartBackgroundResponse\x12X\n\rListProcesses\x12".hostagent.v1.ListProcessesRequest\x1a#.hostagent.v1.ListProcessesResponse\x12R\n\x0bKillProcess\x12 .hostagent.v1.KillProcessRequest\x1a!.hostagent.v1.KillProcessResponse\x12]\n\x0eConnectProcess\x12#.hostagent.v1.ConnectProcessRequest\x1a$.hostagent.v1.ConnectProcessResponse0\x01\x12N\n\tPtyAttach\x12\x1e.hostagent.v1.PtyAttachRequest\x1a\x1f.hostagent.v1.PtyAttachResponse0\x01\x12U\n\x0cPtySendInput\x12!.hostagent.v1.PtySendInputRequest\x1a".hostagent.v1.PtySendInputResponse\x12L\n\tPtyResize\x12\x1e.hostagent.v1.PtyResizeRequest\x1a\x1f.hostagent.v1.PtyResizeResponse\x12F\n\x07PtyKill\x12\x1c.hostagent.v1.PtyKillRequest\x1a\x1d.hostagent.v1.PtyKillResponse\x12L\n\tWriteFile\x12\x1e.hostagent.v1.WriteFileRequest\x1a\x1f.hostagent.v1.WriteFileResponse\x12I\n\x08ReadFile\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x1e.hostagent.v1.ReadFileResponse\x12`\n\x0fWriteFileStream\x12$.hostagent.v1.WriteFileStreamRequest\x1a%.hostagent.v1.WriteFileStreamResponse(\x01\x12]\n\x0eReadFileStream\x12#.hostagent.v1.ReadFileStreamRequest\x1a$.hostagent.v1.ReadFileStreamResponse0\x01\x12F\n\x07ListDir\x12\x1c.hostagent.v1.ListDirRequest\x1a\x1d.hostagent.v1.ListDirResponse\x12F\n\x07MakeDir\x12\x1c.hostagent.v1.MakeDirRequest\x1a\x1d.hostagent.v1.MakeDirResponse\x12O\n\nRemovePath\x12\x1f.hostagent.v1.RemovePathRequest\x1a .hostagent.v1.RemovePathResponse\x12=\n\x04Stat\x12\x19.hostagent.v1.StatRequest\x1a\x1a.hostagent.v1.StatResponse\x12=\n\x04Move\x12\x19.hostagent.v1.MoveRequest\x1a\x1a.hostagent.v1.MoveResponse\x12[\n\x0eCreateTemplate\x12#.hostagent.v1.CreateTemplateRequest\x1a$.hostagent.v1.CreateTemplateResponse\x12[\n\x0eDeleteTemplate\x12#.hostagent.v1.DeleteTemplateRequest\x1a$.hostagent.v1.DeleteTemplateResponse\x12=\n\x04Ping\x12\x19.hostagent.v1.PingRequest\x1a\x1a.hostagent.v1.PingResponse\x12L\n\tTerminate\x12\x1e.hostagent.v1.TerminateRequest\x1a\x1f.hostagent.v1.TerminateResponseb\x06proto3',
+    b'\n\x1chostagent/v1/hostagent.proto\x12\x0chostagent.v1"\x1f\n\tErrorInfo\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code"\x96\x05\n\x07Capsule\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x120\n\x05state\x18\x02 \x01(\x0e2\x1a.hostagent.v1.CapsuleStateR\x05state\x12\x1f\n\x0btemplate_id\x18\x03 \x01(\tR\ntemplateId\x12\x17\n\x07team_id\x18\x04 \x01(\tR\x06teamId\x12\x14\n\x05vcpus\x18\x05 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x06 \x01(\rR\x08memoryMb\x12(\n\x10idle_timeout_sec\x18\x07 \x01(\rR\x0eidleTimeoutSec\x12\x17\n\x07host_ip\x18\x08 \x01(\tR\x06hostIp\x12\x19\n\x08guest_ip\x18\t \x01(\tR\x07guestIp\x12\x16\n\x06egress\x18\n \x01(\x08R\x06egress\x12+\n\x12created_at_unix_ms\x18\x0b \x01(\x03R\x0fcreatedAtUnixMs\x122\n\x16last_active_at_unix_ms\x18\x0c \x01(\x03R\x12lastActiveAtUnixMs\x12\x14\n\x05error\x18\r \x01(\tR\x05error\x12?\n\x08metadata\x18\x0e \x03(\x0b2#.hostagent.v1.Capsule.MetadataEntryR\x08metadata\x12!\n\x0cegress_allow\x18\x14 \x03(\tR\x0begressAllow\x12?\n\rtemplate_kind\x18\x15 \x01(\x0e2\x1a.hostagent.v1.TemplateKindR\x0ctemplateKind\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xfb\x03\n\x14CreateCapsuleRequest\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x03 \x01(\rR\x08memoryMb\x12\x17\n\x07disk_mb\x18\x04 \x01(\rR\x06diskMb\x12(\n\x10idle_timeout_sec\x18\x05 \x01(\rR\x0eidleTimeoutSec\x12!\n\x0cdefault_user\x18\x06 \x01(\tR\x0bdefaultUser\x12S\n\x0bdefault_env\x18\x07 \x03(\x0b22.hostagent.v1.CreateCapsuleRequest.DefaultEnvEntryR\ndefaultEnv\x12\x16\n\x06egress\x18\x08 \x01(\x08R\x06egress\x12\x1d\n\ncapsule_id\x18\t \x01(\tR\tcapsuleId\x12\x17\n\x07team_id\x18\n \x01(\tR\x06teamId\x12!\n\x0cegress_allow\x18\x14 \x03(\tR\x0begressAllow\x12\'\n\x0fdefault_workdir\x18\x1e \x01(\tR\x0edefaultWorkdir\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"H\n\x15CreateCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"6\n\x15DestroyCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"\x18\n\x16DestroyCapsuleResponse"4\n\x13PauseCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"G\n\x14PauseCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"\xb0\x02\n\x14ResumeCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12!\n\x0cdefault_user\x18\x02 \x01(\tR\x0bdefaultUser\x12S\n\x0bdefault_env\x18\x03 \x03(\x0b22.hostagent.v1.ResumeCapsuleRequest.DefaultEnvEntryR\ndefaultEnv\x12-\n\x10idle_timeout_sec\x18\x04 \x01(\rH\x00R\x0eidleTimeoutSec\x88\x01\x01\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x13\n\x11_idle_timeout_sec"H\n\x15ResumeCapsuleResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"\x15\n\x13ListCapsulesRequest"q\n\x14ListCapsulesResponse\x121\n\x08capsules\x18\x01 \x03(\x0b2\x15.hostagent.v1.CapsuleR\x08capsules\x12&\n\x0fauto_paused_ids\x18\x02 \x03(\tR\rautoPausedIds"3\n\x12PingCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"\x15\n\x13PingCapsuleResponse"\x80\x01\n\x0bMetricPoint\x12\x1c\n\nts_unix_ms\x18\x01 \x01(\x03R\x08tsUnixMs\x12\x17\n\x07cpu_pct\x18\x02 \x01(\x01R\x06cpuPct\x12\x1b\n\tmem_bytes\x18\x03 \x01(\x04R\x08memBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x04R\tdiskBytes"V\n\x18GetCapsuleMetricsRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x1b\n\trange_sec\x18\x02 \x01(\rR\x08rangeSec"N\n\x19GetCapsuleMetricsResponse\x121\n\x06points\x18\x01 \x03(\x0b2\x19.hostagent.v1.MetricPointR\x06points"`\n\x15SetIdleTimeoutRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12(\n\x10idle_timeout_sec\x18\x02 \x01(\rR\x0eidleTimeoutSec"I\n\x16SetIdleTimeoutResponse\x12/\n\x07capsule\x18\x01 \x01(\x0b2\x15.hostagent.v1.CapsuleR\x07capsule"j\n\x12ForkCapsuleRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x14\n\x05count\x18\x02 \x01(\rR\x05count\x12\x1f\n\x0bcapsule_ids\x18\x03 \x03(\tR\ncapsuleIds"\x86\x01\n\x13ForkCapsuleResponse\x121\n\x08capsules\x18\x01 \x03(\x0b2\x15.hostagent.v1.CapsuleR\x08capsules\x12\x1b\n\tpaused_ms\x18\x02 \x01(\rR\x08pausedMs\x12\x1f\n\x0bquiesced_ms\x18\x03 \x01(\rR\nquiescedMs"\xf8\x02\n\x0cProcessEvent\x12>\n\x07started\x18\x01 \x01(\x0b2".hostagent.v1.ProcessEvent.StartedH\x00R\x07started\x12\x18\n\x06stdout\x18\x02 \x01(\x0cH\x00R\x06stdout\x12\x18\n\x06stderr\x18\x03 \x01(\x0cH\x00R\x06stderr\x12\x12\n\x03pty\x18\x04 \x01(\x0cH\x00R\x03pty\x12;\n\x06exited\x18\x05 \x01(\x0b2!.hostagent.v1.ProcessEvent.ExitedH\x00R\x06exited\x1a-\n\x07Started\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x1ak\n\x06Exited\x12\x1b\n\texit_code\x18\x01 \x01(\x05R\x08exitCode\x12\x16\n\x06exited\x18\x02 \x01(\x08R\x06exited\x12\x16\n\x06status\x18\x03 \x01(\tR\x06status\x12\x14\n\x05error\x18\x04 \x01(\tR\x05errorB\x07\n\x05event"\x8b\x02\n\x0bExecRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x127\n\x04envs\x18\x04 \x03(\x0b2#.hostagent.v1.ExecRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x1f\n\x0btimeout_sec\x18\x06 \x01(\rR\ntimeoutSec\x12\x12\n\x04user\x18\x07 \x01(\tR\x04user\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xc4\x01\n\x0cExecResponse\x12\x16\n\x06stdout\x18\x01 \x01(\x0cR\x06stdout\x12\x16\n\x06stderr\x18\x02 \x01(\x0cR\x06stderr\x12\x1b\n\texit_code\x18\x03 \x01(\x05R\x08exitCode\x12\x10\n\x03pid\x18\x04 \x01(\rR\x03pid\x12\x1f\n\x0bduration_ms\x18\x05 \x01(\x04R\ndurationMs\x12\x1c\n\ttruncated\x18\x06 \x01(\x08R\ttruncated\x12\x16\n\x06status\x18\x07 \x01(\tR\x06status"\x88\x02\n\x11ExecStreamRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12=\n\x04envs\x18\x04 \x03(\x0b2).hostagent.v1.ExecStreamRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x12\n\x04user\x18\x06 \x01(\tR\x04user\x12\x10\n\x03tag\x18\x07 \x01(\tR\x03tag\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"F\n\x12ExecStreamResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"\xa8\x02\n\x16StartBackgroundRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12B\n\x04envs\x18\x04 \x03(\x0b2..hostagent.v1.StartBackgroundRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd\x12\x10\n\x03tag\x18\x06 \x01(\tR\x03tag\x12\x12\n\x04user\x18\x07 \x01(\tR\x04user\x12\x14\n\x05stdin\x182 \x01(\x08R\x05stdin\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"=\n\x17StartBackgroundResponse\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag"i\n\x0bProcessInfo\x12\x10\n\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x10\n\x03cmd\x18\x03 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x04 \x03(\tR\x04args\x12\x10\n\x03cwd\x18\x05 \x01(\tR\x03cwd"5\n\x14ListProcessesRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId"P\n\x15ListProcessesResponse\x127\n\tprocesses\x18\x01 \x03(\x0b2\x19.hostagent.v1.ProcessInfoR\tprocesses"\x7f\n\x12KillProcessRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tag\x12\x16\n\x06signal\x18\x04 \x01(\tR\x06signalB\n\n\x08selector"\x15\n\x13KillProcessResponse"j\n\x15ConnectProcessRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tagB\n\n\x08selector"J\n\x16ConnectProcessResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"y\n\x10SendStdinRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tag\x12\x12\n\x04data\x18\x04 \x01(\x0cR\x04dataB\n\n\x08selector"\x13\n\x11SendStdinResponse"f\n\x11CloseStdinRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x03pid\x18\x02 \x01(\rH\x00R\x03pid\x12\x12\n\x03tag\x18\x03 \x01(\tH\x00R\x03tagB\n\n\x08selector"\x14\n\x12CloseStdinResponse"\xae\x02\n\x10PtyAttachRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03cmd\x18\x02 \x01(\tR\x03cmd\x12\x12\n\x04args\x18\x03 \x03(\tR\x04args\x12\x10\n\x03tag\x18\x04 \x01(\tR\x03tag\x12\x12\n\x04cols\x18\x05 \x01(\rR\x04cols\x12\x12\n\x04rows\x18\x06 \x01(\rR\x04rows\x12<\n\x04envs\x18\x07 \x03(\x0b2(.hostagent.v1.PtyAttachRequest.EnvsEntryR\x04envs\x12\x10\n\x03cwd\x18\x08 \x01(\tR\x03cwd\x12\x12\n\x04user\x18\t \x01(\tR\x04user\x1a7\n\tEnvsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"E\n\x11PtyAttachResponse\x120\n\x05event\x18\x01 \x01(\x0b2\x1a.hostagent.v1.ProcessEventR\x05event"Z\n\x13PtySendInputRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x12\n\x04data\x18\x03 \x01(\x0cR\x04data"\x16\n\x14PtySendInputResponse"k\n\x10PtyResizeRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag\x12\x12\n\x04cols\x18\x03 \x01(\rR\x04cols\x12\x12\n\x04rows\x18\x04 \x01(\rR\x04rows"\x13\n\x11PtyResizeResponse"A\n\x0ePtyKillRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x10\n\x03tag\x18\x02 \x01(\tR\x03tag"\x11\n\x0fPtyKillResponse"\x9d\x02\n\tFileEntry\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n\x04size\x18\x04 \x01(\x04R\x04size\x12\x12\n\x04mode\x18\x05 \x01(\rR\x04mode\x12 \n\x0bpermissions\x18\x06 \x01(\tR\x0bpermissions\x12\x14\n\x05owner\x18\x07 \x01(\tR\x05owner\x12\x14\n\x05group\x18\x08 \x01(\tR\x05group\x12\x1f\n\x0bmodified_at\x18\t \x01(\x03R\nmodifiedAt\x12*\n\x0esymlink_target\x18\n \x01(\tH\x00R\rsymlinkTarget\x88\x01\x01B\x11\n\x0f_symlink_target"s\n\x10WriteFileRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x18\n\x07content\x18\x03 \x01(\x0cR\x07content\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"\'\n\x11WriteFileResponse\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path"X\n\x0fReadFileRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user",\n\x10ReadFileResponse\x12\x18\n\x07content\x18\x01 \x01(\x0cR\x07content"V\n\rWriteFileMeta\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"n\n\x16WriteFileStreamRequest\x121\n\x04meta\x18\x01 \x01(\x0b2\x1b.hostagent.v1.WriteFileMetaH\x00R\x04meta\x12\x16\n\x05chunk\x18\x02 \x01(\x0cH\x00R\x05chunkB\t\n\x07message"R\n\x17WriteFileStreamResponse\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12#\n\rbytes_written\x18\x02 \x01(\x04R\x0cbytesWritten"^\n\x15ReadFileStreamRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user".\n\x16ReadFileStreamResponse\x12\x14\n\x05chunk\x18\x01 \x01(\x0cR\x05chunk"m\n\x0eListDirRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x14\n\x05depth\x18\x03 \x01(\rR\x05depth\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"D\n\x0fListDirResponse\x121\n\x07entries\x18\x01 \x03(\x0b2\x17.hostagent.v1.FileEntryR\x07entries"W\n\x0eMakeDirRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"@\n\x0fMakeDirResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"Z\n\x11RemovePathRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"\x14\n\x12RemovePathResponse"T\n\x0bStatRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x12\n\x04user\x18\x03 \x01(\tR\x04user"=\n\x0cStatResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"z\n\x0bMoveRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x16\n\x06source\x18\x02 \x01(\tR\x06source\x12 \n\x0bdestination\x18\x03 \x01(\tR\x0bdestination\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user"=\n\x0cMoveResponse\x12-\n\x05entry\x18\x01 \x01(\x0b2\x17.hostagent.v1.FileEntryR\x05entry"v\n\x0fWatchDirRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x1c\n\trecursive\x18\x03 \x01(\x08R\trecursive\x12\x12\n\x04user\x18\x04 \x01(\tR\x04user":\n\x10WatchDirResponse\x12\x12\n\x04type\x18\x01 \x01(\tR\x04type\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name"\x9d\x03\n\x08Template\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12\x1b\n\tmemory_mb\x18\x03 \x01(\rR\x08memoryMb\x12!\n\x0cdefault_user\x18\x04 \x01(\tR\x0bdefaultUser\x12G\n\x0bdefault_env\x18\x05 \x03(\x0b2&.hostagent.v1.Template.DefaultEnvEntryR\ndefaultEnv\x12+\n\x12created_at_unix_ms\x18\x06 \x01(\x03R\x0fcreatedAtUnixMs\x12\x16\n\x06source\x18\x07 \x01(\tR\x06source\x12.\n\x04kind\x18\x14 \x01(\x0e2\x1a.hostagent.v1.TemplateKindR\x04kind\x12\x1d\n\nsize_bytes\x18\x15 \x01(\x04R\tsizeBytes\x1a=\n\x0fDefaultEnvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xb0\x01\n\x15CreateTemplateRequest\x12\x1d\n\ncapsule_id\x18\x01 \x01(\tR\tcapsuleId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\'\n\x0fconsume_capsule\x18\x03 \x01(\x08R\x0econsumeCapsule\x12.\n\x04kind\x18\x14 \x01(\x0e2\x1a.hostagent.v1.TemplateKindR\x04kind"\x8e\x01\n\x16CreateTemplateResponse\x122\n\x08template\x18\x01 \x01(\x0b2\x16.hostagent.v1.TemplateR\x08template\x124\n\x07capsule\x18\x02 \x01(\x0b2\x15.hostagent.v1.CapsuleH\x00R\x07capsule\x88\x01\x01B\n\n\x08_capsule"8\n\x15DeleteTemplateRequest\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId"\x18\n\x16DeleteTemplateResponse"\r\n\x0bPingRequest"\xcc\x01\n\x0cPingResponse\x12\x19\n\x08agent_id\x18\x01 \x01(\tR\x07agentId\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x14\n\x05accel\x18\x03 \x01(\tR\x05accel\x12)\n\x10capsules_running\x18\x04 \x01(\rR\x0fcapsulesRunning\x12\'\n\x0fcapsules_paused\x18\x05 \x01(\rR\x0ecapsulesPaused\x12\x1d\n\nslots_free\x18\x06 \x01(\rR\tslotsFree"\x12\n\x10TerminateRequest"Q\n\x11TerminateResponse\x12\x1d\n\npaused_ids\x18\x01 \x03(\tR\tpausedIds\x12\x1d\n\nfailed_ids\x18\x02 \x03(\tR\tfailedIds*\xa5\x02\n\x0cCapsuleState\x12\x1d\n\x19CAPSULE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16CAPSULE_STATE_STARTING\x10\x01\x12\x19\n\x15CAPSULE_STATE_RUNNING\x10\x02\x12\x19\n\x15CAPSULE_STATE_PAUSING\x10\x03\x12\x18\n\x14CAPSULE_STATE_PAUSED\x10\x04\x12\x1a\n\x16CAPSULE_STATE_RESUMING\x10\x05\x12\x1e\n\x1aCAPSULE_STATE_SNAPSHOTTING\x10\x06\x12\x1a\n\x16CAPSULE_STATE_STOPPING\x10\x07\x12\x19\n\x15CAPSULE_STATE_STOPPED\x10\x08\x12\x17\n\x13CAPSULE_STATE_ERROR\x10\t*a\n\x0cTemplateKind\x12\x1d\n\x19TEMPLATE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TEMPLATE_KIND_SNAPSHOT\x10\x01\x12\x16\n\x12TEMPLATE_KIND_BASE\x10\x022\xe4\x16\n\x10HostAgentService\x12X\n\rCreateCapsule\x12".hostagent.v1.CreateCapsuleRequest\x1a#.hostagent.v1.CreateCapsuleResponse\x12[\n\x0eDestroyCapsule\x12#.hostagent.v1.DestroyCapsuleRequest\x1a$.hostagent.v1.DestroyCapsuleResponse\x12U\n\x0cPauseCapsule\x12!.hostagent.v1.PauseCapsuleRequest\x1a".hostagent.v1.PauseCapsuleResponse\x12X\n\rResumeCapsule\x12".hostagent.v1.ResumeCapsuleRequest\x1a#.hostagent.v1.ResumeCapsuleResponse\x12U\n\x0cListCapsules\x12!.hostagent.v1.ListCapsulesRequest\x1a".hostagent.v1.ListCapsulesResponse\x12R\n\x0bPingCapsule\x12 .hostagent.v1.PingCapsuleRequest\x1a!.hostagent.v1.PingCapsuleResponse\x12d\n\x11GetCapsuleMetrics\x12&.hostagent.v1.GetCapsuleMetricsRequest\x1a\'.hostagent.v1.GetCapsuleMetricsResponse\x12[\n\x0eSetIdleTimeout\x12#.hostagent.v1.SetIdleTimeoutRequest\x1a$.hostagent.v1.SetIdleTimeoutResponse\x12R\n\x0bForkCapsule\x12 .hostagent.v1.ForkCapsuleRequest\x1a!.hostagent.v1.ForkCapsuleResponse\x12=\n\x04Exec\x12\x19.hostagent.v1.ExecRequest\x1a\x1a.hostagent.v1.ExecResponse\x12Q\n\nExecStream\x12\x1f.hostagent.v1.ExecStreamRequest\x1a .hostagent.v1.ExecStreamResponse0\x01\x12^\n\x0fStartBackground\x12$.hostagent.v1.StartBackgroundRequest\x1a%.hostagent.v1.StartBackgroundResponse\x12X\n\rListProcesses\x12".hostagent.v1.ListProcessesRequest\x1a#.hostagent.v1.ListProcessesResponse\x12R\n\x0bKillProcess\x12 .hostagent.v1.KillProcessRequest\x1a!.hostagent.v1.KillProcessResponse\x12]\n\x0eConnectProcess\x12#.hostagent.v1.ConnectProcessRequest\x1a$.hostagent.v1.ConnectProcessResponse0\x01\x12L\n\tSendStdin\x12\x1e.hostagent.v1.SendStdinRequest\x1a\x1f.hostagent.v1.SendStdinResponse\x12O\n\nCloseStdin\x12\x1f.hostagent.v1.CloseStdinRequest\x1a .hostagent.v1.CloseStdinResponse\x12N\n\tPtyAttach\x12\x1e.hostagent.v1.PtyAttachRequest\x1a\x1f.hostagent.v1.PtyAttachResponse0\x01\x12U\n\x0cPtySendInput\x12!.hostagent.v1.PtySendInputRequest\x1a".hostagent.v1.PtySendInputResponse\x12L\n\tPtyResize\x12\x1e.hostagent.v1.PtyResizeRequest\x1a\x1f.hostagent.v1.PtyResizeResponse\x12F\n\x07PtyKill\x12\x1c.hostagent.v1.PtyKillRequest\x1a\x1d.hostagent.v1.PtyKillResponse\x12L\n\tWriteFile\x12\x1e.hostagent.v1.WriteFileRequest\x1a\x1f.hostagent.v1.WriteFileResponse\x12I\n\x08ReadFile\x12\x1d.hostagent.v1.ReadFileRequest\x1a\x1e.hostagent.v1.ReadFileResponse\x12`\n\x0fWriteFileStream\x12$.hostagent.v1.WriteFileStreamRequest\x1a%.hostagent.v1.WriteFileStreamResponse(\x01\x12]\n\x0eReadFileStream\x12#.hostagent.v1.ReadFileStreamRequest\x1a$.hostagent.v1.ReadFileStreamResponse0\x01\x12F\n\x07ListDir\x12\x1c.hostagent.v1.ListDirRequest\x1a\x1d.hostagent.v1.ListDirResponse\x12F\n\x07MakeDir\x12\x1c.hostagent.v1.MakeDirRequest\x1a\x1d.hostagent.v1.MakeDirResponse\x12O\n\nRemovePath\x12\x1f.hostagent.v1.RemovePathRequest\x1a .hostagent.v1.RemovePathResponse\x12=\n\x04Stat\x12\x19.hostagent.v1.StatRequest\x1a\x1a.hostagent.v1.StatResponse\x12=\n\x04Move\x12\x19.hostagent.v1.MoveRequest\x1a\x1a.hostagent.v1.MoveResponse\x12K\n\x08WatchDir\x12\x1d.hostagent.v1.WatchDirRequest\x1a\x1e.hostagent.v1.WatchDirResponse0\x01\x12[\n\x0eCreateTemplate\x12#.hostagent.v1.CreateTemplateRequest\x1a$.hostagent.v1.CreateTemplateResponse\x12[\n\x0eDeleteTemplate\x12#.hostagent.v1.DeleteTemplateRequest\x1a$.hostagent.v1.DeleteTemplateResponse\x12=\n\x04Ping\x12\x19.hostagent.v1.PingRequest\x1a\x1a.hostagent.v1.PingResponse\x12L\n\tTerminate\x12\x1e.hostagent.v1.TerminateRequest\x1a\x1f.hostagent.v1.TerminateResponseb\x06proto3',
     [],
     {
         "ErrorInfo": ErrorInfo,
@@ -2775,6 +3218,10 @@ _DESC = file_desc(
         "MetricPoint": MetricPoint,
         "GetCapsuleMetricsRequest": GetCapsuleMetricsRequest,
         "GetCapsuleMetricsResponse": GetCapsuleMetricsResponse,
+        "SetIdleTimeoutRequest": SetIdleTimeoutRequest,
+        "SetIdleTimeoutResponse": SetIdleTimeoutResponse,
+        "ForkCapsuleRequest": ForkCapsuleRequest,
+        "ForkCapsuleResponse": ForkCapsuleResponse,
         "ProcessEvent": ProcessEvent,
         "ProcessEvent.Started": ProcessEvent.Started,
         "ProcessEvent.Exited": ProcessEvent.Exited,
@@ -2791,6 +3238,10 @@ _DESC = file_desc(
         "KillProcessResponse": KillProcessResponse,
         "ConnectProcessRequest": ConnectProcessRequest,
         "ConnectProcessResponse": ConnectProcessResponse,
+        "SendStdinRequest": SendStdinRequest,
+        "SendStdinResponse": SendStdinResponse,
+        "CloseStdinRequest": CloseStdinRequest,
+        "CloseStdinResponse": CloseStdinResponse,
         "PtyAttachRequest": PtyAttachRequest,
         "PtyAttachResponse": PtyAttachResponse,
         "PtySendInputRequest": PtySendInputRequest,
@@ -2819,6 +3270,8 @@ _DESC = file_desc(
         "StatResponse": StatResponse,
         "MoveRequest": MoveRequest,
         "MoveResponse": MoveResponse,
+        "WatchDirRequest": WatchDirRequest,
+        "WatchDirResponse": WatchDirResponse,
         "Template": Template,
         "CreateTemplateRequest": CreateTemplateRequest,
         "CreateTemplateResponse": CreateTemplateResponse,
@@ -2829,6 +3282,7 @@ _DESC = file_desc(
         "TerminateRequest": TerminateRequest,
         "TerminateResponse": TerminateResponse,
         "CapsuleState": CapsuleState,
+        "TemplateKind": TemplateKind,
     },
 )
 

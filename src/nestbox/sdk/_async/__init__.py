@@ -1,0 +1,1 @@
+"""The async client (the source `_codegen.py` turns into `_sync`)."""

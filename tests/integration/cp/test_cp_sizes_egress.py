@@ -1,0 +1,78 @@
+"""Capsule sizes by template kind, and the egress setting, through the public API (fake
+agents: what the control plane asks of its host, checks and shows)."""
+
+from __future__ import annotations
+
+from nestbox.controlplane.settings import CPSettings
+from tests.integration.cp.cluster import cluster
+
+
+async def test_base_template_gets_the_size_asked_a_snapshot_its_own(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        agent = c.hosts[0].agent
+        made = await c.create(key, template="minimal-base", vcpus=2, memory_mb=512)
+        assert (made["vcpus"], made["memory_mb"], made["template_type"]) == (2, 512, "base")
+        request = agent.create_requests[-1]
+        assert (request.vcpus, request.memory_mb) == (2, 512)
+        # a snapshot template's baked size wins, and the view says which kind it came from
+        clone = await c.create(key, template="minimal", vcpus=4, memory_mb=2048)
+        assert (clone["vcpus"], clone["memory_mb"], clone["template_type"]) == (1, 256, "snapshot")
+        got = (await c.client.get(f"/v1/capsules/{made['id']}", headers=key)).json()
+        assert (got["vcpus"], got["template_type"]) == (2, "base")
+
+
+BAD = [
+    ({"vcpus": 9}, "vcpus must be between 1 and 8"),
+    ({"vcpus": 0}, "vcpus"),
+    ({"memory_mb": 64}, "memory_mb"),
+    ({"memory_mb": 16384}, "memory_mb must be between 128 and 8192"),
+    ({"egress_allow": ["1.2.3.4/8"], "allow_internet_access": False}, "egress_allow"),
+    ({"egress_allow": ["not a host"]}, "egress_allow"),
+]
+
+
+async def test_bad_sizes_and_egress_are_400(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        for body, needle in BAD:
+            r = await c.client.post(
+                "/v1/capsules", json={"template": "minimal-base", **body}, headers=key
+            )
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "invalid_request"
+            assert needle in error["message"], (body, error)
+        assert c.hosts[0].agent.create_requests == []  # refused before any host was asked
+
+
+async def test_egress_setting_reaches_the_host_and_shows(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        agent = c.hosts[0].agent
+        # Wrenn's body unchanged: no egress (the server's default, off)
+        plain = await c.create(key, template="minimal", vcpus=1, memory_mb=512, timeout_sec=0)
+        assert plain["allow_internet_access"] is False
+        assert agent.create_requests[-1].egress is False
+        online = await c.create(key, allow_internet_access=True)
+        assert online["allow_internet_access"] is True
+        assert agent.create_requests[-1].egress is True
+        narrow = await c.create(key, egress_allow=["pypi.org", "198.51.100.0/24"])
+        assert (narrow["allow_internet_access"], narrow["egress_allow"]) == (
+            True, ["pypi.org", "198.51.100.0/24"],
+        )  # fmt: skip
+        request = agent.create_requests[-1]
+        assert (request.egress, list(request.egress_allow)) == (
+            True, ["pypi.org", "198.51.100.0/24"],
+        )  # fmt: skip
+        got = (await c.client.get(f"/v1/capsules/{narrow['id']}", headers=key)).json()
+        assert got["egress_allow"] == ["pypi.org", "198.51.100.0/24"]
+
+
+async def test_egress_default_comes_from_the_setting(settings: CPSettings) -> None:
+    on = settings.model_copy(update={"default_internet_access": True})
+    async with cluster(on) as c:
+        _, key = await c.user("ann@example.com")
+        assert (await c.create(key))["allow_internet_access"] is True
+        assert (await c.create(key, allow_internet_access=False))["allow_internet_access"] is False
+        assert [r.egress for r in c.hosts[0].agent.create_requests] == [True, False]

@@ -1,0 +1,203 @@
+"""`make fuzz`: schemathesis over the control plane's OpenAPI document, against the real
+control plane (served by uvicorn on a loopback port, SQLite) with a fake host agent behind it
+that stays online (heartbeats every 2 s).
+
+Two runs, one per caller: an ordinary user with an API key, and the platform admin with a user
+session (so the session-only routes are fuzzed too, not only refused). Every phase runs
+(examples, coverage, fuzzing, stateful) with every check schemathesis has. A failure of any
+check fails the run, except the checks in `ADVISORY`, which are counted and listed: each
+names why it cannot be a schema contradiction. Afterwards the platform must still work: the
+admin key answers `GET /v1/me`, and a control plane started again on the same data directory
+serves it too.
+
+Schemathesis lives in a venv of its own (`.cache/venv-schemathesis-<version>`: its pins are not
+ours). The seed and the counts are printed; each caller's output and NDJSON report stay in
+`.cache/fuzz/`. `tests/reliability/test_fuzz.py` runs a short form in `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from nestbox.controlplane.app import create_app
+from nestbox.controlplane.settings import CPSettings
+from tests.conftest import ROOT
+from tests.integration.cp.cluster import cluster
+from tests.integration.cp.harness import new_key, running, signup
+from tests.integration.upstream_venv import upstream_venv
+
+VERSION = "4.32.5"
+REPORTS = ROOT / ".cache" / "fuzz"
+ADVISORY = {
+    # "Schema-valid request rejected": the API refuses some requests the document's types
+    # allow, by rules JSON Schema does not state (you cannot demote yourself; ownership moves
+    # only by a transfer; a Slack channel needs its webhook URL): 400s with a message, listed
+    # so each can be documented or expressed, never a 5xx or a wrong answer.
+    "positive_data_acceptance",
+}
+
+
+@dataclass
+class Outcome:
+    who: str
+    seconds: float
+    cases: int = 0
+    failures: dict[str, set[str]] = field(default_factory=dict)
+    """Check name -> the operations (and first line of the message) it failed on."""
+
+    def failed(self, checks: set[str] | None = None) -> Counter[str]:
+        return Counter({name: len(ops) for name, ops in self.failures.items()
+                        if checks is None or name in checks})  # fmt: skip
+
+
+async def session_of(client: httpx.AsyncClient, key: dict[str, str]) -> dict[str, str]:
+    """`Authorization: Bearer` for the key's user (a password set with the key, then a login)."""
+    password = "fuzz " + os.urandom(8).hex()
+    r = await client.post("/v1/me/password", json={"new_password": password}, headers=key)
+    assert r.status_code == 204, r.text
+    email = (await client.get("/v1/me", headers=key)).json()["email"]
+    r = await client.post("/v1/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def schemathesis() -> Path:
+    """The `st` command, installed on first use."""
+    return upstream_venv("schemathesis", VERSION).parent / "st"
+
+
+def read_report(path: Path, outcome: Outcome) -> None:
+    """Count the cases and collect the failed checks of one NDJSON report."""
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        finished = event.get("ScenarioFinished")
+        if finished is None:
+            continue
+        recorder = finished["recorder"]
+        outcome.cases += len(recorder.get("cases", {}))
+        for checks in recorder.get("checks", {}).values():
+            for check in checks:
+                if check.get("status") != "failure":
+                    continue
+                failure = check["failure_info"]["failure"]
+                where = f"{failure.get('operation', recorder['label'])}: {failure['title']}"
+                outcome.failures.setdefault(check["name"], set()).add(where)
+
+
+async def fuzz_once(st: Path, url: str, who: str, headers: dict[str, str], *, seed: int,
+                    examples: int, phases: str, max_time: int | None) -> Outcome:  # fmt: skip
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    report = REPORTS / f"{who}.ndjson"
+    report.unlink(missing_ok=True)
+    cmd = [str(st), "run", f"{url}/openapi.json", "--seed", str(seed), "--max-examples",
+           str(examples), "--phases", phases, "--checks", "all", "--request-timeout", "30",
+           "--no-color", "--report", "ndjson", "--report-ndjson-path", str(report),
+           "--workers", "1", "--suppress-health-check", "all"]  # fmt: skip
+    if max_time:
+        cmd += ["--max-time", str(max_time)]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    (REPORTS / f"{who}.log").write_text(out.decode(errors="replace"))
+    outcome = Outcome(who, time.monotonic() - start)
+    if not report.exists():
+        raise RuntimeError(f"schemathesis wrote no report (exit {proc.returncode}):\n"
+                           f"{out.decode(errors='replace')[-3000:]}")  # fmt: skip
+    read_report(report, outcome)
+    return outcome
+
+
+async def run(seed: int, examples: int, phases: str, max_time: int | None,
+              data: Path) -> tuple[list[Outcome], list[str]]:  # fmt: skip
+    """The two runs' outcomes, and what no longer works afterwards."""
+    settings = CPSettings(data_dir=data / "nestbox", database_url="")
+    st = await asyncio.to_thread(schemathesis)
+    outcomes: list[Outcome] = []
+    broken: list[str] = []
+    async with cluster(settings) as c:
+        user = await signup(c.client, "fuzz-user@test.io")
+        callers = {"user": await new_key(c.client, user),
+                   "admin": await session_of(c.client, c.admin)}  # fmt: skip
+        stop = asyncio.Event()
+
+        async def heartbeats() -> None:  # the host stays online (a real agent beats every 5 s)
+            while not stop.is_set():
+                for host in c.hosts:
+                    await c.heartbeat(host)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 2)
+
+        beating = asyncio.create_task(heartbeats())
+        try:
+            for who, headers in callers.items():
+                outcomes.append(await fuzz_once(st, c.url, who, headers, seed=seed,
+                                                examples=examples, phases=phases,
+                                                max_time=max_time))  # fmt: skip
+        finally:
+            stop.set()
+            await beating
+        r = await c.client.get("/v1/me", headers=c.admin)
+        if r.status_code != 200:
+            broken.append(f"the admin key stopped working: {r.status_code} {r.text}")
+        admin = c.admin
+    async with running(create_app(settings)) as again:  # the platform starts again
+        r = await again.client.get("/v1/me", headers=admin)
+        if r.status_code != 200:
+            broken.append(f"after a restart the admin key fails: {r.status_code} {r.text}")
+    return outcomes, broken
+
+
+def fuzz(*, seed: int, examples: int, phases: str, max_time: int | None) -> tuple[bool, str]:
+    """Run both callers; (passed, the printed summary)."""
+    with tempfile.TemporaryDirectory(prefix="nestbox-fuzz-") as tmp:
+        outcomes, broken = asyncio.run(run(seed, examples, phases, max_time, Path(tmp)))
+    lines = [f"schemathesis {VERSION}, seed {seed}, --max-examples {examples}, phases {phases}"]
+    passed = not broken
+    for o in outcomes:
+        hard = {name: ops for name, ops in o.failures.items() if name not in ADVISORY}
+        passed &= not hard
+        lines.append(f"== {o.who}: {o.cases} cases in {o.seconds:.0f} s; failed checks: "
+                     f"{dict(o.failed()) or 'none'}")  # fmt: skip
+        for name, ops in sorted(o.failures.items()):
+            tag = "advisory" if name in ADVISORY else "FAIL"
+            lines += [f"   [{tag}] {name}: {op}" for op in sorted(ops)]
+    lines += [f"== afterwards: {line}" for line in broken] or ["== afterwards: admin key works, "
+                                                             "restart serves it"]  # fmt: skip
+    lines.append(f"== {'passed' if passed else 'FAILED'} (logs in {REPORTS})")
+    return passed, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="schemathesis over the control plane's API")
+    parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    parser.add_argument("--examples", type=int, default=100, help="--max-examples per operation")
+    parser.add_argument("--phases", default="examples,coverage,fuzzing,stateful")
+    parser.add_argument("--max-time", type=int, default=None, help="seconds, per caller")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    passed, summary = fuzz(seed=seed, examples=args.examples, phases=args.phases,
+                           max_time=args.max_time)  # fmt: skip
+    print(summary)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
