@@ -58,7 +58,7 @@ test-templates: install system-deps image ## base templates (cold boots at the a
 test-e2e: install system-deps image ## end-to-end tier: control plane + agents + QEMU guests, SQLite and PostgreSQL (root)
 	$(PYTEST) tests/e2e --durations=30
 
-test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier (`test-templates` apart)
+test: install system-deps lint typecheck image ## everything this machine can run: lint, types, every tier
 	bash scripts/test-all.sh
 
 check: test ## what CI runs, in CI's order

@@ -4,7 +4,8 @@
 #               (Python on loopback: envd on the host, the control plane with fake agents, real
 #               SQLite and PostgreSQL, the short fuzz run)
 #   VM tiers:   tests/integration/vm and tests/e2e (QEMU guests, mostly waiting on TCG and on
-#               the network, so a second process costs them little)
+#               the network, so a second process costs them little), the `cold_boots` tests
+#               included (base templates at the size asked, the `base` template: ~90 s here)
 # The VM tiers print as they run; the host tiers' output follows when both are done. The exit
 # status is non-zero when either failed. Extra arguments go to both pytest runs.
 set -uo pipefail
@@ -14,11 +15,11 @@ logdir=$(mktemp -d)
 start=$(date +%s)
 
 $PYTEST tests/unit tests/integration tests/reliability --ignore=tests/integration/vm --durations=15 \
-  -m "not cold_boots" "$@" >"$logdir/host.log" 2>&1 &
+  "$@" >"$logdir/host.log" 2>&1 &
 host=$!
 trap 'kill "$host" 2>/dev/null; rm -rf "$logdir"' EXIT
 
-$PYTEST tests/integration/vm tests/e2e --durations=30 -m "not cold_boots" "$@"
+$PYTEST tests/integration/vm tests/e2e --durations=30 "$@"
 vm=$?
 wait "$host"
 hostrc=$?
