@@ -14,11 +14,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PATH = 4096
+GuestPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]+$")]
+"""A path in the guest as a caller sends it: relative ones are envd's to resolve (under the
+workdir or the user's home); a NUL byte could never name a file, so it is refused at the edge."""
+
+
+def guest_path_problem(path: str | None) -> str | None:
+    """Why `path` (from a query string or a form field) is not a `GuestPath`; None when it is."""
+    if not path or len(path) > MAX_PATH:
+        return f"path is required (at most {MAX_PATH} characters)"
+    if "\x00" in path:
+        return "path must not contain a NUL byte"
+    return None
+
+
 MAX_BUFFERED_FILE = 100 * 1024 * 1024
 """`files/read` and `files/write` hold the whole file (Wrenn's cap); the stream routes do not."""
 
@@ -26,7 +40,7 @@ MAX_BUFFERED_FILE = 100 * 1024 * 1024
 class PathRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1, max_length=MAX_PATH)
+    path: GuestPath
 
 
 class ListDirRequest(PathRequest):
@@ -36,8 +50,8 @@ class ListDirRequest(PathRequest):
 class MoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(min_length=1, max_length=MAX_PATH)
-    destination: str = Field(min_length=1, max_length=MAX_PATH)
+    source: GuestPath
+    destination: GuestPath
 
 
 class FileEntryView(BaseModel):

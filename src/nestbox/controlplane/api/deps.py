@@ -150,9 +150,15 @@ def path_param(conn: HTTPConnection, name: str) -> str:
 
 
 def query_bool(request: Request, name: str) -> bool:
-    """A yes/no query parameter: `1`, `true` or `yes` (any case) is yes; anything else, or
-    none, is no."""
-    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
+    """A yes/no query parameter: `true`, `1` or `yes` (any case) is yes; `false`, `0`, `no`,
+    empty or absent is no; anything else is a 400 (a typo must not quietly mean "no").
+    :raise InvalidRequest:"""
+    raw = request.query_params.get(name, "").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("", "0", "false", "no"):
+        return False
+    raise InvalidRequest(f"{name} must be true or false")
 
 
 def query_int(request: Request, name: str, default: int, *, lo: int, hi: int) -> int:

@@ -28,6 +28,7 @@ from nestbox.protocol.files import (
     ListDirRequest,
     MoveRequest,
     PathRequest,
+    guest_path_problem,
 )
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ async def write_file(request: Request) -> Response:
             raise
         if not path or data is None:
             raise InvalidRequest("the form needs a `path` field and a `file` part")
+        if (problem := guest_path_problem(path)) is not None:
+            raise InvalidRequest(problem)
         await files.write(principal, capsule_id, path, data)
     finally:
         held.release()
@@ -114,6 +117,8 @@ async def stream_write_file(request: Request) -> Response:
         path, part = await part.text(MAX_PATH), await anext(parts, None)
     if not path or part is None or part.name != "file":
         raise InvalidRequest("the form needs a `path` field first, then a `file` part")
+    if (problem := guest_path_problem(path)) is not None:
+        raise InvalidRequest(problem)
     await files.write_stream(principal, capsule_id, path, part.data())
     return deps.no_content()
 

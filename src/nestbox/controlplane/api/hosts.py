@@ -91,7 +91,7 @@ router = Router(
                  response=list[HostView]),
         Endpoint("GET", HOST, get_host, "One host", response=HostView),
         Endpoint("DELETE", HOST, delete_host, "Remove a host (its agent pauses and stops)",
-                 status=204, query=[("force", "true: even with capsules (they stop)")]),
+                 status=204, flags=[("force", "even with capsules (they stop)")]),
         Endpoint("POST", HOST + "/token", new_host_token, "A new one-time registration token",
                  response=HostTokenView, status=201),
         Endpoint("POST", REGISTER_PATH, register_host, "An agent registers (one-time token)",

@@ -95,6 +95,10 @@ def _operation(
         {"name": n, "in": "query", "required": False, "description": d,
          "schema": {"type": "string"}}
         for n, d in endpoint.query
+    ] + [
+        {"name": n, "in": "query", "required": False, "description": d,
+         "schema": {"type": "boolean", "default": False}}
+        for n, d in endpoint.flags
     ]  # fmt: skip
     if params:
         op["parameters"] = params

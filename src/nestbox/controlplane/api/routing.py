@@ -52,6 +52,8 @@ class Endpoint:
     description: str = ""
     query: Sequence[tuple[str, str]] = ()
     """(name, description) of the query parameters, for the document."""
+    flags: Sequence[tuple[str, str]] = ()
+    """(name, description) of the boolean query parameters (`deps.query_bool`)."""
     media_type: str = "application/json"
     """Of the 2xx answer: `text/event-stream` for Server-Sent Events (`response` is then the
     model of one message's `data`)."""

@@ -39,7 +39,7 @@ router = Router(
         Endpoint("POST", "/v1/snapshots", create_snapshot,
                  "Make a template from a running or paused capsule (left paused)",
                  body=SnapshotCreate, response=TemplateView, status=201,
-                 query=[("overwrite", "true: replace your template of that name")]),
+                 flags=[("overwrite", "replace your template of that name")]),
         Endpoint("GET", "/v1/snapshots", list_snapshots, "Your team's and the platform's "
                  "templates", response=list[TemplateView], query=[("type", "base | snapshot")]),
         Endpoint("DELETE", "/v1/snapshots/{name}", delete_snapshot, "Delete a template",

@@ -14,7 +14,7 @@ from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.capsules import CAPSULE
 from nestbox.controlplane.api.routing import Endpoint, Router
 from nestbox.controlplane.errors import ControlPlaneError, InvalidRequest
-from nestbox.protocol.files import MAX_PATH
+from nestbox.protocol.files import guest_path_problem
 from nestbox.protocol.stdio import StdinWrite, WatchEventView
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ async def close_stdin(request: Request) -> Response:
 async def watch_dir(request: Request) -> Response:
     capsule_id = deps.path_param(request, "capsule_id")
     path = request.query_params.get("path", "")
-    if not path or len(path) > MAX_PATH:
-        raise InvalidRequest(f"path is required (at most {MAX_PATH} characters)")
+    if (problem := guest_path_problem(path)) is not None:
+        raise InvalidRequest(problem)
     recursive = deps.query_bool(request, "recursive")
     stdio = deps.services(request).stdio
     target = await stdio.open_watch(deps.principal(request), capsule_id)
@@ -117,8 +117,8 @@ router = Router(
         Endpoint("GET", CAPSULE + "/files/watch", watch_dir,
                  "Watch a directory (Server-Sent Events)", response=WatchEventView,
                  media_type="text/event-stream",
-                 query=[("path", "the directory, absolute"),
-                        ("recursive", "true: its subdirectories too")],
+                 query=[("path", "the directory (relative: under the workdir or home)")],
+                 flags=[("recursive", "its subdirectories too")],
                  description="text/event-stream: one WatchEventView per data: line, type "
                              "start first once the watch is set, then create, write, remove, "
                              "rename or chmod; `: keepalive` comments every 15 s. Ends when "
