@@ -75,8 +75,24 @@ test-sdk: install system-deps image ## SDK and CLI suites on the real stack with
 bench-vm: install system-deps ## VM benchmark: raw QEMU vs Nestbox restore/boot/snapshot/RSS (root)
 	$(BIN)/python bench/bench_vm.py
 
+bench-files: install system-deps image ## 100 MiB up and down through the public API vs raw TCP into the same guest, per hop (root)
+	$(BIN)/python bench/bench_files.py
+
+DENSITY_N ?= 10,40
+bench-density: install system-deps image ## N idle capsules (DENSITY_N=10,40; =100 for 100): memory, idle CPU vs raw idle QEMU, exec p50/p99 vs N=0 (root)
+	$(BIN)/python bench/bench_density.py --counts $(DENSITY_N)
+
+bench-api: install system-deps image ## the public API vs what it wraps: create (single, 20 at once), exec RTT vs direct envd, PTY echo, pause/resume (root)
+	$(BIN)/python -m bench.bench_api $(BENCH_ARGS)
+
+load: install system-deps image ## load checks, long form: 50 exec streams of 10 MiB each, PTY echo under a proxied download (root)
+	NESTBOX_LOAD_STREAM_BYTES=$${NESTBOX_LOAD_STREAM_BYTES:-10485760} NESTBOX_LOAD_KEYSTROKES=$${NESTBOX_LOAD_KEYSTROKES:-200} $(PYTEST) tests/e2e/test_load.py -s -q
+
 soak: install system-deps image ## 100 pause/resume cycles with a process, a keep-alive proxied connection and a PTY (NESTBOX_SOAK_CYCLES)
 	NESTBOX_SOAK_CYCLES=$${NESTBOX_SOAK_CYCLES:-100} $(PYTEST) tests/e2e/test_soak.py -s -q
+
+chaos: install system-deps image ## kill -9 the agent, a QEMU, the control plane at random points; all settles, nothing leaks (CHAOS_SEED, CHAOS_ROUNDS)
+	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-21} $(PYTEST) tests/e2e/test_chaos.py -s -q
 
 fuzz: install ## schemathesis over the whole API, every phase, user and admin (FUZZ_ARGS="--seed N --examples N")
 	$(BIN)/python -m tests.reliability.fuzz $(FUZZ_ARGS)
@@ -84,4 +100,4 @@ fuzz: install ## schemathesis over the whole API, every phase, user and admin (F
 run: install system-deps image ## start the control plane (127.0.0.1:9725) and a host agent; Ctrl-C stops both (root)
 	$(BIN)/python scripts/run.py
 
-.PHONY: help install dashboard system-deps image proto fmt lint typecheck test-unit test-integration test-vm test-e2e test-sdk test check dev-cp dev-envd run bench-vm fuzz soak
+.PHONY: help install dashboard system-deps image proto fmt lint typecheck test-unit test-integration test-vm test-e2e test-sdk test check dev-cp dev-envd run bench-vm bench-files bench-density bench-api load fuzz soak chaos

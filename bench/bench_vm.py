@@ -12,13 +12,15 @@
                            `--raw-fd` gives the raw side `fd:` too (the stricter baseline).
   RSS per idle clone       VmRSS of each QEMU 3 s after its restore, one VM at a time
 
-Fairness: both sides run the same machine (the template's QEMU flags, memory and vCPUs), the
-iterations alternate between the sides (and which side goes first), so a change in the host's
-load hits both alike; the first iteration of each kind is a warm-up and not counted; before
-each timed operation the Nestbox runtime's background work (warm slot builds, slot teardowns)
-has finished, so it never runs during a measurement of either side. Nestbox runs as the agent
-does, with its warm slot pool (`warm_slots`, default 2; `--warm-slots 0` to turn it off).
-After the table come both sides' step breakdowns (medians), which explain the ratios.
+Fairness: both sides run the same machine (the template's QEMU flags, memory and vCPUs), each
+raw QEMU in a cgroup beside Nestbox's VMs with their limits (on a busy host the CPU is shared
+per cgroup: outside, a raw QEMU would get far more of it), the iterations alternate between the
+sides (and which side goes first), so a change in the host's load hits both alike; the first
+iteration of each kind is a warm-up and not counted; before each timed operation the Nestbox
+runtime's background work (warm slot builds, slot teardowns) has finished, so it never runs
+during a measurement of either side. Nestbox runs as the agent does, with its warm slot pool
+(`warm_slots`, default 2; `--warm-slots 0` to turn it off). After the table come both sides'
+step breakdowns (medians), which explain the ratios.
 
 No Nestbox code runs in the raw path: its QEMU command line, QMP client and health probe are
 written out below (the probe runs in a thread that joined the raw netns, so it talks straight to
@@ -52,6 +54,7 @@ from nestbox.hostagent.image.layout import GuestImage
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem
+from nestbox.hostagent.vmm.cgroups import Cgroups, Limits
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -165,7 +168,9 @@ def raw_argv(
 
 
 class RawBench:
-    def __init__(self, work: Path, template_dir: Path, image: GuestImage, fd: bool) -> None:
+    def __init__(
+        self, work: Path, template_dir: Path, image: GuestImage, fd: bool, settings: AgentSettings
+    ) -> None:
         self.work, self.tdir, self.image = work, template_dir, image
         self.fd = fd
         """Migrate through `fd:` (as Nestbox does) instead of VMM.md's `exec:cat`."""
@@ -173,6 +178,14 @@ class RawBench:
         self.ns = RawNetns()
         self.n = 0
         self.started: list[subprocess.Popen[bytes]] = []
+        tree = Cgroups.detect(settings.cgroup_root, settings.cgroup_parent, settings.agent_id)
+        self.cgroups = tree if tree.enabled else None
+        """Each raw QEMU runs in a cgroup beside Nestbox's VMs, with their limits: on a busy
+        host the CPU is shared per cgroup, and a raw QEMU outside would get far more of it."""
+        self.limits = Limits(
+            memory_bytes=(self.meta["memory_mib"] + settings.vm_memory_overhead_mib) << 20,
+            cpus=float(self.meta["vcpus"]), pids=settings.vm_pids_max,
+        )  # fmt: skip
 
     def _start(
         self, base: Path, base_fmt: str, mem: Path | None, incoming: bool
@@ -183,9 +196,15 @@ class RawBench:
         disk = run / "disk.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_fmt, str(disk))
         out = (run / "qemu.log").open("wb")
+        procs = [] if self.cgroups is None else self.cgroups.create(run.name, self.limits)
+
+        def join_cgroup() -> None:  # in the child, before exec: QEMU starts inside
+            for f in procs:
+                f.write_text(str(os.getpid()))
+
         qemu = subprocess.Popen(raw_argv(self.meta, run, disk, mem, self.ns.name, incoming),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=join_cgroup)  # fmt: skip
         self.started.append(qemu)
         return qemu, run
 
@@ -240,8 +259,14 @@ class RawBench:
         return took
 
     def close(self) -> None:
+        """Kill every raw QEMU, remove their cgroups (before the runtime removes the agent's
+        cgroup directory) and the netns. Idempotent."""
         for qemu in self.started:
             kill(qemu)
+        self.started.clear()
+        if self.cgroups is not None:
+            for i in range(1, self.n + 1):
+                self.cgroups.remove(f"raw{i}")
         self.ns.close()
 
 
@@ -412,6 +437,8 @@ def table(raw: Results, nb: Results) -> str:
             ("RSS per idle clone", "rss", "MiB")]  # fmt: skip
     out = [f"{'median':<34} {'raw QEMU':>10} {'Nestbox':>10} {'ratio':>7}   runs (raw/Nestbox)"]
     for label, key, unit in rows:
+        if not raw.values[key] or not nb.values[key]:
+            continue  # not measured this run (`--boots 0`, `--rss 0`)
         r, b = statistics.median(raw.values[key]), statistics.median(nb.values[key])
         out.append(f"{label:<34} {_fmt(r, unit):>10} {_fmt(b, unit):>10} {b / r:>6.2f}x   "
                    f"{len(raw.values[key])}/{len(nb.values[key])}")  # fmt: skip
@@ -435,6 +462,19 @@ def breakdown(raw: Results, nb: Results, *, verbose: bool) -> str:
     return "\n".join(out)
 
 
+def _loadavg() -> str:
+    """The host's load: figures taken on a busy machine are noisier (both sides alike)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def guest_image(settings: AgentSettings, guest_dir: str | None) -> GuestImage | None:
+    """The image in `guest_dir` (vmlinux, initramfs.cpio.gz, rootfs.ext4), else this tree's."""
+    if not guest_dir:
+        return find_image(settings)
+    d = Path(guest_dir)
+    return GuestImage("bench-" + d.name, d / "vmlinux", d / "initramfs.cpio.gz", d / "rootfs.ext4")
+
+
 async def main(args: argparse.Namespace, blackholes: str) -> int:
     work = Path(tempfile.mkdtemp(prefix="nbbench-", dir="/tmp"))
     settings = AgentSettings(
@@ -443,21 +483,16 @@ async def main(args: argparse.Namespace, blackholes: str) -> int:
         agent_id="bench",
         slot_cidr=SLOT_CIDR,
         veth_cidr=VETH_CIDR,
-        slot_first=1,
+        slot_first=args.slot_first,
         slot_count=20,
         warm_slots=args.warm_slots,
     )
-    if args.guest_dir:
-        d = Path(args.guest_dir)
-        image: GuestImage | None = GuestImage(
-            "bench-" + d.name, d / "vmlinux", d / "initramfs.cpio.gz", d / "rootfs.ext4"
-        )
-    else:
-        image = find_image(settings)
+    image = guest_image(settings, args.guest_dir)
     if image is None:
         print("no guest image: run 'nestbox-agent image build' first", file=sys.stderr)
         return 1
     raw: RawBench | None = None
+    load_before = _loadavg()
     try:
         async with VmRuntime.open(settings, RealSystem()) as rt:
             try:
@@ -465,13 +500,16 @@ async def main(args: argparse.Namespace, blackholes: str) -> int:
                 template = await rt.ensure_template(image, "minimal")
                 print(f"template minimal built in {time.monotonic() - t0:.1f} s "
                       f"(accel {rt.accel.accel}: {rt.accel.reason})", file=sys.stderr)  # fmt: skip
-                raw = RawBench(work, template.dir.root, image, fd=args.raw_fd)
+                raw = RawBench(work, template.dir.root, image, fd=args.raw_fd, settings=settings)
                 rt.networks.start()
                 print("raw QEMU and Nestbox runs, alternating...", file=sys.stderr)
                 raw_res, nb_res = await run_both(rt, raw, image, args)
             finally:
                 await rt.destroy_all()
+                if raw is not None:
+                    raw.close()
         print(table(raw_res, nb_res))
+        print(f"load average (1/5/15 min) before: {load_before}, after: {_loadavg()}")
         print(breakdown(raw_res, nb_res, verbose=args.verbose))
         return 0
     finally:
@@ -494,6 +532,10 @@ if __name__ == "__main__":
     parser.add_argument("--raw-fd", action="store_true",
                         help="the raw side migrates through fd: (as Nestbox does), "
                              "not VMM.md's exec:cat")  # fmt: skip
+    parser.add_argument("--slot-first", type=int,
+                        default=int(os.environ.get("NESTBOX_TEST_SLOT_FIRST", "1")),
+                        help="first of the 20 slots used (default $NESTBOX_TEST_SLOT_FIRST or 1: "
+                             "a run beside a test session needs slots of its own)")  # fmt: skip
     parser.add_argument("--guest-dir", help="vmlinux/initramfs.cpio.gz/rootfs.ext4 to use")
     if os.geteuid() != 0:
         sys.exit("bench-vm needs root (network namespaces, TAP devices)")

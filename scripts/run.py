@@ -232,8 +232,9 @@ def banner(key: str, email: str, password: str | None) -> None:
                     (also in {DATA / 'admin-api-key'})
     logs            {LOGS}/cp.log, {LOGS}/agent.log
     internet        capsules have none unless created with "allow_internet_access": true
-                    (default for all: NESTBOX_CP_DEFAULT_INTERNET_ACCESS=true); it also needs
-                    forwarding on this host's uplink (sysctl net.ipv4.ip_forward=1)
+                    (default for all: NESTBOX_CP_DEFAULT_INTERNET_ACCESS=true); the agent
+                    turns forwarding on for the uplink while one has it, guarded so only
+                    replies to capsules are forwarded ('nestbox-agent doctor' shows it)
     templates       minimal (default, fastest), minimal-base (boots at the size you ask),
                     base (git, node, pip, cc, ...; its first use builds it: minutes)
 

@@ -8,29 +8,38 @@ Steps print progress to stderr. Nothing waits on the clock: what takes time is p
 
 import json
 import os
-import sys
-import time
 import uuid
 from datetime import UTC, datetime
 
 from e2b import CommandExitException, FilesystemEventType, PtySize, Sandbox, SandboxQuery
+from e2b.api.client.api.sandboxes import get_sandboxes_sandbox_id_logs
+from e2b.api.client_sync import get_api_client
+from e2b.connection_config import ConnectionConfig
 from e2b.exceptions import NotFoundException, SandboxException
+from sdk_steps import step, until  # beside this script
 
 OTHER = os.environ["E2B_TEST_OTHER_KEY"]
 RUN = uuid.uuid4().hex
 out: dict[str, object] = {}
-started = time.monotonic()
 
 
-def step(name: str) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
+def logs(**kw):  # type: ignore[no-untyped-def]
+    """`GET /sandboxes/{id}/logs` through the SDK's own API client (it has no `Sandbox`
+    method for it): the status and the structured entries."""
+    api_key = kw.pop("api_key", None)
+    config = ConnectionConfig(**({"api_key": api_key} if api_key else {}))
+    res = get_sandboxes_sandbox_id_logs.sync_detailed(sid, client=get_api_client(config), **kw)
+    entries = getattr(res.parsed, "log_entries", None) or []
+    return res.status_code, entries
 
 
-def until(check, limit: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
+def exit3_line(entries) -> list:  # type: ignore[no-untyped-def]
+    """envd's line for the process that exited with 3 (the `commands` step's)."""
+    return [
+        (e.level.value, e.fields.additional_properties.get("cmd"))
+        for e in entries
+        if "ended" in e.message and e.fields.additional_properties.get("exit_code") == "3"
+    ]
 
 
 def refused(call) -> str:  # type: ignore[no-untyped-def]
@@ -138,6 +147,15 @@ for _stdout, _stderr, data in term:
 out["pty_resized"] = b"40 100" in pty_out
 out["pty_killed"] = sbx.pty.kill(term.pid)
 
+step("logs")
+status, entries = logs()
+out["logs_status"] = status
+out["logs_exit3"] = exit3_line(entries)
+out["logs_bounded"] = 0 < len(entries) <= 1000
+newest = max(e.timestamp for e in entries)
+status, page = logs(start=int(newest.timestamp() * 1000), limit=1)
+out["logs_page"] = (status, len(page))
+
 step("set_timeout")
 before = sbx.get_info().end_at
 sbx.set_timeout(3600)
@@ -159,6 +177,8 @@ out["other"] = {
     "metrics": refused(lambda: Sandbox.get_metrics(sid, **other)),
     "kill": refused(lambda: Sandbox.kill(sid, **other)),
     "list": [s.sandbox_id for s in Sandbox.list(**other).next_items()],
+    "logs": logs(**other)[0],
+    "snapshot": refused(lambda: Sandbox.create_snapshot(sid, **other)),
 }
 
 step("pause")
@@ -169,6 +189,27 @@ out["paused_state"] = str(Sandbox.get_info(sid).state.value)
 out["pause_again"] = refused(lambda: Sandbox.pause(sid))
 out["running_while_paused"] = sbx.is_running()
 
+# A snapshot of the paused sandbox (no second pause: the time budget); the running case
+# (resumed after its snapshot, same end) is tests/integration/cp/test_cp_e2b.py's.
+step("snapshot")
+snap = sbx.create_snapshot(name=f"e2b-{RUN[:8]}")
+print(json.dumps({"snapshot": snap.snapshot_id}), flush=True)
+out["snapshot"] = [snap.snapshot_id == f"e2b-{RUN[:8]}:default", snap.names]
+out["source_stays_paused"] = str(Sandbox.get_info(sid).state.value)
+out["snapshots_listed"] = [s.snapshot_id for s in Sandbox.list_snapshots().next_items()
+                           if s.snapshot_id == snap.snapshot_id]  # fmt: skip
+out["snapshots_of_sbx"] = [s.snapshot_id for s in sbx.list_snapshots().next_items()]
+out["snapshots_other"] = Sandbox.list_snapshots(**other).next_items()
+step("a sandbox from the snapshot")
+copy = Sandbox.create(snap.snapshot_id, timeout=120)
+print(json.dumps({"sandbox": copy.sandbox_id}), flush=True)
+out["from_snapshot"] = [copy.files.read("/root/kept.txt"),
+                        keeper.pid in [p.pid for p in copy.commands.list()]]  # fmt: skip
+out["from_snapshot_killed"] = copy.kill()
+out["snapshot_delete_other"] = Sandbox.delete_snapshot(snap.snapshot_id, **other)
+out["snapshot_delete"] = Sandbox.delete_snapshot(snap.snapshot_id)
+out["snapshot_delete_again"] = Sandbox.delete_snapshot(snap.snapshot_id)
+
 step("connect")
 sbx.connect()  # the instance form: the SDK keeps the token it had
 out["connected_state"] = str(sbx.get_info().state.value)
@@ -177,6 +218,7 @@ out["process_survived"] = keeper.pid in [p.pid for p in sbx.commands.list()]
 again = Sandbox.connect(sid)
 out["static_connect"] = again.files.read("/root/kept.txt")
 out["metrics_type"] = type(sbx.get_metrics()).__name__
+out["logs_after_resume"] = exit3_line(logs()[1])  # the ring lives in the guest's memory
 
 step("kill")
 out["kill"] = sbx.kill()

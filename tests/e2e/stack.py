@@ -203,10 +203,22 @@ class ControlPlaneProcess:
         assert r.status_code == 201, r.text
         return str(r.json()["registration_token"])
 
-    def add_agent(self, base: AgentSettings, *, slot_first: int, slot_count: int) -> AgentProcess:
+    def add_agent(
+        self,
+        base: AgentSettings,
+        *,
+        slot_first: int,
+        slot_count: int,
+        warm_slots: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
         """A new agent process, registered with this control plane and serving. Its one-time
-        token stays in `extra_env["NESTBOX_AGENT_REGISTRATION_TOKEN"]` (spent by now)."""
+        token stays in `extra_env["NESTBOX_AGENT_REGISTRATION_TOKEN"]` (spent by now).
+        `warm_slots`: its warm slot pool (none by default; the benches use the agent's);
+        `env`: more of its environment (settings)."""
         agent = AgentProcess.make(base, slot_first=slot_first, slot_count=slot_count)
+        agent.settings = agent.settings.model_copy(update={"warm_slots": warm_slots})
+        agent.extra_env.update(env or {})
         agent.extra_env.update({
             "NESTBOX_AGENT_CP_URL": self.url,
             "NESTBOX_AGENT_REGISTRATION_TOKEN": self.registration_token(),
@@ -400,14 +412,19 @@ class Stack:
 
         return dict(wait_for(f"host of agent {agent.settings.agent_id} online", online, within))
 
+    def slot_block(self) -> int:
+        """The first of 10 of this stack's slots that no agent took yet: an extra agent's, or
+        those of a test's own small stack (`running_stack`)."""
+        first = self.slot_first + 20 + 10 * self._extra
+        self._extra += 1
+        assert first + 10 <= self.slot_first + 100, "the stack's slots are used up"
+        return first
+
     @contextlib.contextmanager
     def extra_agent(self) -> Iterator[AgentProcess]:
         """A second (third…) registered agent for the block; afterwards it is killed, what it
         made is removed and its host is deleted (if the test did not)."""
-        first = self.slot_first + 20 + 10 * self._extra
-        self._extra += 1
-        assert first + 10 <= self.slot_first + 100, "the stack's slots are used up"
-        agent = self.cp.add_agent(self.base, slot_first=first, slot_count=10)
+        agent = self.cp.add_agent(self.base, slot_first=self.slot_block(), slot_count=10)
         try:
             self.wait_online(agent)
             host_id = self.host_id(agent)

@@ -67,9 +67,13 @@ def test_e2b_sdk_end_to_end(stack: Stack) -> None:
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = proc.stdout.strip().splitlines()
-    sandbox = json.loads(lines[0])["sandbox"] if lines else None
-    if proc.returncode != 0 and sandbox:  # never leave it behind
-        stack.destroy(sandbox)
+    if proc.returncode != 0:  # never leave a sandbox or a snapshot behind
+        made = [json.loads(line) for line in lines if line.startswith('{"s')]
+        for doc in made:
+            if "sandbox" in doc:
+                stack.destroy(doc["sandbox"])
+            if "snapshot" in doc:
+                stack.api.delete(f"/templates/{doc['snapshot']}")
     assert proc.returncode == 0, f"{proc.stderr[-6000:]}\n--- cp ---\n{stack.cp.log_tail()}"
     print(proc.stderr)  # the steps' timings
     seen = json.loads(lines[-1])
@@ -97,7 +101,25 @@ def test_e2b_sdk_end_to_end(stack: Stack) -> None:
         "get_info": "SandboxNotFoundException", "connect": "SandboxNotFoundException",
         "set_timeout": "SandboxNotFoundException", "pause": "SandboxNotFoundException",
         "metrics": "SandboxNotFoundException", "kill": "returned False", "list": [],
+        "logs": 404, "snapshot": "SandboxNotFoundException",
     }  # fmt: skip
+    # envd's log lines: the failed command's end, bounded, paged, kept through pause/resume
+    assert seen["logs_status"] == 200
+    assert seen["logs_exit3"] == [["info", "/bin/bash"]]
+    assert seen["logs_bounded"] is True
+    assert seen["logs_page"] == [200, 1]
+    assert seen["logs_after_resume"] == [["info", "/bin/bash"]]
+    # snapshots: a sandbox from one has the files and processes; deleted once, by the team
+    snapshot_id = f"e2b-{str(seen_run(seen))[:8]}:default"
+    assert seen["snapshot"] == [True, [snapshot_id]]
+    assert seen["source_stays_paused"] == "paused"
+    assert seen["snapshots_listed"] == [snapshot_id]
+    assert seen["snapshots_of_sbx"] == [snapshot_id]
+    assert seen["snapshots_other"] == []
+    assert seen["from_snapshot"] == ["persisted\n", True]
+    assert seen["from_snapshot_killed"] is True
+    assert seen["snapshot_delete_other"] is False
+    assert (seen["snapshot_delete"], seen["snapshot_delete_again"]) == (True, False)
     assert seen["paused"] is True
     assert seen["paused_state"] == "paused"
     assert seen["pause_again"] == "returned False"

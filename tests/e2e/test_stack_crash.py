@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests.conftest import wait_until as poll
 from tests.e2e.stack import RECONCILE_S, leftovers_beyond, records
 from tests.integration.vm.conftest import qemu_pids
 
@@ -41,14 +42,9 @@ STALL_S = 60.0
 
 
 def wait_until(what: str, check: Callable[[], Any], within: float = STALL_S) -> Any:
-    """Poll `check` every 0.5 ms until it is truthy (the QEMU must be caught at a chosen
-    point, so this polls fast)."""
-    deadline = time.monotonic() + within
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.0005)
-    return value
+    """`tests.conftest.wait_until`, polling every 0.5 ms: the point to catch may be
+    milliseconds wide."""
+    return poll(check, within=within, every=0.0005, what=what)
 
 
 def in_background(call: Callable[[], httpx.Response]) -> Callable[[], httpx.Response | str]:

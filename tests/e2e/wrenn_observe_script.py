@@ -8,26 +8,14 @@ line of stdout); steps go to stderr. Nothing waits on the clock: conditions are 
 
 import datetime as dt
 import json
-import sys
 import threading
 import time
 
+from sdk_steps import step, until  # beside this script
 from wrenn import Capsule, WrennClient
 
 out: dict[str, object] = {}
-started = time.monotonic()
 events: list[dict[str, object]] = []
-
-
-def step(name: str) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
-
-
-def until(check, limit: float = 90.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return value
 
 
 def kinds(capsule_id: str) -> list[str]:
@@ -58,7 +46,7 @@ def metric_points(range_: str) -> list:  # type: ignore[type-arg]
 
 
 step("metrics")
-points = until(lambda: len(metric_points("5m")) >= 3 and metric_points("5m"))
+points = until(lambda: len(metric_points("5m")) >= 3 and metric_points("5m"), 90)
 last = points[-1]
 out["metrics_running"] = {
     "count": len(points),
@@ -78,7 +66,7 @@ def sampled():  # type: ignore[no-untyped-def]
     return s if max(s.series.running or [0]) >= 1 else None
 
 
-stats = until(sampled)
+stats = until(sampled, 90)
 out["stats"] = {
     "range": stats.range.value,
     "running_now": stats.current.running_count,

@@ -8,26 +8,13 @@ what takes time is polled until it holds, with a generous deadline (`until`).
 
 import json
 import os
-import sys
 import time
 
+from sdk_steps import step, until  # beside this script
 from wrenn import Capsule
 from wrenn.exceptions import WrennConflictError, WrennNotFoundError
 
 out: dict[str, object] = {}
-started = time.monotonic()
-
-
-def step(name: str) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
-
-
-def until(check, limit: float = 60.0):  # type: ignore[no-untyped-def]
-    """Poll `check()` until it is truthy or `limit` seconds passed; its last value."""
-    deadline = time.monotonic() + limit
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 def ticks(capsule) -> int:  # type: ignore[no-untyped-def]

@@ -89,6 +89,8 @@ class FakeCapsule:
     egress: bool = False
     egress_allow: list[str] = field(default_factory=list)
     kind: pb.TemplateKind = pb.TemplateKind.SNAPSHOT
+    logs: list[pb.LogEntry] = field(default_factory=list)
+    """What GetCapsuleLogs answers (envd's ring, as the agent checked it)."""
     watchers: list[tuple[str, MemoryObjectSendStream[tuple[str, str]]]] = field(
         default_factory=list
     )
@@ -274,6 +276,13 @@ class FakeAgent(HostAgentService):
         self, request: pb.GetCapsuleMetricsRequest, ctx: Any
     ) -> pb.GetCapsuleMetricsResponse:
         return pb.GetCapsuleMetricsResponse()
+
+    async def get_capsule_logs(
+        self, request: pb.GetCapsuleLogsRequest, ctx: Any
+    ) -> pb.GetCapsuleLogsResponse:
+        capsule = self._capsule(request.capsule_id)
+        found = [e for e in capsule.logs if e.ts_unix_ms >= request.start_unix_ms]
+        return pb.GetCapsuleLogsResponse(entries=found[: request.limit or len(found)])
 
     # ── processes ──
 

@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import time
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import httpx
@@ -108,6 +109,22 @@ def test_health_metrics_envs(envd: EnvdProcess) -> None:
         "NESTBOX_CAPSULE_ID": "",
         "NESTBOX_TEMPLATE_ID": "",
     }
+
+
+def test_an_idle_envd_sleeps_and_its_date_header_stays_current(envd: EnvdProcess) -> None:
+    """No periodic wake-ups (uvicorn's server ticked ten times a second; each wake-up of an
+    idle guest costs its host CPU), yet every response carries the current `Date`."""
+    first = parsedate_to_datetime(httpx.get(f"{envd.url}/health").headers["date"])
+    later = wait_until(
+        lambda: (d := parsedate_to_datetime(httpx.get(f"{envd.url}/health").headers["date"]))
+        > first and d, what="a later Date header",
+    )  # fmt: skip
+    assert later > first
+    main_thread = psutil.Process(envd.pid)
+    before = main_thread.num_ctx_switches().voluntary
+    time.sleep(2.0)  # idle: no request, no connection (outside a VM the port scanner is off)
+    woke = main_thread.num_ctx_switches().voluntary - before
+    assert woke < 10, f"envd's main thread woke {woke} times in 2 s while idle"
 
 
 def test_listens_on_ipv6_loopback_too(envd: EnvdProcess) -> None:

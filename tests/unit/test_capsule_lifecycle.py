@@ -9,6 +9,7 @@ HTTP to a tiny in-process fake envd (`tests/fakes/envd.py`) that keeps envd's to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,20 +21,26 @@ import anyio.lowlevel
 import pytest
 
 from nestbox.hostagent import capsule as cap
-from nestbox.hostagent import views
+from nestbox.hostagent import lifecycle, views
 from nestbox.hostagent.capsule import CapsuleState, GuestUnreachable
+from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.errors import CapsuleExists
 from nestbox.hostagent.manager import CreateSpec
-from nestbox.hostagent.metrics import MetricsRing, sample_loop
+from nestbox.hostagent.metrics import MetricsRing, Sampler
 from nestbox.hostagent.storage import cow
 from nestbox.hostagent.storage import templates as tpl
-from nestbox.hostagent.vmm.base import MigrationFailed, VmStats
+from nestbox.hostagent.vmm.base import MigrationFailed, SaveResult, VmStats
 from nestbox.hostagent.vmm.process import VmProcess
+from tests.conftest import eventually
 from tests.fakes.envd import FakeGuest
 from tests.fakes.host import NOTHING, FakeHost, fake_host
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
     from nestbox.hostagent.capsule import Capsule
+    from nestbox.hostagent.managed import CapsuleView
+    from nestbox.hostagent.manager import CapsuleManager
 
 S = CapsuleState
 BOOT_STEPS = ["dir", "disk", "record", "slot", "network", "vmm", "envd", "init"]
@@ -159,6 +166,41 @@ async def test_a_hypervisor_step_that_hangs_is_cancelled_cleanly(tmp_path: Path,
         with anyio.move_on_after(0.2) as scope:
             await host.runtime.clone("minimal")
         assert scope.cancelled_caught
+        assert await leftovers(host) == NOTHING
+
+
+async def test_clones_past_the_restore_lanes_wait_their_turn(tmp_path: Path) -> None:
+    """At most `restore_concurrency` clones start up at once (0: two per core): with every
+    restore hanging, one clone more than that has run no step until a lane is freed."""
+    lanes = 2 * (os.cpu_count() or 1)
+    async with fake_host(tmp_path) as host:
+        await host.template("minimal")
+        host.hypervisor.hang.add("restore")
+        steps: list[list[str]] = [[] for _ in range(lanes + 1)]
+        scopes = [anyio.CancelScope() for _ in steps]
+
+        async def clone(i: int) -> None:
+            async def hook(step: str) -> None:
+                steps[i].append(step)
+
+            with scopes[i]:
+                await host.runtime.clone("minimal", hook=hook)
+
+        async def until(ready: Callable[[], bool]) -> None:
+            with anyio.fail_after(10):
+                while not ready():  # noqa: ASYNC110 (the hooks append to `steps`)
+                    await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(steps)):
+                tg.start_soon(clone, i)
+            await until(lambda: sum("vmm" in seen for seen in steps) == lanes)
+            await anyio.sleep(0.1)  # time the one left out must not be able to use
+            [waiting] = [i for i, seen in enumerate(steps) if not seen]
+            scopes[next(i for i, seen in enumerate(steps) if seen)].cancel()
+            await until(lambda: "vmm" in steps[waiting])  # the freed lane is its
+            for scope in scopes:
+                scope.cancel()
         assert await leftovers(host) == NOTHING
 
 
@@ -288,6 +330,78 @@ async def test_cancel_after_prepare_lets_the_guest_run_on(tmp_path: Path) -> Non
         await still_running(host, capsule)
 
 
+async def test_the_pausing_record_is_on_disk_before_the_vm_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PAUSING record (naming the snapshot) is written while envd prepares, but always
+    reaches the disk before the save; a failed write stops the pause, the guest runs on."""
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        seen: list[tuple[object, object]] = []
+        fake_pause = host.hypervisor.pause
+
+        async def pause(vm: object) -> None:
+            record = on_disk(host, capsule.id)
+            seen.append((record["state"], record["snapshot"]))
+            await fake_pause(vm)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(host.hypervisor, "pause", pause)
+        await host.runtime.pause(capsule.id)
+        assert seen == [("pausing", str(capsule.record.pause_snapshot))]
+
+        await host.runtime.resume(capsule.id)
+        write = cap.write_record
+
+        def failing(state_dir: Path, record: cap.CapsuleRecord) -> None:
+            if record.state == S.PAUSING:
+                raise OSError(28, "No space left on device")
+            write(state_dir, record)
+
+        monkeypatch.setattr(cap, "write_record", failing)
+        with pytest.raises(OSError, match="No space"):
+            await host.runtime.pause(capsule.id)
+        assert len(seen) == 1  # never stopped
+        monkeypatch.setattr(cap, "write_record", write)
+        await still_running(host, capsule)
+
+
+async def test_a_snapshot_is_sent_to_the_disk_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`save`'s final fsync waits only for the last pages: the earlier ones were handed to the
+    disk while the VMM wrote (on the file the VMM writes); a failed write is raised as is."""
+    path = tmp_path / "snapshot.state.partial"
+    sent: list[int] = []
+
+    def start_writeback(fd: int) -> None:
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+        sent.append(path.stat().st_size)
+
+    monkeypatch.setattr(lifecycle, "start_writeback", start_writeback)
+
+    async def write() -> SaveResult:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # as the VMM does: the same file
+        try:
+            for _ in range(8):
+                os.write(fd, b"x" * 4096)
+                await anyio.sleep(lifecycle.WRITEBACK_S * 2)
+        finally:
+            os.close(fd)
+        return SaveResult(state_bytes=8 * 4096)
+
+    result = await lifecycle._written_back_meanwhile(path, write)
+    assert result.state_bytes == 8 * 4096
+    assert sent
+    assert sent[-1] > 0  # sent while the VMM was still writing
+
+    async def fails() -> SaveResult:
+        await anyio.sleep(lifecycle.WRITEBACK_S * 2)
+        raise MigrationFailed("save", "failed", "injected")
+
+    with pytest.raises(MigrationFailed):
+        await lifecycle._written_back_meanwhile(path, fails)
+
+
 @pytest.mark.parametrize("how", ["fails", "hangs"])
 async def test_a_failed_save_is_cancelled_and_the_guest_runs_on(tmp_path: Path, how: str) -> None:
     async with fake_host(tmp_path) as host:
@@ -372,6 +486,21 @@ async def test_a_failed_template_snapshot_lets_the_capsule_run_on(tmp_path: Path
         await still_running(host, capsule)
 
 
+async def test_a_template_is_not_made_from_a_guest_that_did_not_prepare(tmp_path: Path) -> None:
+    """A pause snapshots a guest whose prepare failed anyway (best effort); a template must not:
+    every clone would start from a guest caught mid-prepare."""
+    async with fake_host(tmp_path) as host:
+        capsule = await running(host)
+        host.hypervisor.vm(capsule.id).guest.status["/snapshot/prepare"] = 500
+        with pytest.raises(EnvdCallError, match="before a template snapshot"):
+            await host.runtime.snapshot_template(capsule.id, "mine")
+        assert "save" not in host.hypervisor.verbs(capsule.id)
+        with pytest.raises(tpl.TemplateNotFound):
+            tpl.load_template(host.settings.templates_dir, "mine")
+        assert host.leftovers()["staging"] == []
+        await still_running(host, capsule)
+
+
 # ── per-VM stats ────────────────────────────────────────────────────────────────────────
 
 
@@ -383,11 +512,50 @@ async def test_the_sampler_turns_vm_stats_into_points_until_the_vm_is_gone(
     stats = iter([VmStats(1.0, 100), VmStats(1.5, 200), VmStats(2.5, 300), None])
     ring = MetricsRing()
     with anyio.fail_after(5):
-        await sample_loop(ring, lambda: next(stats), disk, vcpus=2, interval_s=0.01)
+        async with anyio.create_task_group() as tg:
+            sampler = Sampler(0.01, tg.start_soon)
+            sampling = sampler.add("cl-a", ring, lambda: next(stats), disk, vcpus=2)
+        # the task group ends when the loop does: the VM is gone, nothing is left to sample
+    assert sampling.cancelled
     points = ring.since()
     assert [p.mem_bytes for p in points] == [200, 300]
     assert all(p.disk_bytes >= 8192 for p in points)
     assert all(p.cpu_pct > 0 for p in points)  # CPU time grew between the samples
+
+
+async def test_one_sampler_pass_serves_every_capsule_and_a_cancelled_one_gets_no_more(
+    tmp_path: Path,
+) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"x")
+    used = {"a": 0.0, "b": 0.0}
+
+    def stats(name: str) -> VmStats:
+        used[name] += 0.5
+        return VmStats(used[name], 100)
+
+    def broken() -> VmStats:
+        used["c"] = used.get("c", 0.0) + 1
+        if used["c"] > 1:
+            raise OSError("unreadable")  # the first reading works, every later one fails
+        return VmStats(0.0, 100)
+
+    rings = {"a": MetricsRing(), "b": MetricsRing(), "c": MetricsRing()}
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            sampler = Sampler(0.01, tg.start_soon)
+            a = sampler.add("cl-a", rings["a"], lambda: stats("a"), disk, vcpus=1)
+            b = sampler.add("cl-b", rings["b"], lambda: stats("b"), disk, vcpus=1)
+            c = sampler.add("cl-c", rings["c"], broken, disk, vcpus=1)
+            assert len(sampler) == 3
+            await eventually(lambda: min(len(rings[k].since()) for k in "ab") >= 3)
+            b.cancel()
+            kept = len(rings["b"].since())
+            await eventually(lambda: len(rings["a"].since()) >= kept + 3)
+            assert len(rings["b"].since()) == kept
+            a.cancel()
+    assert c.cancelled  # its failure stopped only its own sampling
+    assert rings["c"].since() == []
 
 
 def test_a_vmm_process_stats_come_from_proc() -> None:
@@ -443,10 +611,14 @@ async def test_a_create_is_listed_starting_and_a_destroy_waits_for_it(tmp_path: 
         assert await leftovers(host) == NOTHING
 
 
-async def test_a_template_comes_back_paused_with_the_capsule_settings(
+@contextlib.asynccontextmanager
+async def capsule_for_a_template(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def chain(path: Path) -> list[Path]:  # an overlay straight on the image: moved as is
+) -> AsyncIterator[tuple[FakeHost, CapsuleManager, CapsuleView]]:
+    """A host with a manager and one running capsule (team t1, idle timeout 60 s), its disk an
+    overlay straight on the image (moved into a template as is)."""
+
+    async def chain(path: Path) -> list[Path]:
         return [path, tmp_path / "nestbox" / "image" / "rootfs.ext4"]
 
     monkeypatch.setattr(cow, "backing_chain", chain)
@@ -454,7 +626,13 @@ async def test_a_template_comes_back_paused_with_the_capsule_settings(
         manager = host.manager
         assert manager is not None
         await host.template("minimal")
-        view = await manager.create(CreateSpec(team_id="t1", idle_timeout_s=60))
+        yield host, manager, await manager.create(CreateSpec(team_id="t1", idle_timeout_s=60))
+
+
+async def test_a_template_comes_back_paused_with_the_capsule_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with capsule_for_a_template(tmp_path, monkeypatch) as (host, manager, view):
         before = host.runtime.get(view.capsule_id)
         template, back = await manager.create_template(view.capsule_id, "mine")
         assert back is not None
@@ -474,6 +652,21 @@ async def test_a_template_comes_back_paused_with_the_capsule_settings(
         assert template.meta.template_id == "mine"
         await manager.resume(view.capsule_id)
         assert manager.state(view.capsule_id) == S.RUNNING
+
+
+async def test_a_template_whose_caller_is_gone_is_not_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call is cancelled (its caller hung up) after the template was published, while the
+    capsule is being made again from it: the caller never learns of the template, so neither
+    it nor its versions are left (nor the note an agent crash would act on)."""
+    async with capsule_for_a_template(tmp_path, monkeypatch) as (host, manager, view):
+        host.hypervisor.hang.add("restore")  # the capsule made again from the new template
+        with anyio.move_on_after(2) as scope:
+            await manager.create_template(view.capsule_id, "mine")
+        assert scope.cancelled_caught
+        root = host.settings.templates_dir
+        assert sorted(p.name for p in root.iterdir() if "mine" in p.name) == []
 
 
 async def test_the_reaper_pause_is_skipped_when_activity_came_while_it_waited(

@@ -31,7 +31,7 @@ def test_defaults_and_env_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert s.base_url == "http://127.0.0.1:9725"
     assert s.proxy_domain == "localhost:9725"
     assert s.reconcile_interval_s == 5
-    assert s.heartbeat_unreachable_after_s == 90
+    assert s.heartbeat_unreachable_after_s == 75
     assert s.host_monitor_interval_s == 10
     monkeypatch.setenv("NESTBOX_DATABASE_URL", "postgresql://u:p@h:5432/d")
     monkeypatch.setenv("NESTBOX_PROXY_DOMAIN", "nest.example:443")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from nestbox.hostagent.network import egress
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -30,21 +31,25 @@ class FakeUpstream(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         self.queries += 1
-        qid = data[:2]
-        pos, labels = 12, []
-        while data[pos]:
-            labels.append(data[pos + 1 : pos + 1 + data[pos]].decode())
-            pos += 1 + data[pos]
-        question = data[12 : pos + 5]
-        ip = NAMES.get(".".join(labels))
-        if ip is None:
-            head = qid + struct.pack("!HHHHH", 0x8183, 1, 0, 0, 0)
-            answer = b""
-        else:
-            head = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0)
-            answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(ip)
         assert self.transport is not None
-        self.transport.sendto(head + question + answer, addr)
+        self.transport.sendto(answer(data), addr)
+
+
+def answer(data: bytes) -> bytes:
+    """The fake upstream's answer to query `data`."""
+    qid = data[:2]
+    pos, labels = 12, []
+    while data[pos]:
+        labels.append(data[pos + 1 : pos + 1 + data[pos]].decode())
+        pos += 1 + data[pos]
+    question = data[12 : pos + 5]
+    ip = NAMES.get(".".join(labels))
+    if ip is None:
+        return qid + struct.pack("!HHHHH", 0x8183, 1, 0, 0, 0) + question
+    head = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0)
+    return (
+        head + question + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(ip)
+    )
 
 
 @pytest.fixture
@@ -115,3 +120,105 @@ async def test_resolve_allow(upstream: tuple[FakeUpstream, int]) -> None:
     with pytest.raises(ValueError, match="does not resolve"):
         await egress.resolve_allow(egress.parse_allow(["nowhere.example"]), ["127.0.0.1"],
                                    port=up_port)  # fmt: skip
+
+
+# ── TCP ──
+
+
+@pytest.fixture
+async def tcp_upstream() -> AsyncIterator[tuple[list[bytes], int]]:
+    """A fake upstream over TCP (length-prefixed, one query per connection); the queries it
+    got and its port."""
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        (size,) = struct.unpack("!H", await reader.readexactly(2))
+        query = await reader.readexactly(size)
+        got.append(query)
+        reply = answer(query)
+        writer.write(struct.pack("!H", len(reply)) + reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield got, server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def tcp_connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def tcp_ask(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, query: bytes
+) -> bytes:
+    writer.write(struct.pack("!H", len(query)) + query)
+    await writer.drain()
+    (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))
+    return await asyncio.wait_for(reader.readexactly(size), 5)
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """The forwarder closed the connection (EOF or reset) rather than answering."""
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_forwarder_over_tcp(tcp_upstream: tuple[list[bytes], int]) -> None:
+    got, up_port = tcp_upstream
+    port = free_udp_port()
+    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], up_port)
+    try:
+        # Several queries on one connection, each relayed over TCP, answered in turn.
+        reader, writer = await tcp_connect(port)
+        reply = await tcp_ask(reader, writer, egress.a_query("decoy.example", 0xBEEF))
+        assert egress.parse_a_answers(reply, 0xBEEF) == ["198.51.100.7"]
+        reply = await tcp_ask(reader, writer, egress.a_query("nowhere.example", 7))
+        assert reply[:2] == b"\x00\x07"
+        assert reply[3] & 0x0F == 3
+        assert len(got) == 2
+        # A query over MAX_QUERY bytes closes the connection, never sent upstream.
+        writer.write(struct.pack("!H", egress.MAX_QUERY + 1) + b"\0" * (egress.MAX_QUERY + 1))
+        assert await closed(reader)
+        writer.close()
+        assert len(got) == 2
+        # At most MAX_TCP_CONNECTIONS at once: one more is closed at once, unanswered...
+        held = [await tcp_connect(port) for _ in range(egress.MAX_TCP_CONNECTIONS)]
+        extra_reader, extra_writer = await tcp_connect(port)
+        extra_writer.write(b"\x00\x0c" + b"\0" * 12)
+        assert await closed(extra_reader)
+        extra_writer.close()
+        # ...and room is made when one goes.
+        held.pop()[1].close()
+
+        async def answered() -> bool:
+            r, w = await tcp_connect(port)
+            try:
+                return egress.parse_a_answers(
+                    await tcp_ask(r, w, egress.a_query("decoy.example", 9)), 9
+                ) == ["198.51.100.7"]
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                return False
+            finally:
+                w.close()
+
+        await eventually(answered, what="room for a new connection after one closed")
+        for _, w in held:
+            w.close()
+    finally:
+        forwarder.close()
+
+
+async def test_tcp_connection_idle_too_long_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(egress, "TCP_IDLE_S", 0.2)
+    port = free_udp_port()
+    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], free_udp_port())
+    try:
+        reader, writer = await tcp_connect(port)
+        writer.write(b"\x00")  # half a length prefix, then nothing
+        assert await closed(reader)
+        writer.close()
+    finally:
+        forwarder.close()

@@ -4,6 +4,7 @@ right after the answer, or first thing in the next request if that comes sooner.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 def runtime(run_dir: Path) -> Runtime:
     nothing = cast(Any, None)
+    ports = cast(Any, SimpleNamespace(activity=lambda: None))  # each request marks activity
     return Runtime(settings=EnvdSettings(run_dir=run_dir), in_vm=False, processes=nothing,
-                   watchers=nothing, tracker=nothing, ports=nothing)  # fmt: skip
+                   watchers=nothing, tracker=nothing, ports=ports)  # fmt: skip
 
 
 def client(rt: Runtime) -> httpx.AsyncClient:

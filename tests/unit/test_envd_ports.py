@@ -184,3 +184,27 @@ async def test_a_restart_scans_first_after_a_short_delay(
     assert len(scans) == 2
     assert scans[1] - started >= RESTART_FIRST_SCAN_S
     await ports.stop()
+
+
+async def test_an_idle_envd_scans_seldom_and_a_request_scans_at_once(
+    tmp_path: Path, fake_socat: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short period while envd is in use, the idle period (here an hour) after `active_s`
+    without a request; a request (`activity()`) ends the idle wait with a scan at once."""
+    proc_net = tmp_path / "net"
+    proc_net.mkdir()
+    (proc_net / "tcp").write_text(HEADER)
+    ports = PortSubsystem("10.0.0.2", 0.01, proc_net=proc_net, socat=str(fake_socat),
+                          idle_interval=3600, active_s=0.1)  # fmt: skip
+    scans: list[float] = []
+    monkeypatch.setattr(ports, "scan_once", lambda: scans.append(asyncio.get_running_loop().time()))
+    await ports.start()
+    try:
+        await eventually(lambda: len(scans) >= 3)  # in use: every 0.01 s
+        await eventually(lambda: ports.idle)  # 0.1 s without a request: the hour-long wait
+        seen = len(scans)
+        ports.activity()
+        await eventually(lambda: len(scans) > seen)
+        await eventually(lambda: len(scans) > seen + 2)  # in use again: the short period
+    finally:
+        await ports.stop()

@@ -30,7 +30,8 @@ def test_cmdline_has_the_base_args_tsc_and_our_parameters() -> None:
         "169.254.0.21/30", "169.254.0.22", "cl-abc", "minimal", ["foo=1"], tsc_khz=2100000
     )
     assert line == (
-        "console=ttyS0 reboot=t panic=-1 root=/dev/vda rw quiet tsc_early_khz=2100000 "
+        "console=ttyS0 reboot=t panic=-1 root=/dev/vda rw quiet tsc=reliable nowatchdog "
+        "tsc_early_khz=2100000 "
         "nestbox.guest_ip=169.254.0.21/30 nestbox.gw=169.254.0.22 "
         "nestbox.capsule_id=cl-abc nestbox.template_id=minimal foo=1"
     )

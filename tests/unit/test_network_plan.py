@@ -237,11 +237,12 @@ def test_host_rules_with_egress_deny_internal_ranges_first() -> None:
     rules = host_rules(s, dataclasses.replace(plan, egress=True, dns_port=10053))
     drops = [r for r in rules if r.at == "top" and r.chain == "FORWARD"]
     accepts = [r for r in rules if r.at == "bottom"]
-    # The one top ACCEPT: DNS to the slot's forwarder, listed after (so inserted above) the
-    # INPUT drop.
+    # The only top ACCEPTs: DNS (UDP and TCP) to the slot's forwarder, listed after (so
+    # inserted above) the INPUT drop.
     dns = [r for r in rules if r.at == "top" and r.spec[-1] == "ACCEPT"]
     assert dns == [HostRule("filter", "INPUT", "top", ("-i", HV, "-d", "10.200.0.21/32",
-                   "-p", "udp", "--dport", "10053", "-j", "ACCEPT"))]  # fmt: skip
+                   "-p", proto, "--dport", "10053", "-j", "ACCEPT"))
+                   for proto in ("udp", "tcp")]  # fmt: skip
     assert rules[0].chain == "INPUT"  # the drop, listed first: the accept goes above it
     assert rules.index(dns[0]) > 0
     denied = {r.spec[3] for r in drops if r.spec[2] == "-d"}
@@ -297,17 +298,22 @@ EGRESS_ROUTE = ("ip", "-n", NS, "route", "add", "default", "via", "10.200.0.21",
 
 
 EGRESS_FORWARDING = ("sysctl", "-q", "-w", f"net.ipv4.conf.{HV}.forwarding=1")
+UPLINKS = ("ip", "-4", "route", "show", "default")  # FakeSystem: none, so nothing more
+NETNS_FORWARDING = ("ip", "netns", "exec", NS, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+GUARDS = ("iptables", "-w", "-S", "FORWARD")
 
 
 def expected_commands(egress: bool) -> list[tuple[str, ...]]:
     cmds = list(EXPECTED)
     if egress:
-        cmds[-1:-1] = [EGRESS_FORWARDING, EGRESS_ROUTE]
+        cmds[-1:-1] = [EGRESS_FORWARDING, UPLINKS, EGRESS_ROUTE]
     return cmds
 
 
-def undo_of(cmd: tuple[str, ...]) -> tuple[str, ...] | None:
+def undo_of(cmd: tuple[str, ...], egress: bool = False) -> tuple[str, ...] | None:
     """What must undo `cmd` (None: removed together with the netns)."""
+    if egress and cmd == NETNS_FORWARDING:
+        return GUARDS  # the uplinks' release, after the root rules go: none guarded here
     if cmd == ("ip", "netns", "add", NS):
         return ("ip", "netns", "del", NS)
     if cmd[:4] == ("ip", "link", "add", HV):
@@ -340,12 +346,13 @@ async def test_build_up_commands_with_egress(fake_forwarder: type[FakeForwarder]
     async with contextlib.AsyncExitStack() as stack:
         net = await open_slot_network(fake, settings(), 5, egress=True, stack=stack)
     assert net.egress
-    assert fake.commands[: len(EXPECTED) + 2] == expected_commands(egress=True)
+    assert fake.commands[: len(EXPECTED) + 3] == expected_commands(egress=True)
     assert fake_forwarder.opened == fake_forwarder.closed == ["10.200.0.21"]
     netns_rules = (fake.calls[12].input or b"").decode()
     assert "-A POSTROUTING -o veth0 -s 169.254.0.21/32 -j MASQUERADE" in netns_rules
-    dnat = "-A PREROUTING -i tap0 -d 169.254.0.22/32 -p udp --dport 53 -j DNAT"
-    assert f"{dnat} --to-destination 10.200.0.21:10053" in netns_rules
+    for proto in ("udp", "tcp"):
+        dnat = f"-A PREROUTING -i tap0 -d 169.254.0.22/32 -p {proto} --dport 53 -j DNAT"
+        assert f"{dnat} --to-destination 10.200.0.21:10053" in netns_rules
     assert "REJECT" not in netns_rules
     root_rules = (fake.calls[14].input or b"").decode()
     assert "-A FORWARD -i nbha0x5 -s 10.200.0.22/32" in root_rules
@@ -377,7 +384,8 @@ async def test_failure_at_each_step_undoes_exactly_what_was_made(egress: bool) -
         assert fake.commands[:made] == cmds[:made], n
         succeeded = cmds if tolerated else cmds[:n]
         await stack.aclose()
-        assert fake.commands[made:] == [undo_of(c) for c in reversed(succeeded) if undo_of(c)], n
+        undo = [undo_of(c, egress) for c in reversed(succeeded) if undo_of(c, egress)]
+        assert fake.commands[made:] == undo, n
 
 
 async def test_cancellation_at_each_step_undoes_exactly_what_was_made() -> None:

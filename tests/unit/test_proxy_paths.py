@@ -7,7 +7,6 @@ import pytest
 from nestbox.hostagent.proxy import (
     ProxyError,
     Route,
-    _forwardable,
     host_port,
     parse_route,
     rewrite_location,
@@ -96,14 +95,3 @@ def test_location_rewrite_default_port() -> None:
 def test_host_port_brackets_ipv6() -> None:
     assert host_port("10.0.0.1", 80) == "10.0.0.1:80"
     assert host_port("fd00::1", 80) == "[fd00::1]:80"
-
-
-def test_hop_by_hop_headers_are_dropped() -> None:
-    headers = [
-        ("Connection", "keep-alive, X-Private"),
-        ("X-Private", "1"),
-        ("Keep-Alive", "timeout=5"),
-        ("Transfer-Encoding", "chunked"),
-        ("Content-Type", "text/plain"),
-    ]
-    assert _forwardable(headers) == [("content-type", "text/plain")]

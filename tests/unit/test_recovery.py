@@ -24,6 +24,7 @@ from nestbox.hostagent.capsule import CapsuleRecord, CapsuleState, MachineRecord
 from nestbox.hostagent.manager import CapsuleManager
 from nestbox.hostagent.network import plan_slot
 from nestbox.hostagent.recovery import recover
+from nestbox.hostagent.storage import templates as tpl
 from nestbox.hostagent.vmm.base import VmError
 from tests.fakes.envd import FakeGuest
 from tests.fakes.host import FakeHost, fake_host
@@ -248,6 +249,22 @@ async def test_what_cannot_be_taken_back_is_killed_removed_and_listed_as_error(
                 record.id, None, report.failed[record.id],
             )  # fmt: skip
             assert host.runtime.slots.in_use() == set()
+
+
+async def test_a_template_made_but_never_answered_for_is_removed(tmp_path: Path) -> None:
+    """The agent stopped after making a template for a caller but before answering (the note
+    `mark_unanswered` left is still there): no control plane knows that template, so its link,
+    note and unused versions go. A template that was answered for stays."""
+    async with fake_host(tmp_path, with_manager=True) as host:
+        root = host.settings.templates_dir
+        assert tpl.mark_unanswered(root, "lost")  # noted before it is made
+        for name in ("lost", "kept"):
+            (root / f".{name}.v-0000").mkdir(parents=True)
+            (root / f".{name}.v-0000" / "mem").write_bytes(b"ram")
+            (root / name).symlink_to(f".{name}.v-0000")
+        assert not tpl.mark_unanswered(root, "kept")  # exists already: never forgotten
+        await recover(manager(host))
+        assert sorted(p.name for p in root.iterdir()) == [".kept.v-0000", "kept"]
 
 
 async def test_an_unrecorded_vm_of_a_starting_capsule_is_found_and_killed(

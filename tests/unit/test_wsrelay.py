@@ -133,36 +133,42 @@ GUEST = textwrap.dedent(
     """
     import importlib, pkgutil, sys
 
-    class NoWebsockets:  # the guest image has no `websockets`
+    class HostOnly:  # the guest image has no `websockets` and no `httpx`
         def find_spec(self, name, path=None, target=None):
-            if name == "websockets" or name.startswith("websockets."):
-                raise ImportError("no websockets in the guest")
+            if name.split(".")[0] in ("websockets", "httpx"):
+                raise ImportError(f"no {name} in the guest")
 
-    sys.meta_path.insert(0, NoWebsockets())
+    sys.meta_path.insert(0, HostOnly())
+    RELAYS = ("nestbox.common.wsrelay", "nestbox.common.httprelay")
     import nestbox.common, nestbox.envd
     loaded = []
     for package in (nestbox.envd, nestbox.common):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if info.name != "nestbox.common.wsrelay":
+            if info.name not in RELAYS:
                 importlib.import_module(info.name)
                 loaded.append(info.name)
     assert "nestbox.envd.__main__" in loaded and "nestbox.envd.server" in loaded, loaded
-    leaked = sorted(m for m in sys.modules if m.startswith("websockets") or m.endswith("wsrelay"))
+    leaked = sorted(m for m in sys.modules
+                    if m.split(".")[0] in ("websockets", "httpx") or m in RELAYS)
     assert not leaked, leaked
-    try:
-        importlib.import_module("nestbox.common.wsrelay")
-    except ImportError:
-        print("relay needs websockets")
+    for relay in RELAYS:
+        try:
+            importlib.import_module(relay)
+        except ImportError:
+            print(relay, "needs a host dependency")
     """
 )
 
 
 def test_envd_and_common_load_without_websockets_and_never_load_the_relay() -> None:
-    """What the guest image holds (`nestbox/{protocol,common,envd}`, no `websockets`): every
-    envd module and every other `common` module imports; the relay is never among them (and
-    does need `websockets`, so the blocker is real)."""
+    """What the guest image holds (`nestbox/{protocol,common,envd}`, no `websockets`, no
+    `httpx`): every envd module and every other `common` module imports; the relays are never
+    among them (and do need those, so the blocker is real)."""
     done = subprocess.run(
         [sys.executable, "-c", GUEST], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "relay needs websockets"
+    assert done.stdout.split("\n")[:-1] == [
+        "nestbox.common.wsrelay needs a host dependency",
+        "nestbox.common.httprelay needs a host dependency",
+    ]

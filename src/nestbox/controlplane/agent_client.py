@@ -185,6 +185,15 @@ class AgentClient:
             headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
         return list(answer.points)
 
+    async def capsule_logs(
+        self, capsule_id: str, start_unix_ms: int = 0, limit: int = 0
+    ) -> list[pb.LogEntry]:
+        answer = await self._unary(self._rpc.get_capsule_logs(
+            pb.GetCapsuleLogsRequest(capsule_id=capsule_id, start_unix_ms=start_unix_ms,
+                                     limit=limit),
+            headers=self._headers, timeout_ms=self._ms(UNARY_TIMEOUT_S)))  # fmt: skip
+        return list(answer.entries)
+
     async def set_idle_timeout(self, capsule_id: str, seconds: int) -> pb.Capsule:
         answer = await self._unary(self._rpc.set_idle_timeout(
             pb.SetIdleTimeoutRequest(capsule_id=capsule_id, idle_timeout_sec=seconds),

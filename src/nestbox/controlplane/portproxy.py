@@ -16,8 +16,11 @@ both forwarded to the owning agent's `/proxy/{capsule_id}/{port}/path` (Wrenn's
   path): capsule ids are matched whole in their one format; a dot segment, backslash, encoded
   slash or control byte, raw or percent-encoded, is 400 `invalid_request`; port 49983 (envd)
   is 403 `forbidden`. Each refusal is logged once (WARNING, rate-limited, id and reason).
-- A dedicated HTTP/1.1 pool (httpx, 20 idle connections per agent, 120 s idle), never the RPC
-  pools of `agent_client.py`; no proxy from the environment; bodies stream both ways as is.
+- A dedicated HTTP/1.1 pool (httpx, 100 idle connections, 120 s idle), never the RPC
+  pools of `agent_client.py`; no proxy from the environment; bodies stream both ways as is
+  through `common.httprelay` (the HTTP relay the agent's proxies and the envd gateway use too:
+  hop-by-hop headers dropped, constant memory, a client that hangs up ends the upstream
+  request).
 - The upstream path is built by concatenation, never joined, so a trailing slash survives
   (python's http.server and Jupyter redirect-loop otherwise), and sent as exactly the checked
   bytes: the request line is set through httpcore's "target" extension, since httpx would
@@ -42,6 +45,13 @@ from typing import TYPE_CHECKING, cast
 
 import httpx
 
+from nestbox.common.httprelay import (
+    CREDENTIAL_HEADERS,
+    LazyClient,
+    new_client,
+    relay_http,
+    request_headers,
+)
 from nestbox.common.proxypath import Refusal, RefusalLog, refusal
 from nestbox.common.wsrelay import reject_websocket, relay_websocket
 from nestbox.controlplane.api.errors import error_response
@@ -49,12 +59,10 @@ from nestbox.controlplane.db.capsules import DESTROYED
 from nestbox.controlplane.errors import HostUnavailable
 from nestbox.protocol.capsules import CapsuleStatus
 from nestbox.protocol.errors import ErrorCode
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
+from nestbox.protocol.hosts import PROXY_TOKEN_HEADER
 from nestbox.protocol.ids import BASE36, ID_LENGTH, IdPrefix
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from nestbox.controlplane.services.container import Services
@@ -69,14 +77,9 @@ PATH_FORM = re.compile(rb"/proxy/(?P<id>[^/]*)/(?P<port>[^/]*)(?P<rest>/.*)?", r
 CAPSULE_ID = re.compile(_ID)
 PORT = re.compile(r"[0-9]{1,5}")
 CACHE_TTL_S = 120.0
-CREDENTIAL_HEADERS = frozenset({AGENT_TOKEN_HEADER.lower(), PROXY_TOKEN_HEADER.lower()})
-"""The control plane's own credentials at an agent: a request from outside bringing one is
-refused."""
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "x-api-key",
-}) | CREDENTIAL_HEADERS  # fmt: skip
-"""Never forwarded: per-connection headers, the caller's API key, our credentials."""
+NOT_FORWARDED = frozenset({"x-api-key"})
+"""Dropped on the way to the agent besides what `common.httprelay` drops (hop-by-hop, `Host`,
+our credentials): the caller's API key (a capsule runs untrusted code); from the answer too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,26 +157,11 @@ class PortProxy:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._cache: dict[str, ProxyTarget] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._http = LazyClient(lambda: new_client(max_idle=100, idle_s=120.0, connect_s=30.0))
         self._refusals = RefusalLog(log)
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = httpx.AsyncHTTPTransport(
-                http1=True, http2=False, retries=0,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100,
-                                    keepalive_expiry=120.0),
-            )  # fmt: skip
-            self._client = httpx.AsyncClient(
-                transport=transport, trust_env=False, follow_redirects=False,
-                timeout=httpx.Timeout(None, connect=30.0),
-            )  # fmt: skip
-        return self._client
-
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     def evict(self, capsule_id: str) -> None:
         self._cache.pop(capsule_id, None)
@@ -245,13 +233,9 @@ class PortProxy:
 
     @staticmethod
     def _headers(scope: Scope) -> list[tuple[str, str]]:
-        """The client's headers as forwarded (without our credentials: the caller adds the
-        proxy token)."""
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope.get("headers") or []
-            if k.decode("latin-1").lower() not in HOP_BY_HOP
-        ]
+        """The client's headers as forwarded (`common.httprelay.request_headers`, without the
+        caller's API key; the caller adds the proxy token)."""
+        headers = request_headers(scope, NOT_FORWARDED)
         host = _header(scope, b"host")
         if host:
             headers.append(("X-Forwarded-Host", host))
@@ -266,43 +250,24 @@ class PortProxy:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, route: ProxyRoute, target: ProxyTarget
     ) -> None:
-        request = self._http().build_request(
-            scope["method"], f"http://{target.address}/",
-            headers=[*self._headers(scope), (PROXY_TOKEN_HEADER, target.token)],
-            content=_body(receive) if _has_body(scope) else None,
-            # The URL only says where to connect: httpx would normalise a path in it.
-            extensions={"target": self._target_bytes(route, scope)},
-        )  # fmt: skip
+        def answer(name: str, value: str) -> str | None:
+            if name in NOT_FORWARDED or name in CREDENTIAL_HEADERS:
+                return None
+            return strip_location(value, route) if name == "location" and route.subdomain else value
+
         try:
-            response = await self._http().send(request, stream=True)
+            # The URL only says where to connect: httpx would normalise a path in it.
+            await relay_http(
+                scope, receive, send, self._http.get(), url=f"http://{target.address}/",
+                target=self._target_bytes(route, scope),
+                headers=[*self._headers(scope), (PROXY_TOKEN_HEADER, target.token)],
+                answer=answer, name=f"the agent of {route.capsule_id}",
+            )  # fmt: skip
         except httpx.HTTPError as err:
             self.evict(route.capsule_id)
             log.warning("proxy to %s failed: %r", target.host_id, err)
             failed = ProxyError(502, ErrorCode.AGENT_ERROR, f"proxy error: {type(err).__name__}")
             await self._refuse(scope, send, failed, _no_receive)
-            return
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": self._answer_headers(response, route)})  # fmt: skip
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError as err:
-            log.debug("proxied body from %s broke off: %r", target.host_id, err)
-        finally:
-            await response.aclose()
-
-    @staticmethod
-    def _answer_headers(response: httpx.Response, route: ProxyRoute) -> list[tuple[bytes, bytes]]:
-        out = []
-        for name, value in response.headers.raw:
-            key = name.decode("latin-1").lower()
-            if key in HOP_BY_HOP:
-                continue
-            if key == "location" and route.subdomain:
-                value = strip_location(value.decode("latin-1"), route).encode("latin-1")
-            out.append((name, value))
-        return out
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, err: ProxyError, receive: Receive) -> None:
@@ -321,23 +286,6 @@ def _forged(scope: Scope) -> Refusal | None:
         if name in CREDENTIAL_HEADERS:
             return Refusal(400, ErrorCode.INVALID_REQUEST, f"the {name} header is not accepted")
     return None
-
-
-def _has_body(scope: Scope) -> bool:
-    headers = {k.lower() for k, _ in scope.get("headers") or []}
-    return b"content-length" in headers or b"transfer-encoding" in headers
-
-
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
 
 
 async def _no_receive() -> Message:

@@ -102,8 +102,9 @@ class CPSettings(BaseSettings):
     )  # fmt: skip
     admin_email: str = Field(default="admin@localhost", description="the first start's admin")
     heartbeat_unreachable_after_s: float = Field(
-        default=90.0, gt=0, description="a host with no heartbeat for this long is unreachable"
-    )
+        default=75.0, gt=0, description="a host with no heartbeat for this long is unreachable "
+        "(its capsules missing); plus one host monitor round, within 90 s of its last heartbeat",
+    )  # fmt: skip
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="how often DB state is compared with the agents'"
     )

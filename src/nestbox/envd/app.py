@@ -66,6 +66,7 @@ class EnvdApp:
                 Route("/health", lifecycle.health, methods=["GET"]),
                 Route("/metrics", lifecycle.metrics, methods=["GET"]),
                 Route("/envs", lifecycle.envs, methods=["GET"]),
+                Route("/logs", lifecycle.logs, methods=["GET"]),
                 Route("/init", lifecycle.init, methods=["POST"]),
                 Route("/snapshot/prepare", lifecycle.prepare, methods=["POST"]),
                 Route("/files", files.download, methods=["GET"]),
@@ -90,6 +91,8 @@ class EnvdApp:
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         rt = self.runtime
+        envd_logger = logging.getLogger("nestbox.envd")
+        envd_logger.addHandler(rt.logs)
         await rt.ports.start()  # a no-op when forwarding is off (outside a VM, by default)
         if rt.ports.forward_address is not None:
             log.info("port forwarding on %s started", rt.ports.forward_address)
@@ -99,6 +102,7 @@ class EnvdApp:
             await rt.ports.stop()
             await rt.watchers.aclose()
             await rt.processes.aclose()
+            envd_logger.removeHandler(rt.logs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.runtime.pending is not None:
@@ -110,6 +114,7 @@ class EnvdApp:
         if scope["type"] != "http":  # uvicorn runs with ws="none"; refuse whatever else comes
             await send({"type": "websocket.close", "code": 1008})
             return
+        self.runtime.ports.activity()  # the port scanner's short period (`ports.py`)
         path: str = scope["path"]
         if not self._authorised(scope) and (scope["method"], path) not in OPEN:
             if scope["method"] == "OPTIONS":

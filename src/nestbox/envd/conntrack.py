@@ -3,7 +3,8 @@
 A memory snapshot freezes every TCP socket; after restore the host side has a new network
 namespace, so the guest's old sockets are zombies that never see a FIN. `ConnTracker` closes idle
 connections before the snapshot, remembers the active ones and closes those on the first
-request after restore. `TrackingH11Protocol` is uvicorn's HTTP/1.1 protocol reporting to it.
+request after restore. `TrackingH11Protocol` is uvicorn's HTTP/1.1 protocol reporting to it;
+it also keeps the `Date` header current (envd's server has no periodic tick: `server.py`).
 It does not decide *when* (that is `lifecycle.py`) and never touches the port forwarder.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import socket
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import h11
@@ -136,6 +139,10 @@ class ConnTracker:
         )
 
 
+_DATE_SECOND = "_nestbox_date_second"
+"""The server state's attribute naming the second its `Date` header shows."""
+
+
 class TrackingH11Protocol(H11Protocol):
     """uvicorn's h11 protocol that reports to a `ConnTracker` and can be closed by it.
 
@@ -160,10 +167,21 @@ class TrackingH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         # A new `cycle` is a new request; its ASGI task is created but has not run yet, so
         # changing its keep-alive here is in time for its response headers.
+        self._refresh_date()
         before = self.cycle
         super().handle_events()
         if self.cycle is not before:
             self.tracker.request_started(self)
+
+    def _refresh_date(self) -> None:
+        """uvicorn's server refreshes the headers every second on its tick; here, when bytes
+        arrive (a request's cycle copies them when it starts), at most once a second."""
+        now, state = int(time.time()), self.server_state
+        if now == getattr(state, _DATE_SECOND, 0) or not self.config.date_header:
+            return
+        setattr(state, _DATE_SECOND, now)
+        date = (b"date", formatdate(now, usegmt=True).encode())
+        self.server_state.default_headers = [date, *self.config.encoded_headers]
 
     def on_response_complete(self) -> None:
         self._served = True

@@ -1,11 +1,11 @@
 """`GET /files` (download) and `POST /files` (upload), streamed both ways.
 
-Neither direction holds a file in memory: downloads read 64 KiB at a time in a worker thread;
-uploads (multipart/form-data parts named `file`, or a raw `application/octet-stream` body,
-optionally `Content-Encoding: gzip`) are decoded and written chunk by chunk, also in a worker
-thread, to a hidden temporary file that is renamed over the target only when complete (see
-`filesystem.atomic`). Errors answer `{"error": {"code", "message"}}` with E2B's statuses:
-400 bad request or not a regular file, 401 unknown user, 403 not allowed, 404 missing,
+Neither direction holds a file in memory: downloads read `CHUNK` (1 MiB) at a time in a worker
+thread; uploads (multipart/form-data parts named `file`, or a raw `application/octet-stream`
+body, optionally `Content-Encoding: gzip`) are decoded and written as they arrive, up to `CHUNK`
+per worker-thread hop, to a hidden temporary file that is renamed over the target only when
+complete (see `filesystem.atomic`). Errors answer `{"error": {"code", "message"}}` with E2B's
+statuses: 400 bad request or not a regular file, 401 unknown user, 403 not allowed, 404 missing,
 507 disk full.
 """
 
@@ -26,6 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from nestbox.common.batches import batches
 from nestbox.envd.errors import EnvdError, InvalidArgument, os_error
 from nestbox.envd.filesystem.atomic import AtomicFile
 from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
@@ -43,7 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
+CHUNK = 1024 * 1024
+"""Bytes per worker-thread hop, both ways (a download's `pread`, an upload's gathered chunks).
+Each hop and each body message costs the same whatever its size: with 64 KiB a download cost
+envd 5-10x the CPU it does with 1 MiB (`make bench-files`); memory stays about one CHUNK each."""
 GZIP_PIECE = 1024 * 1024  # the most one gzip step may inflate to, against decompression bombs
 DRAIN_LIMIT = 64 * 1024 * 1024
 """After a failed upload, read (and drop) up to this much of the rest of the body, so that
@@ -161,20 +165,21 @@ async def upload(request: Request) -> Response:
 
 
 async def _pump(body: AsyncIterator[bytes], sink: _Sink, decoder: _Decoder) -> None:
-    """Feed the body through the decoder into the sink, one worker-thread hop per chunk."""
+    """Feed the body through the decoder into the sink: the chunks that arrive are gathered (not
+    copied) up to `CHUNK` bytes and handed to one worker-thread hop."""
 
-    def feed(chunk: bytes) -> None:
-        for piece in decoder.feed(chunk):
-            sink.write(piece)
+    def feed(chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            for piece in decoder.feed(chunk):
+                sink.write(piece)
 
     def finish() -> None:
         for piece in decoder.finish():
             sink.write(piece)
         sink.finish()
 
-    async for chunk in body:
-        if chunk:
-            await anyio.to_thread.run_sync(feed, chunk)
+    async for batch in batches(body, CHUNK):
+        await anyio.to_thread.run_sync(feed, batch)
     await anyio.to_thread.run_sync(finish)
 
 

@@ -35,7 +35,7 @@ from nestbox.envd.errors import EnvdError, InvalidArgument, UnknownUser
 from nestbox.envd.metrics import read_metrics
 from nestbox.envd.state import MachineUpdate
 from nestbox.envd.users import lookup_user
-from nestbox.protocol.envd import ENVD_VERSION, InitRequest
+from nestbox.protocol.envd import ENVD_VERSION, LOG_LINES, InitRequest, LogPage
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -142,6 +142,19 @@ async def metrics(request: Request) -> Response:
 
 async def envs(request: Request) -> Response:
     return JSONResponse(_runtime(request).base_env(), headers=NO_STORE)
+
+
+async def logs(request: Request) -> Response:
+    """`GET /logs?start=<ms>&limit=<n>` → `{"entries": [...]}`: envd's last log lines
+    (`logring`), oldest first. Never reachable through the envd gateways (their allow-list)."""
+    try:
+        start = int(request.query_params.get("start", "0"))
+        limit = int(request.query_params.get("limit", str(LOG_LINES)))
+    except ValueError:
+        return error_response(InvalidArgument("start and limit must be integers"))
+    entries = _runtime(request).logs.read(start, min(limit, LOG_LINES))
+    page = LogPage(entries=entries)
+    return JSONResponse(page.model_dump(mode="json", by_alias=True), headers=NO_STORE)
 
 
 async def init(request: Request) -> Response:
@@ -276,6 +289,8 @@ def _apply_data(rt: Runtime, req: InitRequest, host_ns: int | None) -> None:
     if req.default_workdir:
         rt.defaults.workdir = req.default_workdir
     if req.capsule_id is not None:
+        if req.capsule_id != rt.identity.capsule_id:
+            rt.logs.clear()  # another capsule now (a clone, a fork copy): none of its lines
         rt.identity.capsule_id = req.capsule_id
     if req.template_id is not None:
         rt.identity.template_id = req.template_id

@@ -2,6 +2,11 @@
 reach them: a scanner reads /proc/net/tcp{,6} every interval and keeps one `socat` per loopback
 listener, bound to the forward address (the guest's eth0 IPv4 in a VM).
 
+The interval is `scan_interval` (1 s) while envd is in use (a request within the last
+`active_s`, 60 s: envd calls `activity()` for each) and `idle_interval` (5 s) after that, so an
+idle capsule's guest wakes every 5 s instead of every second (each wake-up of an idle guest costs
+the host CPU, most under TCG); the first request after a quiet spell scans at once.
+
 The subsystem stops before a snapshot (no socat survives into the memory image) and restarts on
 post-restore recovery. It never touches envd's HTTP connections (that is `conntrack.py`).
 """
@@ -106,12 +111,19 @@ class PortSubsystem:
         ignore_ports: frozenset[int] = frozenset(),
         proc_net: Path = Path("/proc/net"),
         socat: str = "socat",
+        idle_interval: float | None = None,
+        active_s: float = 60.0,
     ) -> None:
         self._bind = None if forward_address is None else ipaddress.ip_address(forward_address)
         if self._bind is not None and self._bind in LOOPBACK:
             raise ValueError(f"forward address {forward_address} would forward onto itself")
         self.forward_address = forward_address
         self.scan_interval = scan_interval
+        self.idle_interval = scan_interval if idle_interval is None else idle_interval
+        self.active_s = active_s
+        self._last_activity = time.monotonic()
+        self._wake: asyncio.Event | None = None
+        """Set while the scanner waits out an idle interval: `activity()` ends the wait."""
         self.ignore_ports = ignore_ports
         self._proc_net = proc_net
         self._socat = socat
@@ -165,6 +177,29 @@ class PortSubsystem:
             forwarded=tuple(sorted(p for p, proc in self._socats.items() if proc.poll() is None)),
         )
 
+    @property
+    def idle(self) -> bool:
+        """The scanner is waiting out an idle interval."""
+        return self._wake is not None
+
+    def activity(self) -> None:
+        """envd is in use (a request arrived): scan every `scan_interval` for the next
+        `active_s`, and now if the scanner was waiting out an idle interval."""
+        self._last_activity = time.monotonic()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _pause(self) -> None:
+        if time.monotonic() - self._last_activity < self.active_s:
+            await asyncio.sleep(self.scan_interval)
+            return
+        self._wake = wake = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.idle_interval)
+        finally:
+            self._wake = None
+
     async def _scan_loop(self, first_scan_after: float) -> None:
         failures = 0
         if first_scan_after > 0:
@@ -177,7 +212,7 @@ class PortSubsystem:
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "port scan failed", exc_info=True)
-            await asyncio.sleep(self.scan_interval)
+            await self._pause()
 
     def scan_once(self) -> None:
         """Read the listeners and bring the socat set in line with them (synchronous)."""

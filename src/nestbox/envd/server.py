@@ -4,10 +4,15 @@
 (in a VM) for the cold-boot identity and the forward address, and constructs every subsystem.
 `serve()` owns the listening socket and the uvicorn server; the app's lifespan starts and
 stops the subsystems.
+
+uvicorn's server wakes every 0.1 s to refresh its `Date` header and to see whether a signal
+asked it to stop: ten wake-ups a second in every idle guest. `QuietServer` sleeps until a signal
+instead, and the protocol (`conntrack.py`) refreshes the `Date` header when a request arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import socket
@@ -24,6 +29,8 @@ from nestbox.envd.process.registry import ProcessRegistry
 from nestbox.envd.state import Identity, Runtime
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from nestbox.envd.settings import EnvdSettings
 
 log = logging.getLogger(__name__)
@@ -52,13 +59,39 @@ def build_runtime(settings: EnvdSettings, *, in_vm: bool) -> Runtime:
         watchers=WatcherRegistry(),
         tracker=ConnTracker(),
         ports=PortSubsystem(
-            forward, settings.port_scan_interval_s, ignore_ports=frozenset({settings.port})
+            forward,
+            settings.port_scan_interval_s,
+            ignore_ports=frozenset({settings.port}),
+            idle_interval=settings.port_scan_idle_interval_s,
+            active_s=settings.port_scan_active_s,
         ),
         identity=identity,
     )
     if in_vm:
         lifecycle.write_identity(runtime)
     return runtime
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server without its 0.1 s tick (see the module's text)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if await self.on_tick(0):  # the headers, once; False unless already asked to stop
+            return
+        while not self.should_exit:
+            await self._stop.wait()
+            self._stop.clear()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # A signal handler runs between the loop's steps, maybe while it sleeps in `select`:
+        # `call_soon_threadsafe` writes the loop's self-pipe, so it wakes.
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
 
 
 def listen_socket(host: str, port: int) -> socket.socket | None:
@@ -94,7 +127,7 @@ async def serve(runtime: Runtime) -> None:
         log_config=None,  # `common.logging.configure()` already set up the handlers
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     sock = listen_socket(settings.host, settings.port)
     if sock is None:
         await server.serve()

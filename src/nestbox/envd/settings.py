@@ -27,9 +27,17 @@ class EnvdSettings(BaseSettings):
         "in a VM it defaults to the guest's eth0 address; outside a VM, unset means off",
     )
     keepalive_idle_s: float = Field(
-        default=75.0, description="idle keep-alive connections are closed after this long"
+        default=120.0,
+        description="idle keep-alive connections are closed after this long: above the agent's "
+        "pool expiry (90 s), so the agent always drops an idle connection first",
     )
     port_scan_interval_s: float = Field(default=1.0, description="loopback listener scan period")
+    port_scan_idle_interval_s: float = Field(
+        default=5.0, description="the scan period once envd has had no request for a while"
+    )
+    port_scan_active_s: float = Field(
+        default=60.0, description="how long after a request the scan keeps its short period"
+    )
     stream_buffer: int = Field(default=256, description="events buffered per process stream")
     run_dir: Path = Field(
         default=Path("/run/nestbox"), description="where capsule identity files are written"

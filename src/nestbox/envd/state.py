@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nestbox.envd.guest import GuestMachine
+from nestbox.envd.logring import LogRing
 from nestbox.envd.metrics import CpuSampler
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class Runtime:
     when a caller first has to wait, so it may be built before the loop starts.)"""
     cpu_sampler: CpuSampler = field(default_factory=CpuSampler)
     """The previous CPU reading `/metrics` measures from."""
+    logs: LogRing = field(default_factory=LogRing)
+    """envd's last log lines (`GET /logs`), attached to its logger while the server runs."""
 
     def __post_init__(self) -> None:
         self.machine = GuestMachine(in_vm=self.in_vm)

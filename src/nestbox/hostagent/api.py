@@ -15,6 +15,7 @@ from nestbox.hostagent import fork, idle, views
 from nestbox.hostagent.errors import BadRequest
 from nestbox.hostagent.guestcalls import events_of
 from nestbox.hostagent.manager import CreateSpec
+from nestbox.protocol.envd import LOG_LINES
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentService
 
@@ -109,6 +110,19 @@ class AgentService(HostAgentService):
     ) -> pb.GetCapsuleMetricsResponse:
         points = self.m.entry(request.capsule_id).metrics.since(request.range_sec)
         return pb.GetCapsuleMetricsResponse(points=[views.metric_point(p) for p in points])
+
+    async def get_capsule_logs(
+        self, request: pb.GetCapsuleLogsRequest, ctx: Ctx
+    ) -> pb.GetCapsuleLogsResponse:
+        limit = request.limit or LOG_LINES
+        found = await self.m.call(
+            request.capsule_id, lambda envd: envd.logs(request.start_unix_ms, limit)
+        )
+        return pb.GetCapsuleLogsResponse(entries=[
+            pb.LogEntry(ts_unix_ms=e.ts_unix_ms, level=e.level, message=e.message,
+                        fields=e.fields)
+            for e in found
+        ])  # fmt: skip
 
     async def set_idle_timeout(
         self, request: pb.SetIdleTimeoutRequest, ctx: Ctx

@@ -40,7 +40,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nestbox.hostagent.durable import fsync_path, write_atomic
-from nestbox.hostagent.metrics import MetricsRing
+from nestbox.hostagent.metrics import MetricsRing, Sampling
 from nestbox.hostagent.proxytrack import ConnTracker
 from nestbox.hostagent.undo import UndoStack
 from nestbox.hostagent.vmm.base import RamSpec
@@ -239,7 +239,7 @@ class Capsule:
         self.watch: anyio.CancelScope | None = None
         self.tracker = ConnTracker()
         self.metrics = MetricsRing()
-        self.sampler: anyio.CancelScope | None = None
+        self.sampler: Sampling | None = None
         self.envd_version = ""
         self.calls: set[anyio.CancelScope] = set()
         self._last_active = time.monotonic()

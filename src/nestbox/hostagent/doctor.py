@@ -1,11 +1,11 @@
 """`nestbox-agent doctor`'s checks: can this host run capsules, and how fast?
 
 Static checks first (accelerator and why, QEMU, each confinement measure on or off and why, the
-data directory's mode, the guest image, networking, free slots), then a real round trip: a
-capsule cloned from the `minimal` template (built first if missing), its QEMU's confinement as
-observed in /proc, `uname -a` through envd's `process.Process/Start`, pause, resume, destroy,
-each step timed. Nothing is printed here (that is `cli/doctor.py`); every check becomes a
-`Check` in the `Report`.
+data directory's mode, the guest image, networking, egress forwarding on the uplinks, free
+slots), then a real round trip: a capsule cloned from the `minimal` template (built first if
+missing), its QEMU's confinement as observed in /proc, `uname -a` through envd's
+`process.Process/Start`, pause, resume, destroy, each step timed. Nothing is printed here
+(that is `cli/doctor.py`); every check becomes a `Check` in the `Report`.
 
 The round trip runs as its own agent id (`<agent_id>dr`) in the last slot of the agent's range,
 so it never touches a running agent's capsules, and it removes everything it made.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 
 from nestbox.hostagent.image.cache import find_image
-from nestbox.hostagent.network import SlotPool, cleanup_leftovers, ensure_blackhole
+from nestbox.hostagent.network import SlotPool, cleanup_leftovers, ensure_blackhole, uplink
 from nestbox.hostagent.runtime import VmRuntime
 from nestbox.hostagent.system import RealSystem
 from nestbox.hostagent.vmm import confine, serial
@@ -176,6 +176,8 @@ async def _network_check(settings: AgentSettings, system: System, report: Report
                 f"routes for {settings.slot_cidr} and {settings.veth_cidr}",
             )
         )
+        forwarding = await uplink.forwarding_state(system, settings)
+        report.checks.append(Check("egress forwarding", forwarding.ok, forwarding.describe()))
         stats = SlotPool(settings).statistics()
         report.checks.append(
             Check(

@@ -16,7 +16,7 @@ and reaches envd only.
 - envd's token: whatever `X-Access-Token` came is dropped and the capsule's own (the record's
   `access_token`, rotated on every create, clone and resume) is added here, so it never leaves
   the agent. Our credentials (`X-Agent-Token`, `X-Nestbox-Proxy-Token`) never reach envd.
-- Streams both ways without buffering (request body as it arrives, answer with `aiter_raw`),
+- Streams both ways without buffering through `common.httprelay` (the relay of every proxy),
   so Connect server streams flow and 100 MiB file transfers take constant memory.
 - A request holds the capsule's proxy lease (`CapsuleTargets.acquire`): a pause drains it and
   refuses new ones (503); the capsule's pool is closed when its run ends (`evict`).
@@ -31,16 +31,17 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 
+from nestbox.common.httprelay import new_client, relay_http, request_headers
 from nestbox.common.proxypath import RefusalLog
-from nestbox.hostagent.proxy import DialRetry, answer_error, host_port
+from nestbox.hostagent.proxy import answer_error, host_port
 from nestbox.hostagent.proxytrack import TargetNotFound, TargetUnavailable
 from nestbox.protocol.envd import ACCESS_TOKEN_HEADER, ENVD_PORT
 from nestbox.protocol.envdgateway import envd_route
 from nestbox.protocol.errors import ErrorCode
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
+from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
     from starlette.types import Receive, Scope, Send
 
@@ -51,19 +52,11 @@ log = logging.getLogger(__name__)
 
 _ROUTE = re.compile(rb"/envd/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?P<rest>/.*)", re.DOTALL)
 """Matched whole (`fullmatch`)."""
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "trailers", "transfer-encoding", "upgrade", "expect", "host"}
-)  # fmt: skip
-NOT_UPSTREAM = HOP_BY_HOP | {
-    AGENT_TOKEN_HEADER.lower(), PROXY_TOKEN_HEADER.lower(), ACCESS_TOKEN_HEADER.lower(),
-    "x-api-key", "e2b-sandbox-id", "e2b-sandbox-port",
-}  # fmt: skip
+NOT_UPSTREAM = frozenset({ACCESS_TOKEN_HEADER.lower(), "x-api-key", "e2b-sandbox-id",
+                          "e2b-sandbox-port"})  # fmt: skip
+"""Dropped on the way to envd besides what `common.httprelay` drops (hop-by-hop, `Host`, our
+credentials): the caller's envd token (ours goes on instead) and E2B's routing headers."""
 _AGENT_TOKEN = AGENT_TOKEN_HEADER.lower().encode()
-
-
-class _ClientGone(Exception):
-    """The control plane hung up while we read the request body."""
 
 
 class EnvdGateway:
@@ -140,14 +133,9 @@ class EnvdGateway:
         found = self._pools.get(capsule_id)
         if found is not None and found[0] == address:
             return found[1]
-        inner = self._transport() if self._transport else httpx.AsyncHTTPTransport(
-            http1=True, http2=False, verify=False, trust_env=False, retries=0,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
-                                keepalive_expiry=60.0),
-        )  # fmt: skip
-        client = httpx.AsyncClient(
-            transport=DialRetry(inner, attempts=3, backoff_s=0.1),
-            timeout=httpx.Timeout(None, connect=10.0, pool=30.0), trust_env=False,
+        client = new_client(
+            transport=self._transport() if self._transport else None, max_connections=100,
+            max_idle=20, idle_s=60.0, connect_s=10.0, pool_s=30.0, dial_attempts=3,
         )  # fmt: skip
         self._pools[capsule_id] = (address, client)  # no await since the get
         if found is not None:  # it moved (a resume took another slot): the old pool is stale
@@ -165,72 +153,19 @@ class EnvdGateway:
         target: bytes,
         token: str,
     ) -> None:
-        raw: list[tuple[bytes, bytes]] = list(scope.get("headers") or [])
-        names = {k.lower() for k, _ in raw}
-        has_body = b"content-length" in names or b"transfer-encoding" in names
-        upstream = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw
-                    if k.decode("latin-1").lower() not in NOT_UPSTREAM]  # fmt: skip
-        upstream.append((ACCESS_TOKEN_HEADER, token))
-        body = _Body(receive)
+        upstream = [*request_headers(scope, NOT_UPSTREAM), (ACCESS_TOKEN_HEADER, token)]
         where = host_port(address, ENVD_PORT)
-        request = httpx.Request(
-            str(scope["method"]), f"http://{where}/", headers=upstream,
-            content=body.stream() if has_body else None, extensions={"target": target},
-        )  # fmt: skip
         client = await self._client(capsule_id, address)
         try:
-            response = await client.send(request, stream=True)
-        except _ClientGone:
-            return
+            await relay_http(
+                scope, receive, send, client, url=f"http://{where}/", target=target,
+                headers=upstream, name=f"envd of {capsule_id}",
+            )  # fmt: skip
         except httpx.HTTPError as err:
             log.info("envd gateway to %s failed: %r", capsule_id, err,
                      extra={"capsule_id": capsule_id})  # fmt: skip
             await answer_error(send, 502, ErrorCode.UNAVAILABLE,
                                f"envd of capsule {capsule_id} is not reachable")  # fmt: skip
-            return
-        try:
-            out = [(k.encode("latin-1"), v.encode("latin-1"))
-                   for k, v in response.headers.multi_items()
-                   if k.lower() not in HOP_BY_HOP]  # fmt: skip
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": out})  # fmt: skip
-            async with anyio.create_task_group() as tg:
-                if not has_body or body.complete:
-                    tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                try:
-                    async for chunk in response.aiter_raw():
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": True})  # fmt: skip
-                except httpx.HTTPError as err:  # envd broke the answer off: end ours
-                    log.debug("envd answer of %s broke off: %r", capsule_id, err)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        finally:
-            await response.aclose()
-
-
-class _Body:
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self.complete = False
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                return
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 async def _refuse_websocket(receive: Receive, send: Send) -> None:

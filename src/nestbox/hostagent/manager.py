@@ -2,10 +2,11 @@
 
 It keeps no capsule state of its own: the one registry is `VmRuntime` (one `Capsule` entry, one
 record on disk and one lock per capsule; see `runtime`). The manager checks ids, fills in
-defaults (the `minimal` template, built from the guest image when missing), turns entries into
-views, answers the proxy (`acquire`: it is the proxy's `CapsuleTargets`), picks the reaper's
-candidates, remembers auto-paused ids for the next `ListCapsules`, and pauses everything at
-shutdown. Guest calls are in `guestcalls`, the idle reaper in `reaper`, recovery in `recovery`.
+defaults (the `minimal` template, built from the guest image when missing or stale), turns
+entries into views, answers the proxy (`acquire`: it is the proxy's `CapsuleTargets`), picks
+the reaper's candidates, remembers auto-paused ids for the next `ListCapsules`, and pauses
+everything at shutdown. Guest calls are in `guestcalls`, the idle reaper in `reaper`, recovery
+in `recovery`.
 
 Pause order (the seed's, `Manager.Pause`, done by `VmRuntime.pause` for every caller): stop the
 capsule's metrics sampler; drain proxied requests (up to `drain_timeout_s`; new ones get 503
@@ -33,7 +34,7 @@ from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, new_capsule
 from nestbox.hostagent.envdconn.errors import EnvdCallError
 from nestbox.hostagent.errors import BadRequest, NoGuestImage
 from nestbox.hostagent.guestcalls import GuestCalls
-from nestbox.hostagent.image.cache import ensure_base_image, find_image
+from nestbox.hostagent.image.cache import ensure_base_image, find_base_image, find_image
 from nestbox.hostagent.managed import CapsuleView
 from nestbox.hostagent.network import egress as egress_
 from nestbox.hostagent.proxytrack import Draining, Lease, TargetNotFound, TargetUnavailable
@@ -41,6 +42,7 @@ from nestbox.hostagent.storage import templates as tpl
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
     from anyio.abc import TaskGroup
 
@@ -111,6 +113,11 @@ class CapsuleManager(GuestCalls):
         self.runtime = runtime
         self._tg = task_group
         self._auto_paused: list[str] = []
+        self._image_versions: dict[str, str] = {}
+        """The guest image version of each image flavour (`minimal`, `base`), once looked up
+        (`_is_stale`)."""
+        self._envd_versions: dict[Path, str] = {}
+        """envd's version by template version directory (`_learn_envd_version`)."""
         runtime.on_run_end = on_evict
 
     # ── queries ─────────────────────────────────────────────────────────────────────────
@@ -176,6 +183,9 @@ class CapsuleManager(GuestCalls):
             if template_id not in PLATFORM_TEMPLATES:
                 raise
             template = await self._build_platform_template(template_id)
+        else:
+            if await self._is_stale(template):
+                template = await self._build_platform_template(template_id)
         if template.meta.kind == "base":
             self._check_size(spec)
             capsule = await self.runtime.boot_template(
@@ -206,6 +216,30 @@ class CapsuleManager(GuestCalls):
         if spec.memory_mib and not MIN_MEMORY_MIB <= spec.memory_mib <= limit:
             raise BadRequest(f"memory_mb must be between {MIN_MEMORY_MIB} and {limit}")
 
+    async def _is_stale(self, template: tpl.Template) -> bool:
+        """A platform template made from another guest image than this agent's (an upgrade
+        changed the image key): it is remade (`_build_platform_template`), so no capsule gets an
+        older envd. The image is looked up once per agent run (a few ms of file reads), and
+        again only once a template was found stale; without a cached image nothing is stale."""
+        template_id = template.template_id
+        if template_id not in PLATFORM_TEMPLATES:
+            return False
+        flavour = "base" if template_id == BASE_TEMPLATE else "minimal"
+        version = self._image_versions.get(flavour)
+        if version is None:
+            find = find_base_image if flavour == "base" else find_image
+            image = await anyio.to_thread.run_sync(find, self.settings)
+            if image is None:
+                return False
+            version = self._image_versions[flavour] = image.version
+        if template.meta.image_version == version:
+            return False
+        log.info("template %s was made from guest image %s, this agent runs %s: remaking it",
+                 template_id, template.meta.image_version, version,
+                 extra={"template_id": template_id})  # fmt: skip
+        self._image_versions.pop(flavour, None)  # found again by the rebuild
+        return True
+
     async def _build_platform_template(self, template_id: str) -> tpl.Template:
         """`minimal` (a snapshot of the guest image), `minimal-base` (the guest image as a
         base template) or `base` (a snapshot of 1 vCPU and 512 MiB of the `base` image flavour,
@@ -228,14 +262,24 @@ class CapsuleManager(GuestCalls):
 
     async def _learn_envd_version(self, capsule: Capsule) -> None:
         """envd's version, asked for while unknown (create, re-adoption): the create answer
-        carries it, and a resumed capsule runs the same envd as before its pause."""
+        carries it, and a resumed capsule runs the same envd as before its pause. Every capsule
+        of one template version runs the same envd, so only the first is asked: a `/health`
+        right after `/init` waits for envd's after-answer work (clock, identity, RNG), which
+        cost every create a second (the attempt's bound) on a busy TCG host."""
         if capsule.envd_version or capsule.run is None:
+            return
+        source = capsule.record.template_dir
+        if source is not None and (known := self._envd_versions.get(source)):
+            capsule.envd_version = known
             return
         try:
             with anyio.fail_after(HEALTH_S):
                 capsule.envd_version = await capsule.run.envd.health()
         except (EnvdCallError, TimeoutError) as err:
             log.debug("envd version unknown: %s", err, extra={"capsule_id": capsule.id})
+            return
+        if source is not None and capsule.envd_version:
+            self._envd_versions[source] = capsule.envd_version
 
     # ── pause / resume / destroy ────────────────────────────────────────────────────────
 

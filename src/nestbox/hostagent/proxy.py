@@ -5,7 +5,9 @@
   120 s), never shared with envd traffic; cached until the capsule is destroyed (`evict`), its
   address changes, or `max_cached_targets` newer ones push it out (least recently used first;
   a pool pushed out while requests use it is closed after the last). Bodies stream both ways,
-  bytes untouched (no decompression).
+  bytes untouched (no decompression), through `common.httprelay` (the one HTTP relay of both
+  programs' proxies; hop-by-hop headers dropped, constant memory, a client that hangs up ends
+  the upstream request).
 - Connecting retries 3 times, 100 ms then 200 ms apart: envd's socat forwarder for a port
   starts up to a second after the guest program listens.
 - The upstream path is the raw request path after the prefix, concatenated, never joined, so a
@@ -36,14 +38,14 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from nestbox.common.httprelay import new_client, relay_http, request_headers
 from nestbox.common.proxypath import RefusalLog, refusal
 from nestbox.common.wsrelay import RelayLimits, reject_websocket, relay_websocket
 from nestbox.hostagent.proxytrack import TargetNotFound, TargetUnavailable
 from nestbox.protocol.errors import ErrorBody, ErrorCode
-from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+    from collections.abc import Awaitable, Callable
 
     from starlette.types import Receive, Scope, Send
 
@@ -56,12 +58,6 @@ _ROUTE = re.compile(
     re.DOTALL,
 )
 """Matched whole (`fullmatch`): no trailing-newline tricks."""
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "trailers", "transfer-encoding", "upgrade", "expect"}
-)  # fmt: skip
-"""Headers about one connection, never forwarded (plus those `Connection` names)."""
-_NOT_UPSTREAM = HOP_BY_HOP | {"host", AGENT_TOKEN_HEADER.lower(), PROXY_TOKEN_HEADER.lower()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,36 +143,6 @@ def rewrite_location(location: str, route: Route, target: str) -> str:
         path = parts.path or "/"
         return route.prefix + urlunsplit(("", "", path, parts.query, ""))
     return location
-
-
-class DialRetry(httpx.AsyncBaseTransport):
-    """Retries a request whose connection could not be made (nothing was sent yet)."""
-
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport,
-        *,
-        attempts: int,
-        backoff_s: float,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        self._inner, self._attempts, self._backoff_s, self._sleep = (
-            inner,
-            attempts,
-            backoff_s,
-            sleep,
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        for attempt in range(1, self._attempts):
-            try:
-                return await self._inner.handle_async_request(request)
-            except httpx.ConnectError:
-                await self._sleep(self._backoff_s * attempt)
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 @dataclass(eq=False, slots=True)
@@ -279,17 +245,12 @@ class PortProxy:
 
     def _new_client(self) -> httpx.AsyncClient:
         s = self._settings
-        inner = self._transport() if self._transport else httpx.AsyncHTTPTransport(
-            http1=True, http2=False, verify=False, trust_env=False,
-            limits=httpx.Limits(max_connections=s.max_connections_per_target,
-                                max_keepalive_connections=s.max_idle_per_target,
-                                keepalive_expiry=s.idle_timeout_s),
+        return new_client(
+            transport=self._transport() if self._transport else None,
+            max_connections=s.max_connections_per_target, max_idle=s.max_idle_per_target,
+            idle_s=s.idle_timeout_s, connect_s=s.connect_timeout_s, pool_s=s.connect_timeout_s,
+            dial_attempts=s.dial_attempts, dial_backoff_s=s.dial_backoff_s, sleep=self._sleep,
         )  # fmt: skip
-        transport = DialRetry(
-            inner, attempts=s.dial_attempts, backoff_s=s.dial_backoff_s, sleep=self._sleep
-        )
-        timeout = httpx.Timeout(None, connect=s.connect_timeout_s, pool=s.connect_timeout_s)
-        return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
 
     async def _drop(self, matches: Callable[[str], bool], *, cut: bool) -> None:
         """Forget the matching pools and close them: at once with `cut`, else each after the
@@ -304,55 +265,28 @@ class PortProxy:
         self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
     ) -> None:
         target = host_port(address, route.port)
-        headers = _headers(scope)
-        body = _RequestBody(receive, headers)
-        raw_target = upstream_target(route)
+        # The URL says where to connect (and is what a test's mock transport sees); the request
+        # line is `upstream_target`, the checked bytes as they came.
+        url = f"http://{target}{route.rest}" + (f"?{route.query}" if route.query else "")
+        pool = await self._pool(route, address)
         try:
-            # httpx normalises the URL's path; the request line carries `raw_target`, the
-            # checked bytes as they came, through httpcore's "target" extension instead.
-            request = httpx.Request(
-                str(scope["method"]), f"http://{target}{route.rest}" + (
-                    f"?{route.query}" if route.query else ""),
-                headers=_upstream_headers(scope, headers),
-                content=body.stream() if body.present else None,
-                extensions={"target": raw_target},
+            await relay_http(
+                scope, receive, send, pool.client, url=url, target=upstream_target(route),
+                headers=_upstream_headers(scope),
+                answer=lambda k, v: rewrite_location(v, route, target) if k == "location" else v,
+                name=target,
             )  # fmt: skip
         except httpx.InvalidURL as err:
             await answer_error(send, 400, ErrorCode.INVALID_REQUEST, f"bad path: {err}")
-            return
-        pool = await self._pool(route, address)
-        try:
-            await self._exchange(send, receive, pool.client, request, body, route, target)
-        finally:
-            await self._done(pool)
-
-    async def _exchange(
-        self,
-        send: Send,
-        receive: Receive,
-        client: httpx.AsyncClient,
-        request: httpx.Request,
-        body: _RequestBody,
-        route: Route,
-        target: str,
-    ) -> None:
-        try:
-            response = await client.send(request, stream=True)
         except httpx.ConnectError:
             message = f"proxy error: nothing listens on port {route.port} in capsule "
             await answer_error(send, 502, ErrorCode.UNAVAILABLE, message + route.capsule_id)
-            return
-        except _ClientGone:
-            return
         except httpx.HTTPError as err:
             log.info("proxy to %s failed: %s", target, err, extra={"capsule_id": route.capsule_id})
             message = f"proxy error: {type(err).__name__}"
             await answer_error(send, 502, ErrorCode.UNAVAILABLE, message)
-            return
-        try:
-            await _relay_response(send, receive, response, body, route, target)
         finally:
-            await response.aclose()
+            await self._done(pool)
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, route: Route, address: str
@@ -366,7 +300,7 @@ class PortProxy:
         )
         await relay_websocket(
             scope, receive, send, address=host_port(address, route.port),
-            target=upstream_target(route), headers=_upstream_headers(scope, _headers(scope)),
+            target=upstream_target(route), headers=_upstream_headers(scope),
             limits=limits, unreachable=f"proxy error: nothing listens on port {route.port} in "
             f"capsule {route.capsule_id}", sleep=self._sleep,
         )  # fmt: skip
@@ -375,85 +309,11 @@ class PortProxy:
 # ---- request and response plumbing ----------------------------------------------------------
 
 
-class _ClientGone(Exception):
-    """The downstream client went away while we read its request body."""
-
-
-class _RequestBody:
-    """The downstream request body as an async iterator; remembers whether it was all read."""
-
-    def __init__(self, receive: Receive, headers: list[tuple[str, str]]) -> None:
-        self._receive = receive
-        names = {k for k, _ in headers}
-        self.present = "content-length" in names or "transfer-encoding" in names
-        self.complete = not self.present
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                return
-
-
-async def _relay_response(
-    send: Send,
-    receive: Receive,
-    response: httpx.Response,
-    body: _RequestBody,
-    route: Route,
-    target: str,
-) -> None:
-    """Stream the upstream answer down; stop as soon as the downstream client disconnects
-    (uvicorn would otherwise swallow our sends and we would read the upstream forever)."""
-    headers = []
-    for name, value in _forwardable(response.headers.multi_items()):
-        if name == "location":
-            value = rewrite_location(value, route, target)
-        headers.append((name.encode("latin-1"), value.encode("latin-1")))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    async with anyio.create_task_group() as tg:
-        if body.complete:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-        try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as err:  # the capsule broke the answer off: end ours
-            log.debug("upstream %s broke off: %s", target, err)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        tg.cancel_scope.cancel()
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-def _headers(scope: Scope) -> list[tuple[str, str]]:
-    """The request's headers, decoded (ASGI servers give the names in lower case)."""
-    raw: list[tuple[bytes, bytes]] = scope.get("headers") or []
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-
-
-def _forwardable(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Without hop-by-hop headers, including any the `Connection` header names."""
-    items = [(k.lower(), v) for k, v in items]
-    named = {token.strip().lower() for k, v in items if k == "connection" for token in v.split(",")}
-    return [(k, v) for k, v in items if k not in HOP_BY_HOP and k not in named]
-
-
-def _upstream_headers(
-    scope: Scope, request_headers: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """`request_headers` (`_headers(scope)`) as sent on to the capsule (a WebSocket relay also
-    leaves out the handshake's own)."""
-    headers = [(k, v) for k, v in _forwardable(request_headers) if k not in _NOT_UPSTREAM]
+def _upstream_headers(scope: Scope) -> list[tuple[str, str]]:
+    """The request's headers as sent on to the capsule (`common.httprelay.request_headers`: never
+    our credentials), with the client's address appended to `X-Forwarded-For` (a WebSocket
+    relay also leaves out the handshake's own)."""
+    headers = request_headers(scope)
     client = scope.get("client")
     if isinstance(client, (list, tuple)) and client:
         forwarded = [v for k, v in headers if k == "x-forwarded-for"]

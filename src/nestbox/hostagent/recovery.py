@@ -19,12 +19,14 @@ complete and fsynced, so each interrupted state has one decision:
 | STOPPING     | anything                             | VM killed, files removed, forgotten     |
 
 A SNAPSHOTTING capsule whose VM is gone was being consumed into its template (its disk may
-already have moved): it is removed and listed as `error`. Re-adoption claims the slot, takes the
-VMM back (`Hypervisor.adopt`), lets the guest run (`resume`, or `cancel_save` after an
-interrupted snapshot) and rebuilds the run's undo stack (slot network, VMM, envd client); the
-guest never noticed. A capsule in `error` stays in the registry (state ERROR, the reason in its
-record) until the control plane destroys it. A record an agent before the one-record merge wrote
-has its `agent.json` (team, idle timeout, egress) folded in first (`capsule.migrate_legacy_meta`).
+already have moved): it is removed and listed as `error`. A template made for a caller that
+never got the answer (`templates.mark_unanswered` is still there) is removed, its versions with
+it unless a capsule uses one. Re-adoption claims the slot, takes the VMM back
+(`Hypervisor.adopt`), lets the guest run (`resume`, or `cancel_save` after an interrupted
+snapshot) and rebuilds the run's undo stack (slot network, VMM, envd client); the guest never
+noticed. A capsule in `error` stays in the registry (state ERROR, the reason in its record)
+until the control plane destroys it. A record an agent before the one-record merge wrote has its
+`agent.json` (team, idle timeout, egress) folded in first (`capsule.migrate_legacy_meta`).
 
 The VMs of a capsule are the recorded pid and any QEMU whose command line names the capsule's
 directory (one launched in the instant before its pid reached the record). Each is held by a
@@ -56,6 +58,7 @@ from nestbox.hostagent.capsule import Capsule, CapsuleRecord, CapsuleState
 from nestbox.hostagent.lifecycle import Run, UndoStack, machine_spec, unwind_after_failure
 from nestbox.hostagent.network import SlotLease, cleanup_leftovers, plan_slot
 from nestbox.hostagent.network.egress import open_forwarder
+from nestbox.hostagent.storage import templates as tpl
 from nestbox.hostagent.vmm import confine
 from nestbox.hostagent.vmm.base import VmError
 from nestbox.hostagent.vmm.process import VmProcess
@@ -115,6 +118,13 @@ async def recover(manager: CapsuleManager) -> RecoveryReport:
     running = {c.id for c in runtime.capsules() if c.run is not None}
     await anyio.to_thread.run_sync(confine.remove_leftover_cgroups, host.settings, running)
     await _remove_strays(state_dir, {c.id for c in runtime.capsules() if c.state != S.ERROR})
+    # Templates made for a caller that never got the answer: unknown to it, so they go (the
+    # prune then removes their versions unless a capsule still uses one).
+    forgotten = await anyio.to_thread.run_sync(tpl.forget_unanswered, host.settings.templates_dir)
+    if forgotten:
+        log.warning("recovery: templates made but never answered for removed: %s",
+                    ", ".join(forgotten))  # fmt: skip
+    await runtime.prune_templates()  # old versions whose last capsule went meanwhile
     host.networks.start()  # the warm pool, now that no leftover shares a slot with it
     if report.running or report.paused or report.failed:
         log.info(

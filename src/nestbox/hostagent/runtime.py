@@ -7,11 +7,11 @@ its create starts (STARTING) until it is destroyed, ERROR ones included, and one
 only per-capsule lock) is held by each verb for the whole verb: two verbs on one capsule are
 serialised while different capsules never wait on each other. Verbs are `_<verb>_held` bodies
 (lock held) behind public wrappers that take the lock, so composite verbs (a template that
-comes back paused) run under one acquisition. The runtime also owns one exit watcher and one
-metrics sampler per running VM (in its task group: a VMM that dies is noticed, its resources
-removed and its capsule left in ERROR). The steps themselves are functions in `lifecycle`
-that take the record and the run and keep no state. Each verb logs one INFO line with its
-duration (`duration_ms`).
+comes back paused) run under one acquisition. The runtime also owns one exit watcher per
+running VM (in its task group: a VMM that dies is noticed, its resources removed and its
+capsule left in ERROR) and one metrics sampler for all of them (`metrics.Sampler`). The steps
+themselves are functions in `lifecycle` that take the record and the run and keep no state.
+Each verb logs one INFO line with its duration (`duration_ms`).
 
 What the service adds per run is done here too, so every path (RPC, reaper, recovery, shutdown)
 gets it: when a run starts, proxied traffic is let in and the sampler starts; before a snapshot
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from nestbox.hostagent.envdconn import init_request, new_access_token
 from nestbox.hostagent.errors import CapsuleExists
 from nestbox.hostagent.image.cmdline import kernel_cmdline
 from nestbox.hostagent.lifecycle import Host, Run, StepHook, Timeouts, no_hook
-from nestbox.hostagent.metrics import sample_loop
+from nestbox.hostagent.metrics import Sampler
 from nestbox.hostagent.network import (
     GUEST_IP,
     GUEST_PREFIX,
@@ -121,6 +122,8 @@ class VmRuntime:
             self.accel, settings
         )
         self.slots = SlotPool(settings)
+        self._sampler = Sampler(settings.metrics_interval_s, task_group.start_soon)
+        """One metrics sampling pass a second for every running capsule (`metrics.py`)."""
         timeouts = timeouts or Timeouts()
         self.networks = SlotNetworks(
             system, settings, self.slots, task_group, warm=settings.warm_slots,
@@ -146,6 +149,11 @@ class VmRuntime:
         """Called (capsule id, shielded) once a run ended: pause, destroy, template, VM exit
         (the proxy drops its pools to the capsule's old address)."""
         self._template_locks: dict[str, anyio.Lock] = {}
+        self._restores = anyio.CapacityLimiter(
+            settings.restore_concurrency or 2 * (os.cpu_count() or 1)
+        )
+        """Clones started at once (`restore_concurrency`): a waiting one holds its entry and
+        its lock, nothing else (its deadlines start once it runs)."""
         log.info(
             "VM runtime: accelerator %s (%s)",
             self.accel.accel,
@@ -229,6 +237,39 @@ class VmRuntime:
     def _forget(self, capsule: Capsule) -> None:
         if self._capsules.get(capsule.id) is capsule:
             del self._capsules[capsule.id]
+            self._release_version(capsule.record.template_dir)
+
+    def _release_version(self, version: Path | None) -> None:
+        """A capsule no longer uses the template version `version`: if it was an old one (its
+        template was remade since, e.g. a platform template after an upgrade) that no other
+        capsule uses, it is removed, in the background."""
+        template_id = tpl.template_id_of(version) if version is not None else None
+        if template_id is not None:
+            self._tg.start_soon(self._prune_template, template_id)
+
+    async def prune_templates(self) -> None:
+        """Remove every template version that is neither current nor used (agent start-up:
+        versions whose last capsule went while no agent ran)."""
+        versions = await anyio.to_thread.run_sync(
+            lambda: list(self.settings.templates_dir.glob(".*.v-*"))
+        )
+        for template_id in sorted({t for v in versions if (t := tpl.template_id_of(v))}):
+            await self._prune_template(template_id)
+
+    async def _prune_template(self, template_id: str) -> None:
+        """Remove `template_id`'s versions that are neither current nor used, under the
+        template's lock (no publish swaps the current version meanwhile)."""
+        try:
+            async with self._template_lock(template_id):
+                removed = await tpl.prune(
+                    self.settings.templates_dir, template_id, self._versions_in_use()
+                )
+        except (OSError, ValueError) as err:  # never fatal: the next prune tries again
+            log.warning("cannot prune template %s: %r", template_id, err)
+            return
+        if removed:
+            log.info("unused template versions removed", extra={
+                "template_id": template_id, "leftovers": [p.name for p in removed]})  # fmt: skip
 
     def statistics(self) -> RuntimeStatistics:
         states = [c.state for c in self._capsules.values()]
@@ -441,11 +482,13 @@ class VmRuntime:
         failure or cancellation nothing of it is left (the caller forgets the entry)."""
         record = capsule.record
         try:
-            run, files = await lifecycle.create(
-                self.host, record, base=base, base_format=base_format, restore_from=restore_from,
-                ignore_shared=ignore_shared, init=self._init_for(record), egress=record.egress,
-                hook=hook,
-            )  # fmt: skip
+            # Cold boots (base templates, template builds) take minutes: never queued behind.
+            async with self._restores if restore_from is not None else contextlib.nullcontext():
+                run, files = await lifecycle.create(
+                    self.host, record, base=base, base_format=base_format,
+                    restore_from=restore_from, ignore_shared=ignore_shared,
+                    init=self._init_for(record), egress=record.egress, hook=hook,
+                )  # fmt: skip
         finally:
             self.networks.refill()  # now that this start-up no longer needs the CPUs
         capsule.files = files
@@ -484,11 +527,15 @@ class VmRuntime:
         snapshot = capsule.record.pause_snapshot
         try:
             await self._quiesce(capsule)
-            # The record names the snapshot before it exists: after a crash, a PAUSING record
-            # whose snapshot exists is a pause that completed (see `recovery`).
-            await self._move(capsule, S.PAUSING, snapshot=snapshot)
             self._stop_watch(capsule)
-            await lifecycle.prepare_snapshot(self.host, run, ignore_shared=False)
+            # The record names the snapshot before it exists: after a crash, a PAUSING record
+            # whose snapshot exists is a pause that completed (see `recovery`). It is written
+            # while envd prepares (a crash meanwhile finds RUNNING or PAUSING, both with the VM
+            # running and no snapshot: re-adopted either way); the save waits for it.
+            await lifecycle.prepare_snapshot(
+                self.host, run, ignore_shared=False,
+                alongside=functools.partial(self._move, capsule, S.PAUSING, snapshot=snapshot),
+            )  # fmt: skip
             await hook("prepare")
             await lifecycle.save(self.host, run, snapshot, ignore_shared=False)
         except BaseException:
@@ -617,7 +664,11 @@ class VmRuntime:
 
         :raise CapsuleNotFound: :raise InvalidState:
         """
-        async with self._template_lock(template_id), self._locked(capsule_id) as capsule:
+        async with (
+            self._template_lock(template_id),
+            self._locked(capsule_id) as capsule,
+            self._unanswered(template_id),
+        ):
             if capsule.state not in (S.RUNNING, S.PAUSED):
                 raise InvalidState(capsule_id, capsule.state, frozenset({S.RUNNING, S.PAUSED}))
             if kind == "base":
@@ -643,6 +694,7 @@ class VmRuntime:
             service = {name: getattr(before, name) for name in SERVICE_FIELDS}
             capsule.record = self._clone_record(template, capsule_id, before.default_user,
                                                 dict(before.env_vars), service)  # fmt: skip
+            self._release_version(before.template_dir)  # it is a clone of the new one now
             try:
                 await self._clone_held(capsule, template, no_hook)
                 await self._pause_held(capsule)
@@ -673,7 +725,8 @@ class VmRuntime:
                 self._stop_watch(capsule)
                 staging = tpl.make_staging(self.settings.templates_dir, template_id)
                 await self._move(capsule, S.SNAPSHOTTING, staging=staging.root)
-                await lifecycle.prepare_snapshot(self.host, run, ignore_shared=shared)
+                await lifecycle.prepare_snapshot(self.host, run, ignore_shared=shared,
+                                                 template=True)  # fmt: skip
                 result = await lifecycle.save(self.host, run, staging.state, ignore_shared=shared)
             except BaseException:
                 if staging is not None:
@@ -1009,21 +1062,11 @@ class VmRuntime:
 
     def _start_sampler(self, capsule: Capsule, run: Run) -> None:
         capsule.stop_sampler()
-        scope = capsule.sampler = anyio.CancelScope()
         stats = functools.partial(self.hypervisor.stats, run.vm)
-        record, interval = capsule.record, self.settings.metrics_interval_s
-
-        async def sample() -> None:
-            with scope:
-                try:
-                    await sample_loop(
-                        capsule.metrics, stats, record.disk, record.machine.vcpus, interval
-                    )
-                except Exception as err:  # a sampler must never take the agent down
-                    log.warning("metrics sampler failed: %r", err,
-                                extra={"capsule_id": capsule.id})  # fmt: skip
-
-        self._tg.start_soon(sample)
+        record = capsule.record
+        capsule.sampler = self._sampler.add(
+            capsule.id, capsule.metrics, stats, record.disk, record.machine.vcpus
+        )
 
     def _stop_watch(self, capsule: Capsule) -> None:
         if capsule.watch is not None:
@@ -1102,6 +1145,25 @@ class VmRuntime:
         records = [c.record for c in self._capsules.values()]
         records += cap.read_records(self.settings.state_dir)
         return {r.template_dir for r in records if r.template_dir is not None}
+
+    @contextlib.asynccontextmanager
+    async def _unanswered(self, template_id: str) -> AsyncIterator[None]:
+        """A new template made for a caller (template lock held): if the block fails or is
+        cancelled, the caller gets no template, so none is left (its versions go unless a
+        capsule uses one); if the agent stops meanwhile, its next start removes it
+        (`templates.mark_unanswered`)."""
+        root = self.settings.templates_dir
+        if not await anyio.to_thread.run_sync(tpl.mark_unanswered, root, template_id):
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(tpl.forget_unanswered, root, template_id)
+                await tpl.prune(root, template_id, self._versions_in_use())
+            raise
+        await anyio.to_thread.run_sync(tpl.answered, root, template_id)
 
     def _template_lock(self, template_id: str) -> anyio.Lock:
         return self._template_locks.setdefault(template_id, anyio.Lock())

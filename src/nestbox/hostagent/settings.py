@@ -44,6 +44,13 @@ class AgentSettings(BaseSettings):
     warm_slots: int = Field(
         default=2, ge=0, description="slot networks built ahead for new capsules; 0 = none"
     )
+    restore_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="clones from snapshot templates started at once (the rest wait their turn: "
+        "each is CPU-bound under TCG, and twenty at once on two cores made every one of them "
+        "as slow as the whole batch); 0 = two per host core",
+    )
     tap_rate_mbytes: int = Field(default=200, description="guest egress rate limit, MB/s")
     tap_burst_mbytes: int = Field(default=100, description="guest egress burst, MB")
     default_vcpus: int = Field(default=1, ge=1)
@@ -63,6 +70,17 @@ class AgentSettings(BaseSettings):
         ge=1,
         le=65535,
         description="port of the egress DNS forwarder on the host end of each egress slot's veth",
+    )
+    egress_forwarding: bool = Field(
+        default=True,
+        description="while a capsule has egress, turn IPv4 forwarding on for the uplinks whose "
+        "forwarding is off, guarded so they forward only replies to capsules "
+        "(network/uplink.py); off = the operator enables forwarding",
+    )
+    egress_uplinks: list[str] = Field(
+        default_factory=list,
+        description="interfaces capsule egress leaves by (replies come back in there); "
+        "empty = the devices of the IPv4 default routes",
     )
     # ── VM confinement (vmm/confine.py) ──
     confine: bool = Field(

@@ -78,6 +78,12 @@ class System(Protocol):
         argv = in_netns(netns, ("sysctl", "-q", "-w", f"{key}={value}"))
         return await self.run(*argv, check=check)
 
+    async def sysctl_read(self, netns: str | None, key: str, *, check: bool = True) -> str:
+        """The value of `key` (`sysctl -n`, stripped), inside `netns` if given; "" when it
+        does not exist and `check` is false."""
+        out = await self.run(*in_netns(netns, ("sysctl", "-n", key)), check=check)
+        return out.strip()
+
 
 class RealSystem(System):
     """Runs commands as subprocesses of the agent (which is root).

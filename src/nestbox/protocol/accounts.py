@@ -36,7 +36,11 @@ def _email(value: str) -> str:
     return value
 
 
-Email = Annotated[str, Field(min_length=3, max_length=EMAIL_MAX), AfterValidator(_email)]
+Email = Annotated[
+    str,
+    Field(min_length=3, max_length=EMAIL_MAX, pattern=r"^\s*[^@\s]+@[^@\s]+\s*$"),
+    AfterValidator(_email),
+]
 Password = Annotated[str, Field(min_length=PASSWORD_MIN, max_length=1024)]
 DisplayName = Annotated[str, Field(max_length=NAME_MAX)]
 TeamName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9 _.-]+$")]
@@ -52,6 +56,13 @@ class Role(StrEnum):
     def at_least(self, other: Role) -> bool:
         order = (Role.MEMBER, Role.ADMIN, Role.OWNER)
         return order.index(self) >= order.index(other)
+
+
+class MemberRole(StrEnum):
+    """The roles a member can be given (a team has one owner; ownership moves by a transfer)."""
+
+    ADMIN = "admin"
+    MEMBER = "member"
 
 
 class _Request(BaseModel):
@@ -155,11 +166,11 @@ class TeamView(_View):
 
 class MemberCreate(_Request):
     email: Email
-    role: Role = Role.MEMBER
+    role: MemberRole = MemberRole.MEMBER
 
 
 class MemberUpdate(_Request):
-    role: Role
+    role: MemberRole
 
 
 class TeamMemberView(_View):

@@ -147,7 +147,10 @@ class HostView(BaseModel):
 
 
 class HostCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["type"], "properties": {"type": {"const": "byoc"}}},
+        {"properties": {"team_id": {"type": "null"}}},
+    ]})  # fmt: skip
 
     type: HostType = HostType.REGULAR
     team_id: str | None = Field(default=None, description="byoc: the team (default: yours)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nestbox.protocol.capsules import CapsuleView  # noqa: TC001 (pydantic needs it at runtime)
 
@@ -23,9 +23,13 @@ MAX_FORKS = 10
 
 
 class CapsuleTimeout(BaseModel):
-    """Fields left out keep their value; at least one must be given."""
+    """Fields left out (or null) keep their value; at least one must be given."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"type": kind}}}
+        for name, kind in (("timeout_sec", "integer"), ("ttl_sec", "integer"),
+                           ("on_timeout", "string"))
+    ]})  # fmt: skip
 
     timeout_sec: int | None = Field(
         default=None, ge=0, le=30 * 86400, description="idle auto-pause after this; 0 = never"
@@ -37,6 +41,12 @@ class CapsuleTimeout(BaseModel):
     on_timeout: OnTimeout | None = Field(
         default=None, description="what ends a run at its lifetime: pause (default) or destroy"
     )
+
+    @model_validator(mode="after")
+    def _something(self) -> CapsuleTimeout:
+        if self.timeout_sec is None and self.ttl_sec is None and self.on_timeout is None:
+            raise ValueError("give timeout_sec, ttl_sec or on_timeout")
+        return self
 
 
 class ForkCreate(BaseModel):

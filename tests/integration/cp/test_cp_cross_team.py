@@ -127,6 +127,10 @@ CROSS_TEAM: dict[RouteKey, Call] = {
     ("POST", "/sandboxes/{capsule_id}/timeout"): Call({"timeout": 5}),
     ("POST", "/sandboxes/{capsule_id}/refreshes"): Call({"duration": 60}),
     ("GET", "/sandboxes/{capsule_id}/metrics"): Call(),
+    ("GET", "/sandboxes/{capsule_id}/logs"): Call(),
+    ("GET", "/v2/sandboxes/{capsule_id}/logs"): Call(),
+    ("POST", "/sandboxes/{capsule_id}/snapshots"): Call({"name": "taken"}),
+    ("DELETE", "/templates/{template_id}"): Call(ids={"template_id": "name"}),
     ("GET", "/templates/{template_id}/files/{files_hash}"): Call(
         ids={"template_id": "name", "files_hash": "name"}
     ),
@@ -148,6 +152,7 @@ LISTINGS: dict[RouteKey, str] = {
     ("GET", "/v1/admin/templates"): "",
     ("GET", "/v2/sandboxes"): "",
     ("GET", "/sandboxes"): "",
+    ("GET", "/snapshots"): "",
 }
 WEBSOCKETS: dict[RouteKey, dict[str, Any] | None] = {
     # route: the first frame the owner sends (the positive control), None: nothing to send

@@ -15,9 +15,31 @@ import pytest
 from nestbox.controlplane.e2b.service import parse_metadata_query
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.envdgateway import envd_route
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from tests.conftest import eventually
-from tests.integration.cp.cluster import cluster
+from tests.integration.cp.cluster import Cluster, cluster
 from tests.integration.upstream_venv import upstream_venv
+
+
+async def one_by_one(c: Cluster, path: str, key: dict[str, str], field: str) -> list[str]:
+    """Every item of an E2B listing, read a page of one at a time (`x-next-token`)."""
+    seen: list[str] = []
+    token = None
+    for _ in range(10):
+        params = {"limit": "1", **({"nextToken": token} if token else {})}
+        r = await c.client.get(path, params=params, headers=key)
+        seen += [s[field] for s in r.json()]
+        token = r.headers.get("x-next-token")
+        if token is None:
+            break
+    return seen
+
+
+async def two_teams(c: Cluster) -> tuple[dict[str, str], dict[str, str]]:
+    """An API key of a user's own team, and one of another user's team."""
+    _, key = await c.user("e2b@example.com")
+    _, other = await c.user("other@example.com")
+    return key, other
 
 
 async def test_create_get_list_kill(settings: CPSettings) -> None:
@@ -53,15 +75,7 @@ async def test_create_get_list_kill(settings: CPSettings) -> None:
         r = await c.client.get("/v2/sandboxes", params={"state": "paused"}, headers=key)
         assert r.json() == []
 
-        seen, token = [], None
-        for _ in range(3):
-            params = {"limit": "1", **({"nextToken": token} if token else {})}
-            r = await c.client.get("/v2/sandboxes", params=params, headers=key)
-            seen += [s["sandboxID"] for s in r.json()]
-            token = r.headers.get("x-next-token")
-            if token is None:
-                break
-        assert seen == [sid, second]  # creation order
+        assert await one_by_one(c, "/v2/sandboxes", key, "sandboxID") == [sid, second]
         r = await c.client.get("/v2/sandboxes", params={"nextToken": "bm9uc2Vuc2U"}, headers=key)
         assert r.status_code == 400  # a token this API never gave
 
@@ -134,6 +148,119 @@ async def test_lifetimes_end_in_kill_or_pause(settings: CPSettings) -> None:
         assert paused in agent.capsules
 
 
+async def test_logs_paged_filtered_and_team_scoped(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        key, other = await two_teams(c)
+        r = await c.client.post("/v2/sandboxes", headers=key, json={"templateID": "minimal"})
+        sid = r.json()["sandboxID"]
+        levels = ["info", "warn", "error", "debug", "info"]
+        c.hosts[0].agent.capsules[sid].logs = [
+            pb.LogEntry(ts_unix_ms=1_700_000_000_000 + i, level=levels[i], message=f"line {i}",
+                        fields={"logger": "nestbox.envd", "pid": str(i)})
+            for i in range(5)
+        ]  # fmt: skip
+
+        r = await c.client.get(f"/sandboxes/{sid}/logs", headers=key)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert [e["message"] for e in doc["logEntries"]] == [f"line {i}" for i in range(5)]
+        assert [e["line"] for e in doc["logs"]] == [f"line {i}" for i in range(5)]
+        first = doc["logEntries"][0]
+        assert first["level"] == "info"
+        assert first["fields"] == {"logger": "nestbox.envd", "pid": "0"}
+        assert datetime.fromisoformat(first["timestamp"]) == datetime.fromtimestamp(
+            1_700_000_000, UTC
+        )
+        # paging: from a time on, at most `limit`
+        r = await c.client.get(f"/sandboxes/{sid}/logs?start=1700000000002&limit=2", headers=key)
+        assert [e["message"] for e in r.json()["logEntries"]] == ["line 2", "line 3"]
+        for bad in ("start=-1", "limit=1001", "start=x"):
+            r = await c.client.get(f"/sandboxes/{sid}/logs?{bad}", headers=key)
+            assert r.status_code == 400, bad
+            assert r.json()["code"] == 400
+
+        # v2: level and above, search, backward (newest first) up to a cursor
+        r = await c.client.get(f"/v2/sandboxes/{sid}/logs?level=warn", headers=key)
+        assert [e["message"] for e in r.json()["logs"]] == ["line 1", "line 2"]
+        r = await c.client.get(f"/v2/sandboxes/{sid}/logs?search=line%204", headers=key)
+        assert [e["message"] for e in r.json()["logs"]] == ["line 4"]
+        r = await c.client.get(f"/v2/sandboxes/{sid}/logs?direction=backward"
+                               "&cursor=1700000000003&limit=2", headers=key)  # fmt: skip
+        assert [e["message"] for e in r.json()["logs"]] == ["line 3", "line 2"]
+        r = await c.client.get(f"/v2/sandboxes/{sid}/logs?direction=up", headers=key)
+        assert r.status_code == 400
+
+        # another team's key, an unknown id: 404; paused: 409 (the lines wait in the guest)
+        for path in (f"/sandboxes/{sid}/logs", f"/v2/sandboxes/{sid}/logs"):
+            r = await c.client.get(path, headers=other)
+            assert r.status_code == 404
+        r = await c.client.get("/sandboxes/cap_00000000000000000000000000/logs", headers=key)
+        assert r.status_code == 404
+        assert (await c.client.post(f"/sandboxes/{sid}/pause", headers=key)).status_code == 204
+        r = await c.client.get(f"/sandboxes/{sid}/logs", headers=key)
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "invalid_state"
+
+
+async def test_snapshots_create_list_use_delete(settings: CPSettings) -> None:
+    async with cluster(settings) as c:
+        key, other = await two_teams(c)
+        r = await c.client.post("/v2/sandboxes", headers=key,
+                                json={"templateID": "minimal", "timeout": 600})  # fmt: skip
+        sid = r.json()["sandboxID"]
+        end = (await c.client.get(f"/sandboxes/{sid}", headers=key)).json()["endAt"]
+
+        r = await c.client.post(f"/sandboxes/{sid}/snapshots", headers=key, json={"name": "s1"})
+        assert r.status_code == 201, r.text
+        assert r.json() == {"snapshotID": "s1:default", "names": ["s1:default"]}
+        detail = (await c.client.get(f"/sandboxes/{sid}", headers=key)).json()
+        assert detail["state"] == "running"  # E2B's source sandbox runs on...
+        assert detail["endAt"] == end  # ...with the same end
+        r = await c.client.post(f"/sandboxes/{sid}/snapshots", headers=key, json={})
+        assert r.status_code == 201
+        unnamed = r.json()["snapshotID"]
+        r = await c.client.post(f"/sandboxes/{sid}/snapshots", headers=key, json={"name": "s1"})
+        assert r.status_code == 201  # the same name again: replaced (E2B: a new build)
+
+        # a sandbox from a snapshot id, tag and all
+        r = await c.client.post("/v2/sandboxes", headers=key, json={"templateID": "s1:default"})
+        assert r.status_code == 201, r.text
+        assert r.json()["templateID"] == "s1"
+        copy = r.json()["sandboxID"]
+
+        r = await c.client.get("/snapshots", headers=key)
+        assert r.status_code == 200
+        assert sorted(s["snapshotID"] for s in r.json()) == sorted(["s1:default", unnamed])
+        # creation order: `s1` was replaced after `unnamed` was taken
+        assert await one_by_one(c, "/snapshots", key, "snapshotID") == [unnamed, "s1:default"]
+        r = await c.client.get("/snapshots", params={"name": "s1"}, headers=key)
+        assert [s["snapshotID"] for s in r.json()] == ["s1:default"]
+        r = await c.client.get("/snapshots", params={"sandboxID": "cap_x"}, headers=key)
+        assert r.json() == []
+        assert (await c.client.get("/snapshots", headers=other)).json() == []
+
+        # another team: nothing to snapshot, use or delete
+        r = await c.client.post(f"/sandboxes/{sid}/snapshots", headers=other, json={})
+        assert r.status_code == 404
+        r = await c.client.post("/v2/sandboxes", headers=other, json={"templateID": "s1:default"})
+        assert r.status_code == 404
+        assert (await c.client.delete("/templates/s1:default", headers=other)).status_code == 404
+        # what cannot be honoured, or named
+        for body in ({"memory": False}, {"name": "../x"}):
+            r = await c.client.post(f"/sandboxes/{sid}/snapshots", headers=key, json=body)
+            assert r.status_code == 400, body
+        assert (await c.client.delete("/templates/minimal", headers=key)).status_code == 403
+
+        r = await c.client.delete("/templates/s1:default", headers=key)
+        assert r.status_code == 409  # a sandbox still runs from it
+        assert r.json()["code"] == 409
+        assert (await c.client.delete(f"/sandboxes/{copy}", headers=key)).status_code == 204
+        assert (await c.client.delete("/templates/s1:default", headers=key)).status_code == 204
+        assert (await c.client.delete("/templates/s1:default", headers=key)).status_code == 404
+        assert [s["snapshotID"] for s in (await c.client.get("/snapshots", headers=key)).json()] \
+            == [unnamed]  # fmt: skip
+
+
 def test_paging_and_queries() -> None:
     assert parse_metadata_query("app%3Dx=a%2526b&k=v") == {"app=x": "a&b", "k": "v"}
     assert envd_route("POST", b"/process.Process/Start", b"") is None
@@ -148,8 +275,7 @@ def test_paging_and_queries() -> None:
 
 async def test_template_builds_map_onto_the_recipe_builder(settings: CPSettings) -> None:
     async with cluster(settings) as c:
-        _, key = await c.user("e2b@example.com")
-        _, other = await c.user("other@example.com")
+        key, other = await two_teams(c)
         r = await c.client.post("/v3/templates", headers=key,
                                 json={"name": "mytpl:v1", "cpuCount": 1})  # fmt: skip
         assert r.status_code == 202, r.text

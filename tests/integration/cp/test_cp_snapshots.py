@@ -89,3 +89,34 @@ async def test_snapshot_needs_running_or_paused(settings: CPSettings) -> None:
         assert r.json()["error"]["code"] == "invalid_state"
         r = await c.client.post("/v1/snapshots", json={"sandbox_id": "cl-none"}, headers=key)
         assert r.status_code == 404
+
+
+@pytest.mark.parametrize("route", ["/v1/snapshots", "/v1/admin/templates"])
+async def test_a_template_in_use_is_not_deleted(settings: CPSettings, route: str) -> None:
+    """Both deletion routes are one path (`SnapshotService.delete`): 409 with the ids of the
+    capsules made from the template while any is not gone, then 204; another team gets 404."""
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        _, other = await c.user("bob@example.com")
+        source = (await c.create(key))["id"]
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": source, "name": "tpl-a"},
+                                headers=key)  # fmt: skip
+        assert r.status_code == 201, r.text
+        users = sorted([(await c.create(key, template="tpl-a"))["id"] for _ in range(2)])
+        r = await c.client.delete(f"{route}/tpl-a", headers=key)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "conflict"
+        assert r.json()["capsule_ids"] == users
+        assert (await c.client.delete(f"{route}/tpl-a", headers=other)).status_code == 404
+        # still there, still usable
+        assert (await c.create(key, template="tpl-a"))["template"] == "tpl-a"
+        on_host = [t for t in c.hosts[0].agent.templates if t.startswith("tpl-")]
+        assert len(on_host) == 1
+        for capsule in (await c.client.get("/v1/capsules", headers=key)).json():
+            if capsule["id"] != source:
+                r = await c.client.delete(f"/v1/capsules/{capsule['id']}", headers=key)
+                assert r.status_code == 204
+        r = await c.client.delete(f"{route}/tpl-a", headers=key)
+        assert r.status_code == 204, r.text
+        assert on_host[0] not in c.hosts[0].agent.templates
+        assert (await c.client.delete(f"{route}/tpl-a", headers=key)).status_code == 404

@@ -21,6 +21,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
+from nestbox.hostagent.envdconn import CHUNK
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from tests.conftest import eventually
 from tests.integration.vm.agent_process import agent_leftovers, reset_agent
@@ -236,7 +237,7 @@ async def test_files_buffered_streamed_and_fs(agent: AgentProcess) -> None:
         async for chunk in rpc.read_file_stream(
             pb.ReadFileStreamRequest(capsule_id=cid, path="/root/big.bin")
         ):
-            assert len(chunk.chunk) <= 64 * 1024
+            assert len(chunk.chunk) <= CHUNK
             h.update(chunk.chunk)
             n += len(chunk.chunk)
         down_s = time.monotonic() - started

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -32,6 +31,7 @@ from nestbox.hostagent import capsule as cap
 from nestbox.hostagent.capsule import CapsuleRecord, CapsuleState, MachineRecord, new_capsule_id
 from nestbox.hostagent.vmm.qmp import QmpClient
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from tests.conftest import wait_until as poll
 from tests.integration.vm.agent_process import agent_leftovers, reset_agent
 from tests.integration.vm.conftest import qemu_pids
 
@@ -83,13 +83,9 @@ def sigstop(pid: int) -> None:
 
 
 def wait_until(what: str, check: Callable[[], Any], within: float = STALL_S) -> Any:
-    """Poll `check` (every 0.5 ms: the point to catch may be milliseconds wide) until truthy."""
-    deadline = time.monotonic() + within
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.0005)
-    return value
+    """`tests.conftest.wait_until`, polling every 0.5 ms: the point to catch may be
+    milliseconds wide."""
+    return poll(check, within=within, every=0.0005, what=what)
 
 
 def stop_new_qemu(cdir: Path, old: set[int]) -> int:

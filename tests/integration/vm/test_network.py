@@ -3,7 +3,9 @@
 The guest is simulated: the test's System turns the `tuntap add tap0` command into a veth
 pair whose far end (`eth0`, 169.254.0.21/30) sits in a test "guest" netns, so the slot netns,
 its firewall and its shaping are exactly what a capsule gets. Every address used is loopback,
-inside namespaces created here, or in blackholed test ranges; egress is never turned on.
+inside namespaces created here, or in blackholed test ranges. Egress is turned on once, with a
+decoy "internet" netns as the only uplink (`egress_uplinks`), to prove the uplink forwarding
+path (`network/uplink.py`); the host's own uplinks are never touched.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from nestbox.hostagent.network import (
     cleanup_leftovers,
     ensure_blackhole,
     open_slot_network,
+    uplink,
 )
 from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem, System, SystemCommandError
@@ -177,7 +180,14 @@ async def listener(
     netns: str | None, host: str, port: int, token: str, repeat: int = 1
 ) -> AsyncIterator[None]:
     """A TCP server (in `netns`, or the root namespace) that sends `token * repeat`."""
-    argv = in_ns(netns, sys.executable, "-c", SERVE, host, str(port), token, str(repeat))
+    async with serving(netns, SERVE, host, str(port), token, str(repeat)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serving(netns: str | None, script: str, *args: str) -> AsyncIterator[None]:
+    """Python `script` running (in `netns`, or the root namespace) once it printed "ready"."""
+    argv = in_ns(netns, sys.executable, "-c", script, *args)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -242,18 +252,24 @@ async def _force_cleanup() -> None:
     await system.ip("link", "del", f"nbxtout{RUN}", check=False)
 
 
+def netns_behind_veth(ns: str, dev: str, root_end: str, far_end: str) -> None:
+    """Netns `ns`, its `eth0` at `far_end` linked to `dev` at `root_end` in the root namespace
+    (both CIDR-suffixed addresses). The caller deletes `dev` and `ns`."""
+    sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    sh("ip", "addr", "add", root_end, "dev", dev)
+    sh("ip", "link", "set", dev, "up")
+    sh("ip", "-n", ns, "addr", "add", far_end, "dev", "eth0")
+    sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
 @pytest.fixture
 def outside(clean: None) -> Iterator[str]:
     """A netns standing for "the outside world": reachable from the root namespace only."""
     ns, dev = f"nbxt-outside-{RUN}", f"nbxtout{RUN}"
     try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "addr", "add", f"{OUTSIDE_HOST}/30", "dev", dev)
-        sh("ip", "link", "set", dev, "up")
-        sh("ip", "-n", ns, "addr", "add", f"{OUTSIDE_DECOY}/30", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        netns_behind_veth(ns, dev, f"{OUTSIDE_HOST}/30", f"{OUTSIDE_DECOY}/30")
         yield ns
     finally:
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
@@ -261,14 +277,16 @@ def outside(clean: None) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def capsule_network(settings: AgentSettings, slot: int) -> AsyncIterator[SlotNetwork]:
+async def capsule_network(
+    settings: AgentSettings, slot: int, *, egress: bool = False
+) -> AsyncIterator[SlotNetwork]:
     """open_slot_network with a simulated guest (eth0 169.254.0.21, default via the TAP)."""
     guest = f"nbxt-guest-{settings.agent_id}-{slot}"
     sh("ip", "netns", "add", guest)
     try:
         async with contextlib.AsyncExitStack() as stack:
             system = GuestAsVeth({f"nbx-{settings.agent_id}-{slot}": guest})
-            net = await open_slot_network(system, settings, slot, egress=False, stack=stack)
+            net = await open_slot_network(system, settings, slot, egress=egress, stack=stack)
             sh("ip", "-n", guest, "link", "set", "lo", "up")
             sh("ip", "-n", guest, "addr", "add", "169.254.0.21/30", "dev", "eth0")
             sh("ip", "-n", guest, "link", "set", "eth0", "up")
@@ -423,3 +441,127 @@ async def test_cleanup_leftovers_removes_only_its_own_dead_slots(clean: None) ->
         assert len(done.rules) == 3
         assert our_state(mine.agent_id) == {"netns": [], "links": [], "routes": [], "rules": []}
         assert our_state(theirs.agent_id) == theirs_before  # the other agent's slot is intact
+
+
+# --- egress through the host's forwarding path ---------------------------------------------
+
+# Decoy networks (blackholed while the test runs): the "internet" behind the uplink, and a
+# "LAN" behind another interface of the host, which the internet must never reach through it.
+INET, LAN = ("198.19.251.1", "198.19.251.2"), ("198.19.252.1", "198.19.252.2")
+DECOY_BLACKHOLES = ("198.19.251.0/24", "198.19.252.0/24")
+
+
+# A DNS server over TCP that answers each query with itself, flagged as a response (the
+# forwarder relays any answer carrying the query's id), and a guest's stub asking over TCP.
+TCP_DNS = """
+import socket, struct, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 53))
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    with c, c.makefile("rb") as f:
+        (n,) = struct.unpack("!H", f.read(2))
+        q = f.read(n)
+        r = q[:2] + bytes([q[2] | 0x80]) + q[3:]
+        c.sendall(struct.pack("!H", len(r)) + r)
+"""
+TCP_STUB = """
+import socket, struct
+q = bytes.fromhex("beef01000001000000000000056465636f79076578616d706c650000010001")
+try:
+    c = socket.create_connection(("169.254.0.22", 53), timeout=3)
+    c.sendall(struct.pack("!H", len(q)) + q)
+    f = c.makefile("rb")
+    (n,) = struct.unpack("!H", f.read(2))
+    r = f.read(n)
+    print("answered" if r[:2] == q[:2] and r[2] & 0x80 else "wrong answer")
+except OSError as e:
+    print("FAIL", e)
+"""
+
+
+async def tcp_dns_probe(netns: str) -> str:
+    argv = in_ns(netns, sys.executable, "-c", TCP_STUB)
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode().strip()
+
+
+def forwarding(dev: str) -> str:
+    return sh("sysctl", "-n", uplink.forwarding_key(dev)).strip()
+
+
+def remove_guards(dev: str) -> None:
+    """The uplink guards of `dev`, if a failed test left them (or another agent's egress slot
+    kept them when ours went)."""
+    for line in sh("iptables", "-w", "-S", "FORWARD").splitlines():
+        if f"nestbox-uplink:{dev}" in line:
+            args = line.replace('"', "").split()
+            subprocess.run(["iptables", "-w", "-D", *args[1:]], capture_output=True)
+
+
+@pytest.fixture
+def decoys(clean: None) -> Iterator[tuple[str, str, str, str]]:
+    """(internet netns, its uplink device, LAN netns, its device) with forwarding off on the
+    uplink (its starting state here) and on for the LAN's device (so only the uplink's decides).
+    Both devices are made here: no host-wide sysctl changes."""
+    inet_ns, inet_dev = f"nbxt-inet-{RUN}", f"nbxtinet{RUN}"
+    lan_ns, lan_dev = f"nbxt-lan-{RUN}", f"nbxtlan{RUN}"
+    existing = sh("ip", "route", "show", "type", "blackhole")
+    try:
+        for cidr in DECOY_BLACKHOLES:
+            sh("ip", "route", "replace", "blackhole", cidr)
+        for ns, dev, (root_end, far_end) in ((inet_ns, inet_dev, INET), (lan_ns, lan_dev, LAN)):
+            netns_behind_veth(ns, dev, f"{root_end}/29", f"{far_end}/29")
+            sh("ip", "-n", ns, "route", "add", "default", "via", root_end)
+        sh("sysctl", "-q", "-w", f"{uplink.forwarding_key(inet_dev)}=0")
+        sh("sysctl", "-q", "-w", f"{uplink.forwarding_key(lan_dev)}=1")
+        yield inet_ns, inet_dev, lan_ns, lan_dev
+    finally:
+        remove_guards(inet_dev)
+        for ns, dev in ((inet_ns, inet_dev), (lan_ns, lan_dev)):
+            subprocess.run(["ip", "link", "del", dev], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for cidr in DECOY_BLACKHOLES:
+            if cidr not in existing:
+                subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
+
+
+async def test_egress_forwards_through_the_uplink_and_nothing_else(
+    decoys: tuple[str, str, str, str],
+) -> None:
+    inet_ns, inet_dev, lan_ns, _ = decoys
+    s = agent("t" + RUN, egress_uplinks=[inet_dev], dns_upstream=[INET[1]], dns_port=10153)
+    async with (
+        listener(inet_ns, INET[1], 9997, "internet"),
+        listener(lan_ns, LAN[1], 9998, "lan"),
+        serving(inet_ns, TCP_DNS, INET[1]),
+    ):
+        # Forwarding is off on the uplink: the internet cannot cross the host into the LAN.
+        assert (await probe(inet_ns, LAN[1], 9998)).startswith("FAIL")
+        async with capsule_network(s, 11, egress=True) as net:
+            guest = f"nbxt-guest-{s.agent_id}-11"
+            assert forwarding(inet_dev) == "1"  # turned on for the capsule, guarded
+            assert reached(await probe(guest, INET[1], 9997), "internet")  # NAT out, replies in
+            # DNS over TCP to the gateway: DNATed to the slot's forwarder, relayed upstream.
+            assert await tcp_dns_probe(guest) == "answered"
+            # Non-capsule traffic arriving on the uplink is still not forwarded: not to the
+            # LAN, not to the capsule's addresses (new connections).
+            assert (await probe(inet_ns, LAN[1], 9998)).startswith("FAIL")
+            sh("ip", "-n", inet_ns, "route", "add", VETH_CIDR, "via", INET[0])
+            async with listener(net.netns, "0.0.0.0", 9725, "slotnetns"):
+                assert reached(await probe(None, net.veth_ns_ip, 9725), "slotnetns")
+                assert (await probe(inet_ns, net.veth_ns_ip, 9725)).startswith("FAIL")
+        state = await uplink.forwarding_state(RealSystem(), s)
+        [ours] = [u for u in state.uplinks if u.dev == inet_dev]
+        if state.egress_slots == 0:  # the host's last egress slot went: off again, unguarded
+            assert (ours.forwarding, ours.guarded) == (False, False)
+        else:  # another agent's egress slot keeps it on until it goes: guarded meanwhile
+            assert ours.guarded
+        # Positive control: with the uplink forwarding and no guards, the same probe crosses.
+        remove_guards(inet_dev)
+        sh("sysctl", "-q", "-w", f"{uplink.forwarding_key(inet_dev)}=1")
+        assert reached(await probe(inet_ns, LAN[1], 9998), "lan")

@@ -81,8 +81,10 @@ async def test_guest_without_egress_reaches_nothing(vm: AgentSettings, decoy: st
         try:
             probe = PROBE.format(port=PORT)
             for target in (DECOY, net.veth_host_ip, "169.254.0.22", "10.230.0.1"):
+                # The probe's own connect timeout (2 s) decides; `timeout` only bounds a hang
+                # (a loaded TCG guest can take seconds just to start python3).
                 result = await capsule.envd.exec(
-                    "timeout", ["5", "python3", "-c", probe, target], timeout_s=None
+                    "timeout", ["60", "python3", "-c", probe, target], timeout_s=None
                 )
                 out = result.stdout.decode()
                 assert out.startswith("blocked"), (target, out, result.stderr)

@@ -9,8 +9,9 @@ server). 198.19.250.0/24 and 172.31.250.0/24 are blackholed in the root namespac
 test runs; the private and metadata addresses are routed to the decoy only for packets from
 the capsule's slot (a policy rule on its veth address), so even a broken firewall would send
 them to the decoy and never off the machine. The agent's DNS forwarder asks the decoy's DNS
-server (`dns_upstream`), never a real resolver. Forwarding is switched on only on the two
-interfaces involved (the agent does it on the slot's veth; the test on the decoy's root end).
+server (`dns_upstream`), never a real resolver. The decoy's root end is the agent's only uplink
+(`egress_uplinks`) and starts with forwarding off: the agent turns it on (guarded) for the
+egress capsule, as it would the host's real uplink, and off again after.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def internet() -> Iterator[str]:
         sh("ip", "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "addr", "add", f"{ROOT_END}/29", "dev", dev)
         sh("ip", "link", "set", dev, "up")
-        sh("sysctl", "-q", "-w", f"net.ipv4.conf.{dev}.forwarding=1")
+        sh("sysctl", "-q", "-w", f"net.ipv4.conf.{dev}.forwarding=0")  # the agent's to turn on
         for address in (f"{PUBLIC}/29", f"{PUBLIC_2}/29", f"{PRIVATE}/32", f"{METADATA}/32"):
             sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -129,6 +130,12 @@ def internet() -> Iterator[str]:
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+        # The agent's uplink guards for `dev`, if an egress slot of another agent on this host
+        # kept them (they go with the host's last egress slot) or the test failed half-way.
+        for line in sh("iptables", "-w", "-S", "FORWARD").splitlines():
+            if f"nestbox-uplink:{dev}" in line:
+                args = line.replace('"', "").split()
+                subprocess.run(["iptables", "-w", "-D", *args[1:]], capture_output=True)
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for cidr in BLACKHOLES:
@@ -164,14 +171,15 @@ async def probe(capsule: Capsule, *args: str) -> list[str]:
     return lines
 
 
-def decoy_settings(vm: AgentSettings) -> AgentSettings:
-    return vm.model_copy(update={"dns_upstream": [PUBLIC], "warm_slots": 0})
+def decoy_settings(vm: AgentSettings, uplink: str) -> AgentSettings:
+    update = {"dns_upstream": [PUBLIC], "warm_slots": 0, "egress_uplinks": [uplink]}
+    return vm.model_copy(update=update)
 
 
 async def test_egress_on_reaches_the_decoy_internet_and_nothing_internal(
     vm: AgentSettings, internet: str
 ) -> None:
-    async with open_runtime(decoy_settings(vm)) as runtime:
+    async with open_runtime(decoy_settings(vm, internet)) as runtime:
         [online] = await runtime.clone("minimal", egress=True)
         [offline] = await runtime.clone("minimal")
         assert online.run is not None
@@ -203,7 +211,7 @@ async def test_egress_on_reaches_the_decoy_internet_and_nothing_internal(
 async def test_egress_allow_list_reaches_only_what_it_names(
     vm: AgentSettings, internet: str
 ) -> None:
-    async with open_runtime(decoy_settings(vm)) as runtime:
+    async with open_runtime(decoy_settings(vm, internet)) as runtime:
         [capsule] = await runtime.clone("minimal", egress=True, egress_allow=["decoy.example"])
         assert capsule.run is not None
         assert capsule.run.network.egress_allow == (f"{PUBLIC}/32",)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Auth, Endpoint, Router
+from nestbox.controlplane.api.routing import Auth, Endpoint, Router, int_query
 from nestbox.protocol.accounts import AdminTeamView, AdminUserUpdate, AdminUserView
 from nestbox.protocol.audit import AuditEntryView
 
@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-PAGE = [("limit", "at most this many (1-500, default 100)"),
-        ("before", "only entries with a smaller id (paging)")]  # fmt: skip
+PAGE = [int_query("limit", "at most this many (default 100)", 1, 500),
+        int_query("before", "only entries with a smaller id (paging)", 0, 2**62)]  # fmt: skip
 
 
 async def _audit(request: Request, *, everyone: bool) -> Response:
@@ -62,7 +62,8 @@ router = Router(
                  auth=Auth.ADMIN, response=list[AuditEntryView], query=PAGE),
         Endpoint("GET", "/v1/admin/users", admin_list_users, "Every user", auth=Auth.ADMIN,
                  response=list[AdminUserView],
-                 query=[("limit", "1-1000, default 100"), ("offset", "skip this many")]),
+                 query=[int_query("limit", "default 100", 1, 1000),
+                        int_query("offset", "skip this many", 0, 2**31)]),
         Endpoint("PATCH", "/v1/admin/users/{user_id}", admin_update_user,
                  "Disable or enable a user; grant or take platform admin", auth=Auth.ADMIN,
                  body=AdminUserUpdate, response=AdminUserView),

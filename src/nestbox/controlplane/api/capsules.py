@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Query, Router, int_query
 from nestbox.controlplane.services import paging
+from nestbox.controlplane.services.paging import MAX_LIMIT, STATUSES
 from nestbox.protocol.capsules import CapsuleCreate, CapsuleView
 
 if TYPE_CHECKING:
@@ -72,15 +73,17 @@ router = Router(
                              "503 host_unavailable when no host has room."),
         Endpoint("GET", "/v1/capsules", list_capsules, "Your team's capsules",
                  response=list[CapsuleView],
-                 query=[("status", "only these statuses (repeated, or comma-separated)"),
-                        ("metadata.<key>", "only capsules whose metadata has key = value "
-                                           "(several: all must match)"),
-                        ("limit", "at most this many (1-1000); the next page's cursor is in "
-                                  "the X-Next-Cursor header, absent on the last page"),
+                 query=[Query("status", "only these statuses (repeated, or comma-separated)",
+                              {"type": "array", "items": {"enum": sorted(STATUSES)}}),
+                        int_query("limit", "at most this many; the next page's cursor is "
+                                  "in the X-Next-Cursor header, absent on the last page",
+                                  1, MAX_LIMIT),
                         ("cursor", "the X-Next-Cursor of the page before")],
                  description="Oldest first (created_at, then id). Paging is by key: every "
                              "capsule is listed exactly once across the pages, however many "
-                             "are created meanwhile. Without limit: all of them."),
+                             "are created meanwhile. Without limit: all of them. "
+                             "`metadata.<key>=<value>` parameters keep only capsules whose "
+                             "metadata has key = value (several: all must match)."),
         Endpoint("GET", CAPSULE, get_capsule, "One capsule", response=CapsuleView,
                  description="404 once destroyed; a capsule that died on its own stays "
                              "visible as stopped, error or missing until destroyed."),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Router, int_query
 from nestbox.protocol.accounts import Role
 from nestbox.protocol.events import (
     ChannelConfig,
@@ -108,7 +108,7 @@ router = Router(
         Endpoint("DELETE", CHANNEL, delete_channel, "Delete a channel (admin)", status=204),
         Endpoint("GET", CHANNEL + "/deliveries", channel_deliveries,
                  "A channel's latest deliveries, newest first", response=list[DeliveryView],
-                 query=[("limit", "1-500, default 50")],
+                 query=[int_query("limit", "default 50", 1, 500)],
                  description="pending (with its next attempt), delivered or failed (given up "
                  "after channel_max_attempts), with the receiver's last status or error."),
     ],

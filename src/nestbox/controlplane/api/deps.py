@@ -4,6 +4,7 @@ body, and a JSON answer. Also the authentication used by `Endpoint` and by WebSo
 
 from __future__ import annotations
 
+import json as jsonlib
 import re
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -101,11 +102,39 @@ async def body(request: Request, model: type[M]) -> M:
     TooLarge: over 1 MiB."""
     raw = await _read_limited(request, MAX_JSON_BODY)
     try:
-        return model.model_validate_json(raw if raw.strip() else b"{}", strict=True)
+        return model.model_validate_json(_integral_floats(raw) if raw.strip() else b"{}",
+                                         strict=True)  # fmt: skip
     except ValidationError as err:
         if any(e["type"] == "json_invalid" for e in err.errors()):
             raise InvalidRequest("the body is not valid JSON") from None
         raise InvalidRequest(validation_message(err)) from None
+
+
+_FRACTION = re.compile(rb"[0-9][.eE]")
+
+
+def _integral_floats(raw: bytes) -> bytes:
+    """The body with numbers like `2.0` or `1e3` written as integers: JSON Schema counts them
+    as integers, pydantic's strict mode would not. Not JSON: returned as it is (the parser
+    then says so)."""
+    if _FRACTION.search(raw) is None:
+        return raw  # no number with a fraction or an exponent: nothing to do
+    try:
+        doc = jsonlib.loads(raw, parse_float=_number, parse_constant=_no_constant)
+    except ValueError:
+        return raw
+    return jsonlib.dumps(doc, separators=(",", ":")).encode()  # ASCII: lone surrogates stay escaped
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    if value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
 
 
 def validation_message(err: ValidationError) -> str:
@@ -150,13 +179,13 @@ def path_param(conn: HTTPConnection, name: str) -> str:
 
 
 def query_bool(request: Request, name: str) -> bool:
-    """A yes/no query parameter: `true`, `1` or `yes` (any case) is yes; `false`, `0`, `no`,
-    empty or absent is no; anything else is a 400 (a typo must not quietly mean "no").
+    """A yes/no query parameter: `true`, `1` or `yes` (any case) is yes; `false`, `0`, `no` or
+    absent is no; anything else, empty included, is a 400 (a typo must not quietly mean "no").
     :raise InvalidRequest:"""
-    raw = request.query_params.get(name, "").lower()
+    raw = request.query_params.get(name, "false").lower()
     if raw in ("1", "true", "yes"):
         return True
-    if raw in ("", "0", "false", "no"):
+    if raw in ("0", "false", "no"):
         return False
     raise InvalidRequest(f"{name} must be true or false")
 
@@ -164,8 +193,8 @@ def query_bool(request: Request, name: str) -> bool:
 def query_int(request: Request, name: str, default: int, *, lo: int, hi: int) -> int:
     """An integer query parameter within [lo, hi]. :raise InvalidRequest:"""
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
+    if raw is None:
+        return default  # (empty is not an integer: 400, as the document says)
     try:
         value = int(raw)
     except ValueError:

@@ -85,6 +85,8 @@ async def write_file(request: Request) -> Response:
                     path = await part.text(MAX_PATH)
                 elif part.name == "file" and data is None:
                     data = await _collect(part, MAX_BUFFERED_FILE, held)
+                else:  # the document's form has these two parts, once each
+                    raise InvalidRequest(f"unexpected form part {part.name[:64]!r}")
         except (TooLarge, Busy):
             await _drain(body, DRAIN_LIMIT)
             raise
@@ -180,19 +182,31 @@ async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
             return
 
 
+UPLOAD = {
+    "type": "object", "required": ["path", "file"], "additionalProperties": False,
+    "properties": {
+        "path": {"type": "string", "minLength": 1, "maxLength": MAX_PATH,
+                 "pattern": "^[^\\x00]+$"},
+        "file": {"type": "string", "format": "binary"},
+    },
+}  # fmt: skip
+"""The upload form: `path` first, then `file` (the order the streamed route needs)."""
+
 router = Router(
     tag="files",
     endpoints=[
         Endpoint("POST", FILES + "/read", read_file, "Read a file (at most 100 MiB)",
                  body=PathRequest, description="Answers the bytes (application/octet-stream)."),
         Endpoint("POST", FILES + "/write", write_file, "Write a file (at most 100 MiB)",
-                 status=204, description="multipart/form-data: a `path` field and a `file` "
-                 "part. Parents are created; 413 too_large over 100 MiB."),
+                 status=204, form=UPLOAD,
+                 description="multipart/form-data: a `path` field and a `file` part. Parents "
+                 "are created; 413 too_large over 100 MiB."),
         Endpoint("POST", FILES + "/stream/read", stream_read_file, "Read a file, streamed",
                  body=PathRequest, description="Any size; the bytes arrive as they are read."),
         Endpoint("POST", FILES + "/stream/write", stream_write_file, "Write a file, streamed",
-                 status=204, description="multipart/form-data, `path` first, then `file`; "
-                 "any size, in constant memory."),
+                 status=204, form=UPLOAD,
+                 description="multipart/form-data, `path` first, then `file`; any size, in "
+                 "constant memory."),
         Endpoint("POST", FILES + "/list", list_files, "List a directory", body=ListDirRequest,
                  response=EntryListView),
         Endpoint("POST", FILES + "/mkdir", make_dir, "Make a directory (and its parents)",

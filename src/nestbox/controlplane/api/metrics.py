@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.capsules import CAPSULE
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Router, enum_query
 from nestbox.controlplane.errors import InvalidRequest
 from nestbox.controlplane.services.usage import parse_day
 from nestbox.protocol.metrics import (
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def _range(request: Request, allowed: dict[str, int], default: str) -> str:
-    value = request.query_params.get("range") or default
+    value = request.query_params.get("range", default)  # empty is not a range: 400
     if value not in allowed:
         raise InvalidRequest(f"range must be one of: {', '.join(allowed)}")
     return value
@@ -64,7 +64,7 @@ router = Router(
     endpoints=[
         Endpoint("GET", "/v1/capsules/stats", capsule_stats,
                  "What your team's capsules hold now, their peaks and a time series",
-                 response=StatsView, query=[("range", "5m, 1h (default), 6h, 24h or 30d")],
+                 response=StatsView, query=[enum_query("range", "default 1h", list(STATS_RANGES))],
                  description="Counts capsules pending, starting, running, pausing, resuming or "
                  "snapshotting; peaks are over the last 30 days; series labels are UTC bucket "
                  "starts."),
@@ -77,7 +77,7 @@ router = Router(
                  "midnight; a capsule still running counts up to now. At most 366 days."),
         Endpoint("GET", CAPSULE + "/metrics", capsule_metrics,
                  "A capsule's CPU, memory and disk over time", response=MetricsView,
-                 query=[("range", "5m, 10m (default), 1h, 2h, 6h, 12h or 24h")],
+                 query=[enum_query("range", "default 10m", list(METRICS_RANGES))],
                  description="Kept by its host agent from creation on, through pauses (a paused "
                  "capsule answers its history): 1 s samples for 10 minutes, 30 s averages for "
                  "2 hours, 5-minute averages for 24 hours."),

@@ -7,10 +7,10 @@ import re
 import typing
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from nestbox import __version__
-from nestbox.controlplane.api.routing import Auth
+from nestbox.controlplane.api.routing import Auth, Query
 from nestbox.protocol.errors import ErrorBody
 
 if TYPE_CHECKING:
@@ -91,11 +91,7 @@ def _operation(
     params = [
         {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
         for p in endpoint.path_params
-    ] + [
-        {"name": n, "in": "query", "required": False, "description": d,
-         "schema": {"type": "string"}}
-        for n, d in endpoint.query
-    ] + [
+    ] + [_query(q) for q in endpoint.query] + [
         {"name": n, "in": "query", "required": False, "description": d,
          "schema": {"type": "boolean", "default": False}}
         for n, d in endpoint.flags
@@ -105,9 +101,13 @@ def _operation(
     if endpoint.body is not None:
         op["requestBody"] = {
             # An empty body counts as `{}` (deps.body): optional when `{}` is a valid one.
-            "required": any(f.is_required() for f in endpoint.body.model_fields.values()),
+            "required": not _valid(endpoint.body, {}),
             "content": {"application/json": {"schema": schemas.ref(endpoint.body, "validation")}},
         }
+    elif endpoint.form is not None:
+        op["requestBody"] = {
+            "required": True, "content": {"multipart/form-data": {"schema": endpoint.form}},
+        }  # fmt: skip
     ok: dict[str, Any] = {"description": "OK" if endpoint.status < 300 else "done"}
     if endpoint.response is not None:
         schema = schemas.ref(endpoint.response, "serialization")
@@ -115,6 +115,9 @@ def _operation(
             schema = _sse_event(schema)
         ok["content"] = {endpoint.media_type: {"schema": schema}}
     op["responses"] = {str(endpoint.status): ok, "default": error}
+    for status, model in endpoint.also.items():
+        op["responses"][str(status)] = {"description": "OK", "content": {
+            "application/json": {"schema": schemas.ref(model, "serialization")}}}  # fmt: skip
     if endpoint.rate_limited:
         op["responses"]["429"] = {
             **error,
@@ -122,6 +125,21 @@ def _operation(
             "`Retry-After` seconds",
         }
     return op
+
+
+def _valid(model: type[BaseModel], doc: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(doc)
+    except ValidationError:
+        return False
+    return True
+
+
+def _query(param: tuple[str, str] | Query) -> dict[str, Any]:
+    if not isinstance(param, Query):
+        param = Query(*param, schema={"type": "string"})
+    return {"name": param.name, "in": "query", "required": param.required,
+            "description": param.description, "schema": param.schema}  # fmt: skip
 
 
 def _sse_event(data: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.capsules import CAPSULE
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Router, enum_query
+from nestbox.controlplane.services.processes import SIGNALS
 from nestbox.protocol.capsules import BackgroundView, ExecCreate, ExecResultView, ProcessListView
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ router = Router(
     tag="processes",
     endpoints=[
         Endpoint("POST", CAPSULE + "/exec", exec_command, "Run a command", body=ExecCreate,
-                 response=ExecResultView,
+                 response=ExecResultView, also={202: BackgroundView},
                  description="Foreground: runs to its end (timeout_sec, default 30) and "
                              "answers its output, base64 when not UTF-8. background=true: "
                              "answers 202 with the pid and tag at once."),
@@ -50,6 +51,6 @@ router = Router(
                  response=ProcessListView),
         Endpoint("DELETE", CAPSULE + "/processes/{selector}", kill_process,
                  "Signal a process by pid or tag", status=204,
-                 query=[("signal", "SIGKILL (default) or SIGTERM")]),
+                 query=[enum_query("signal", "default SIGKILL", sorted(SIGNALS))]),
     ],
 )  # fmt: skip

@@ -27,6 +27,25 @@ if TYPE_CHECKING:
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query parameter the document types (a plain `(name, description)` pair is an optional
+    string): `schema` is its JSON Schema, stating the rules the handler enforces."""
+
+    name: str
+    description: str
+    schema: dict[str, Any]
+    required: bool = False
+
+
+def int_query(name: str, description: str, lo: int, hi: int) -> Query:
+    return Query(name, description, {"type": "integer", "minimum": lo, "maximum": hi})
+
+
+def enum_query(name: str, description: str, values: Sequence[str]) -> Query:
+    return Query(name, description, {"type": "string", "enum": list(values)})
+
+
 class Auth(Enum):
     PUBLIC = "public"
     """No credentials."""
@@ -50,13 +69,18 @@ class Endpoint:
     """A pydantic model, `list[Model]`, or None for an empty answer."""
     status: int = 200
     description: str = ""
-    query: Sequence[tuple[str, str]] = ()
-    """(name, description) of the query parameters, for the document."""
+    query: Sequence[tuple[str, str] | Query] = ()
+    """The query parameters, for the document: `(name, description)` or a typed `Query`."""
     flags: Sequence[tuple[str, str]] = ()
     """(name, description) of the boolean query parameters (`deps.query_bool`)."""
     media_type: str = "application/json"
     """Of the 2xx answer: `text/event-stream` for Server-Sent Events (`response` is then the
     model of one message's `data`)."""
+    also: dict[int, Any] = field(default_factory=dict)
+    """Other 2xx answers (status -> model), e.g. exec's 202 for a background start."""
+    form: dict[str, Any] | None = None
+    """The JSON Schema of a `multipart/form-data` body (required when given), for the document:
+    the handler parses such bodies itself, as they arrive."""
     rate_limited: bool = False
     """Each client address gets its own token bucket for this route (login, signup, key
     creation); checked before anything else, so refused requests cost nothing."""

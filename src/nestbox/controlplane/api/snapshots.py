@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Router, enum_query
 from nestbox.protocol.templates import SnapshotCreate, TemplateView
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ async def create_snapshot(request: Request) -> Response:
 
 async def list_snapshots(request: Request) -> Response:
     snapshots = deps.services(request).snapshots
-    kind = request.query_params.get("type") or None
+    kind = request.query_params.get("type")  # empty is not a kind: 400
     return deps.json(await snapshots.list_for(deps.principal(request), kind))
 
 
@@ -41,8 +41,11 @@ router = Router(
                  body=SnapshotCreate, response=TemplateView, status=201,
                  flags=[("overwrite", "replace your template of that name")]),
         Endpoint("GET", "/v1/snapshots", list_snapshots, "Your team's and the platform's "
-                 "templates", response=list[TemplateView], query=[("type", "base | snapshot")]),
-        Endpoint("DELETE", "/v1/snapshots/{name}", delete_snapshot, "Delete a template",
-                 status=204),
+                 "templates", response=list[TemplateView],
+                 query=[enum_query("type", "only this kind", ["base", "snapshot"])]),
+        Endpoint("DELETE", "/v1/snapshots/{name}", delete_snapshot,
+                 "Delete a template no capsule uses", status=204,
+                 description="409 conflict with `capsule_ids` while capsules use it; 403 for "
+                 "a platform template."),
     ],
 )  # fmt: skip

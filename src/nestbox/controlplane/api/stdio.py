@@ -12,9 +12,9 @@ from starlette.responses import StreamingResponse
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.capsules import CAPSULE
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Query, Router
 from nestbox.controlplane.errors import ControlPlaneError, InvalidRequest
-from nestbox.protocol.files import guest_path_problem
+from nestbox.protocol.files import MAX_PATH, guest_path_problem
 from nestbox.protocol.stdio import StdinWrite, WatchEventView
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ router = Router(
         Endpoint("GET", CAPSULE + "/files/watch", watch_dir,
                  "Watch a directory (Server-Sent Events)", response=WatchEventView,
                  media_type="text/event-stream",
-                 query=[("path", "the directory (relative: under the workdir or home)")],
+                 query=[Query("path", "the directory (relative: under the workdir or home)",
+                              {"type": "string", "minLength": 1, "maxLength": MAX_PATH,
+                               "pattern": "^[^\\x00]+$"}, required=True)],
                  flags=[("recursive", "its subdirectories too")],
                  description="text/event-stream: one WatchEventView per data: line, type "
                              "start first once the watch is set, then create, write, remove, "

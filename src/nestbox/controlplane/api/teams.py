@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Auth, Endpoint, Router
+from nestbox.controlplane.api.routing import Auth, Endpoint, Query, Router
 from nestbox.protocol.accounts import (
     MemberCreate,
     MemberUpdate,
+    Role,
     TeamCreate,
     TeamDetailView,
     TeamMemberView,
@@ -60,7 +61,8 @@ async def add_member(request: Request) -> Response:
     req = await deps.body(request, MemberCreate)
     teams = deps.services(request).teams
     team_id = deps.path_param(request, "team_id")
-    return deps.json(await teams.add_member(deps.principal(request), team_id, req.email, req.role),
+    return deps.json(await teams.add_member(deps.principal(request), team_id, req.email,
+                                               Role(req.role)),
                      201)  # fmt: skip
 
 
@@ -68,7 +70,7 @@ async def update_member(request: Request) -> Response:
     req = await deps.body(request, MemberUpdate)
     teams = deps.services(request).teams
     team_id, user_id = deps.path_param(request, "team_id"), deps.path_param(request, "user_id")
-    await teams.set_role(deps.principal(request), team_id, user_id, req.role)
+    await teams.set_role(deps.principal(request), team_id, user_id, Role(req.role))
     return deps.no_content()
 
 
@@ -117,6 +119,8 @@ router = Router(
                  status=204),
         Endpoint("GET", "/v1/users/search", search_users, "Users by email prefix",
                  response=list[UserSearchResult],
-                 query=[("email", "at least 3 characters, with the @")]),
+                 query=[Query("email", "the start of the email, with its @",
+                              {"type": "string", "minLength": 3, "maxLength": 254,
+                               "pattern": "@"}, required=True)]),
     ],
 )  # fmt: skip

@@ -17,19 +17,30 @@ from starlette.responses import JSONResponse, Response
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.errors import error_response
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Query, Router, enum_query, int_query
 from nestbox.controlplane.e2b.models import (
     ConnectSandbox,
     ListedSandbox,
     NewSandbox,
+    NewSnapshot,
     SandboxCreated,
     SandboxDetail,
+    SandboxLog,
+    SandboxLogs,
+    SandboxLogsV2,
     SandboxMetric,
     SandboxRefresh,
     SandboxTimeout,
+    SnapshotInfo,
 )
-from nestbox.controlplane.e2b.service import MAX_PAGE, e2b_service, parse_metadata_query
+from nestbox.controlplane.e2b.service import (
+    LOG_LEVELS,
+    MAX_PAGE,
+    e2b_service,
+    parse_metadata_query,
+)
 from nestbox.controlplane.errors import ControlPlaneError, InvalidRequest
+from nestbox.protocol.envd import LOG_LINES
 from nestbox.protocol.errors import HTTP_STATUS
 
 if TYPE_CHECKING:
@@ -187,12 +198,85 @@ async def sandbox_metrics(request: Request) -> Response:
     return answer(metrics)
 
 
+MAX_START_MS = 2**53
+"""The largest `start`/`cursor` taken (ms; JSON's exact integers)."""
+
+
+@e2b_errors
+async def sandbox_logs(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
+    start = deps.query_int(request, "start", 0, lo=0, hi=MAX_START_MS)
+    limit = deps.query_int(request, "limit", LOG_LINES, lo=0, hi=LOG_LINES)
+    service = await _service(request)
+    entries = await service.logs(deps.principal(request), capsule_id, start_ms=start, limit=limit)
+    lines = [SandboxLog(timestamp=e.timestamp, line=e.message) for e in entries]
+    return answer(SandboxLogs(logs=lines, log_entries=entries))
+
+
+@e2b_errors
+async def sandbox_logs_v2(request: Request) -> Response:
+    """Forward from `cursor` (oldest first), or backward to it (newest first); `level` keeps
+    that level and above, `search` the lines whose message holds it."""
+    capsule_id = deps.path_param(request, "capsule_id")
+    query = request.query_params
+    cursor = deps.query_int(request, "cursor", -1, lo=0, hi=MAX_START_MS)
+    limit = deps.query_int(request, "limit", LOG_LINES, lo=0, hi=LOG_LINES)
+    direction, level = query.get("direction", "forward"), query.get("level", "debug")
+    if direction not in ("forward", "backward"):
+        raise InvalidRequest("direction must be forward or backward")
+    if level not in LOG_LEVELS:
+        raise InvalidRequest(f"level must be one of {', '.join(LOG_LEVELS)}")
+    search = query.get("search", "")
+    forward = direction == "forward"
+    service = await _service(request)
+    entries = await service.logs(deps.principal(request), capsule_id,
+                                 start_ms=max(cursor, 0) if forward else 0)  # fmt: skip
+    least = LOG_LEVELS.index(level)
+    kept = [
+        e for e in entries
+        if LOG_LEVELS.index(e.level) >= least and search in e.message
+        and (forward or cursor < 0 or round(e.timestamp.timestamp() * 1000) <= cursor)
+    ]  # fmt: skip
+    page = kept[:limit] if forward else kept[::-1][:limit]
+    return answer(SandboxLogsV2(logs=page))
+
+
+@e2b_errors
+async def create_sandbox_snapshot(request: Request) -> Response:
+    capsule_id = deps.path_param(request, "capsule_id")
+    body = await deps.body(request, NewSnapshot)
+    made = await (await _service(request)).create_snapshot(
+        deps.principal(request), capsule_id, body
+    )
+    return answer(made, 201)
+
+
+@e2b_errors
+async def list_sandbox_snapshots(request: Request) -> Response:
+    query = request.query_params
+    items, token = await (await _service(request)).snapshots(
+        deps.principal(request),
+        sandbox_id=query.get("sandboxID") or None,
+        name=query.get("name") or None,
+        limit=deps.query_int(request, "limit", MAX_PAGE, lo=1, hi=MAX_PAGE),
+        token=query.get("nextToken") or None,
+    )
+    response = answer(items)
+    if token is not None:
+        response.headers[NEXT_TOKEN_HEADER] = token
+    return response
+
+
 _LIST_QUERY = (
     ("metadata", "urlencoded key=value pairs the sandbox's metadata must hold"),
-    ("state", "running and/or paused (comma-separated or repeated); default both"),
-    ("limit", f"page size, 1-{MAX_PAGE}"),
+    Query(
+        "state",
+        "running and/or paused (comma-separated or repeated); default both",
+        {"type": "array", "items": {"enum": sorted(STATES)}},
+    ),
+    int_query("limit", "page size", 1, MAX_PAGE),
     ("nextToken", f"the {NEXT_TOKEN_HEADER} header of the previous page"),
-    ("order", "asc (creation order; the only order served)"),
+    enum_query("order", "creation order, the only order served", ["asc"]),
 )
 router = Router(
     tag="e2b",
@@ -228,5 +312,37 @@ router = Router(
         Endpoint("GET", SANDBOX + "/metrics", sandbox_metrics,
                  "E2B: the sandbox's recent CPU, memory and disk use",
                  response=list[SandboxMetric]),
+        Endpoint("GET", SANDBOX + "/logs", sandbox_logs,
+                 "E2B: the sandbox's envd log lines (the last 1000 / 256 KiB)",
+                 response=SandboxLogs,
+                 query=(int_query("start", "only lines from this time on (ms since the epoch)",
+                                  0, MAX_START_MS),
+                        int_query("limit", "at most this many lines", 0, LOG_LINES)),
+                 description="envd's own lines (processes started and ended, recoveries, "
+                             "errors), oldest first, kept in the guest's memory: through a "
+                             "pause too, but read only while running (409 when paused)."),
+        Endpoint("GET", "/v2" + SANDBOX + "/logs", sandbox_logs_v2,
+                 "E2B: the sandbox's envd log lines, filtered", response=SandboxLogsV2,
+                 query=(int_query("cursor", "a time (ms since the epoch): from it (forward) or "
+                                  "up to it (backward)", 0, MAX_START_MS),
+                        int_query("limit", "at most this many lines", 0, LOG_LINES),
+                        enum_query("direction", "oldest first (forward, the default) or newest "
+                                   "first", ["forward", "backward"]),
+                        enum_query("level", "that level and above (default debug)",
+                                   list(LOG_LEVELS)),
+                        ("search", "only lines whose message holds this text"))),
+        Endpoint("POST", SANDBOX + "/snapshots", create_sandbox_snapshot,
+                 "E2B: snapshot a sandbox into a template", body=NewSnapshot,
+                 response=SnapshotInfo, status=201,
+                 description="A running sandbox runs on afterwards; a snapshot of the same "
+                             "name is replaced. Create a sandbox from it with `templateID` "
+                             "set to its `snapshotID`. `memory: false` is a 400."),
+        Endpoint("GET", "/snapshots", list_sandbox_snapshots, "E2B: your team's snapshots, paged",
+                 response=list[SnapshotInfo],
+                 query=(("sandboxID", "only those taken of this sandbox"),
+                        ("name", "only the one of this name"),
+                        int_query("limit", "page size", 1, MAX_PAGE),
+                        ("nextToken", f"the {NEXT_TOKEN_HEADER} header of the previous "
+                                      "page"))),
     ],
 )  # fmt: skip

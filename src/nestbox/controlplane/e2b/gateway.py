@@ -17,9 +17,9 @@ middleware takes both forms and hands them to the capsule's agent.
   puts the capsule's own envd token on (the caller's never reaches envd). A sandbox that is
   not running answers 502 (the SDK's `is_running()` reads that as False), unless it was made
   with `autoResume`, which resumes it first (`LifetimeService.ensure_running`).
-- Streams both ways (request body as it arrives, answer chunks as they come), so Connect
-  server streams flow and file transfers of any size take constant memory; a client that
-  hangs up ends the upstream request.
+- Streams both ways through `common.httprelay` (the HTTP relay of every proxy: request body as
+  it arrives, answer chunks as they come), so Connect server streams flow and file transfers
+  of any size take constant memory; a client that hangs up ends the upstream request.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import logging
 import re
 from typing import TYPE_CHECKING, cast
 
-import anyio
 import httpx
 
+from nestbox.common.httprelay import LazyClient, new_client, relay_http, request_headers
 from nestbox.common.proxypath import RefusalLog
 from nestbox.controlplane.db.capsules import DESTROYED
 from nestbox.controlplane.e2b.service import e2b_service, e2b_state, token_matches
@@ -52,9 +52,7 @@ from nestbox.protocol.hosts import AGENT_TOKEN_HEADER, PROXY_TOKEN_HEADER
 from nestbox.protocol.ids import BASE36, ID_LENGTH, IdPrefix
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from nestbox.controlplane.db.capsules import Capsule
     from nestbox.controlplane.e2b.service import E2bService
@@ -66,14 +64,9 @@ CAPSULE_ID = re.compile(f"{IdPrefix.CAPSULE}-[{BASE36}]{{{ID_LENGTH}}}")
 HOST_FORM = re.compile(rf"{GATEWAY_PORT}-(?P<id>[^.]*)\.(?P<domain>.+)")
 _ID_HEADER = SANDBOX_ID_HEADER.lower().encode()
 _PORT_HEADER = SANDBOX_PORT_HEADER.lower().encode()
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "expect",
-})  # fmt: skip
-NOT_FORWARDED = HOP_BY_HOP | {
-    "x-api-key", ACCESS_TOKEN_HEADER.lower(), AGENT_TOKEN_HEADER.lower(),
-    PROXY_TOKEN_HEADER.lower(),
-}  # fmt: skip
+NOT_FORWARDED = frozenset({"x-api-key", ACCESS_TOKEN_HEADER.lower()})
+"""Dropped on the way to the agent besides what `common.httprelay` drops (hop-by-hop, `Host`,
+our credentials): the caller's API key and E2B token (the agent puts envd's own on)."""
 CONNECT_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
                  404: "not_found", 502: "unavailable", 503: "unavailable"}  # fmt: skip
 
@@ -112,30 +105,15 @@ class EnvdGateway:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._client: httpx.AsyncClient | None = None
+        self._http = LazyClient(lambda: new_client(max_idle=100, idle_s=60.0, connect_s=30.0))
         self._refusals = RefusalLog(log)
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = httpx.AsyncHTTPTransport(
-                http1=True, http2=False, retries=0,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100,
-                                    keepalive_expiry=60.0),
-            )  # fmt: skip
-            self._client = httpx.AsyncClient(
-                transport=transport, trust_env=False, follow_redirects=False,
-                timeout=httpx.Timeout(None, connect=30.0),
-            )  # fmt: skip
-        return self._client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             try:
                 await self.app(scope, receive, send)
             finally:
-                if self._client is not None:
-                    await self._client.aclose()
-                    self._client = None
+                await self._http.aclose()
             return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
@@ -241,72 +219,16 @@ class EnvdGateway:
         target = f"{AGENT_PREFIX}{capsule_id}".encode() + raw_path.split(b"?", 1)[0]
         if query:
             target += b"?" + query
-        raw = list(scope.get("headers") or [])
-        names = {bytes(k).lower() for k, _ in raw}
-        has_body = b"content-length" in names or b"transfer-encoding" in names
-        headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw
-                   if bytes(k).decode("latin-1").lower() not in NOT_FORWARDED]  # fmt: skip
-        headers.append((AGENT_TOKEN_HEADER, token))
-        body = _Body(receive)
-        request = self._http().build_request(
-            str(scope["method"]), f"http://{address}/", headers=headers,
-            content=body.stream() if has_body else None, extensions={"target": target},
-        )  # fmt: skip
+        headers = [*request_headers(scope, NOT_FORWARDED), (AGENT_TOKEN_HEADER, token)]
         try:
-            response = await self._http().send(request, stream=True)
-        except _ClientGone:
-            return
+            await relay_http(
+                scope, receive, send, self._http.get(), url=f"http://{address}/", target=target,
+                headers=headers, name=f"the agent of {capsule_id}",
+            )  # fmt: skip
         except httpx.HTTPError as err:
             log.warning("envd gateway to the agent of %s failed: %r", capsule_id, err,
                         extra={"capsule_id": capsule_id})  # fmt: skip
             await _error(send, 502, ErrorCode.UNAVAILABLE, "the sandbox's host did not answer")
-            return
-        try:
-            out = [(k, v) for k, v in response.headers.raw
-                   if k.decode("latin-1").lower() not in HOP_BY_HOP]  # fmt: skip
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": out})  # fmt: skip
-            async with anyio.create_task_group() as tg:
-                if not has_body or body.complete:  # else the body stream reads `receive`
-                    tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                try:
-                    async for chunk in response.aiter_raw():
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": True})  # fmt: skip
-                except httpx.HTTPError as err:
-                    log.debug("envd answer of %s broke off: %r", capsule_id, err)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        finally:
-            await response.aclose()
-
-
-class _ClientGone(Exception):
-    """The caller hung up while we read its request body."""
-
-
-class _Body:
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self.complete = False
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        while True:
-            message: Message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk: bytes = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                return
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 async def _error(send: Send, status: int, code: ErrorCode, message: str) -> None:

@@ -6,9 +6,11 @@ those are refused by the service with 400 naming the field."""
 from __future__ import annotations
 
 from datetime import datetime  # noqa: TC003 (pydantic resolves annotations at runtime)
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from nestbox.protocol.capsules import SAFE_NAME
 
 MAX_TIMEOUT_S = 86_400
 """E2B's longest lifetime (24 h, its Pro tier)."""
@@ -24,10 +26,18 @@ class _View(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
 
+UNSUPPORTED: dict[str, Any] = {
+    "maxProperties": 0,
+    "description": "not supported by this server: only empty or null",
+}
+"""What the document says of create fields Nestbox cannot honour (anything else in them: 400)."""
+
+
 class NewSandbox(_Request):
     """`POST /sandboxes` and `POST /v2/sandboxes`."""
 
-    template_id: str = Field(alias="templateID", min_length=1, max_length=128)
+    template_id: str = Field(alias="templateID", min_length=1, max_length=128,
+                             pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(:default)?$")  # fmt: skip
     timeout: int = Field(default=DEFAULT_TIMEOUT_S, ge=1, le=MAX_TIMEOUT_S)
     auto_pause: bool = Field(default=False, alias="autoPause")
     auto_resume: bool | dict[str, object] | None = Field(default=None, alias="autoResume")
@@ -36,9 +46,11 @@ class NewSandbox(_Request):
     allow_internet_access: bool | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=20)
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars", max_length=100)
-    network: dict[str, object] | None = None
-    mcp: dict[str, object] | None = None
-    volume_mounts: list[object] | None = Field(default=None, alias="volumeMounts")
+    network: dict[str, object] | None = Field(default=None, json_schema_extra=UNSUPPORTED)
+    mcp: dict[str, object] | None = Field(default=None, json_schema_extra=UNSUPPORTED)
+    volume_mounts: list[object] | None = Field(
+        default=None, alias="volumeMounts", json_schema_extra={**UNSUPPORTED, "maxItems": 0}
+    )
 
     @property
     def resumes_on_traffic(self) -> bool:
@@ -105,6 +117,52 @@ class SandboxMetric(_View):
     mem_cache: int = Field(default=0, serialization_alias="memCache")
     disk_used: int = Field(serialization_alias="diskUsed")
     disk_total: int = Field(serialization_alias="diskTotal")
+
+
+class SandboxLog(_View):
+    """E2B's `SandboxLog`: one line as text."""
+
+    timestamp: datetime
+    line: str
+
+
+class SandboxLogEntry(_View):
+    """E2B's `SandboxLogEntry`: one line, structured."""
+
+    timestamp: datetime
+    level: Literal["debug", "info", "warn", "error"]
+    message: str
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxLogs(_View):
+    """`GET /sandboxes/{id}/logs`: the same lines twice, as E2B answers them."""
+
+    logs: list[SandboxLog]
+    log_entries: list[SandboxLogEntry] = Field(serialization_alias="logEntries")
+
+
+class SandboxLogsV2(_View):
+    """`GET /v2/sandboxes/{id}/logs`."""
+
+    logs: list[SandboxLogEntry]
+
+
+class NewSnapshot(_Request):
+    """`POST /sandboxes/{id}/snapshots` (E2B's `SandboxSnapshotRequest`)."""
+
+    name: str | None = Field(default=None, pattern=SAFE_NAME)
+    memory: bool | None = Field(default=None, json_schema_extra={"enum": [True, None]})
+    """False asks for a filesystem-only snapshot: refused (400), every snapshot here holds
+    memory too."""
+
+
+class SnapshotInfo(_View):
+    """E2B's `SnapshotInfo`: `snapshotID` is `<name>:default` (E2B's `name:tag`); a sandbox is
+    created from it (or from the bare name) as from a template."""
+
+    snapshot_id: str = Field(serialization_alias="snapshotID")
+    names: list[str]
 
 
 class E2bError(_View):

@@ -31,29 +31,41 @@ import anyio
 from pydantic import ValidationError
 
 from nestbox.controlplane.api.deps import validation_message
+from nestbox.controlplane.db.capsules import PageKey
 from nestbox.controlplane.e2b.models import (
     DEFAULT_TIMEOUT_S,
     ConnectSandbox,
     ListedSandbox,
     NewSandbox,
+    NewSnapshot,
     SandboxCreated,
     SandboxDetail,
+    SandboxLogEntry,
     SandboxMetric,
+    SnapshotInfo,
 )
 from nestbox.controlplane.errors import InvalidRequest, InvalidState, NotFound
 from nestbox.controlplane.secretbox import load_secret_key
 from nestbox.controlplane.services.capsules import AGENT_METADATA
-from nestbox.controlplane.services.paging import ListQuery, decode_cursor, list_page
+from nestbox.controlplane.services.paging import (
+    ListQuery,
+    decode_cursor,
+    encode_cursor,
+    list_page,
+)
 from nestbox.protocol.capsules import DEFAULT_TEMPLATE, CapsuleCreate, CapsuleStatus
-from nestbox.protocol.envd import ENVD_VERSION
+from nestbox.protocol.envd import ENVD_VERSION, LOG_LINES
+from nestbox.protocol.templates import SnapshotCreate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
+    from nestbox.controlplane.db.templates import Template
     from nestbox.controlplane.services.container import Services
     from nestbox.controlplane.services.principal import Principal
     from nestbox.protocol.capsules import CapsuleView
+    from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 
 MIB = 1024 * 1024
 BASE_TEMPLATE = "base"
@@ -68,6 +80,11 @@ METRICS_RANGE = "10m"
 UNSUPPORTED = ("network", "mcp", "volume_mounts")
 """Create fields we cannot honour: refused (400) rather than silently ignored."""
 _TOKEN_CONTEXT = b"nestbox/e2b/envd-access-token/v1\0"
+SNAPSHOT_TAG = ":default"
+"""E2B names a snapshot `<name>:<tag>`; ours have the one tag (a name never holds a `:`)."""
+LOG_LEVELS = ("debug", "info", "warn", "error")
+SOURCE_CAPSULE = "source_capsule"
+"""The metadata key `SnapshotService` records a snapshot template's capsule under."""
 
 _keys: dict[Path, bytes] = {}
 
@@ -87,6 +104,23 @@ def parse_metadata_query(raw: str) -> dict[str, str]:
     query value (already decoded once by the framework)."""
     pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
     return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
+
+
+def bare_name(template_id: str) -> str:
+    """A template or snapshot name without E2B's tag (`name:default` -> `name`)."""
+    return template_id.removesuffix(SNAPSHOT_TAG)
+
+
+def snapshot_info(name: str) -> SnapshotInfo:
+    return SnapshotInfo(snapshot_id=name + SNAPSHOT_TAG, names=[name + SNAPSHOT_TAG])
+
+
+def log_entry(entry: pb.LogEntry) -> SandboxLogEntry:
+    level = entry.level if entry.level in LOG_LEVELS else "info"
+    return SandboxLogEntry(
+        timestamp=datetime.fromtimestamp(entry.ts_unix_ms / 1000, UTC), level=level,  # type: ignore[arg-type] # checked just above
+        message=entry.message, fields=dict(entry.fields),
+    )  # fmt: skip
 
 
 def access_token(key: bytes, capsule_id: str) -> str:
@@ -143,7 +177,7 @@ class E2bService:
 
     async def _template(self, principal: Principal, template_id: str) -> str:
         if template_id != BASE_TEMPLATE:
-            return template_id
+            return bare_name(template_id)  # a snapshot's id names its template
         async with self.services.db.transaction() as tx:
             found = await tx.templates.find(principal.team_id, BASE_TEMPLATE)
         return BASE_TEMPLATE if found is not None else DEFAULT_TEMPLATE
@@ -217,6 +251,80 @@ class E2bService:
             )
             for p in found.points
         ]
+
+    async def logs(
+        self, principal: Principal, capsule_id: str, *, start_ms: int = 0, limit: int = LOG_LINES
+    ) -> list[SandboxLogEntry]:
+        """The sandbox's envd log lines from `start_ms` on, oldest first: the bounded ring
+        envd keeps in the guest (`envd/logring.py`), read through its host agent. It lives in
+        the guest's memory, so it is kept through a pause but read only while running.
+        :raise NotFound: :raise InvalidState: paused."""
+        target = await self.services.targets.target(principal, capsule_id)
+        status = target.capsule.status
+        if e2b_state(status) is None:
+            raise NotFound("sandbox", capsule_id)
+        if status != CapsuleStatus.RUNNING:
+            raise InvalidState(f"sandbox {capsule_id}", status, ["running"])
+        found = await target.agent.capsule_logs(capsule_id, start_ms, limit)
+        return [log_entry(e) for e in found]
+
+    # ── snapshots (snapshot templates: `services/snapshots.py`) ──
+
+    async def create_snapshot(
+        self, principal: Principal, capsule_id: str, body: NewSnapshot
+    ) -> SnapshotInfo:
+        """Snapshot the sandbox into the team's template `body.name` (replacing one of that
+        name, as E2B assigns it a new build); a running sandbox runs on afterwards with the
+        same end. :raise NotFound: :raise InvalidRequest: :raise InvalidState:"""
+        if body.memory is False:
+            raise InvalidRequest("filesystem-only snapshots (memory: false) are not supported")
+        view = await self._visible(principal, capsule_id)
+        try:
+            request = SnapshotCreate(
+                sandbox_id=capsule_id, name=bare_name(body.name) if body.name else None
+            )
+        except ValidationError as err:
+            raise InvalidRequest(validation_message(err)) from None
+        made = await self.services.snapshots.create(principal, request, overwrite=True)
+        if view.status == CapsuleStatus.RUNNING:
+            await self.services.capsules.resume(principal, capsule_id)
+            if view.expires_at is not None:  # the snapshot's pause does not lengthen its life
+                async with self.services.db.transaction() as tx:
+                    await tx.capsules.update(capsule_id, expires_at=view.expires_at)
+        return snapshot_info(made.name)
+
+    async def snapshots(
+        self,
+        principal: Principal,
+        *,
+        sandbox_id: str | None,
+        name: str | None,
+        limit: int,
+        token: str | None,
+    ) -> tuple[list[SnapshotInfo], str | None]:
+        """A page of the team's snapshot templates (those made from a sandbox) in creation
+        order, and the next page's token (a `services/paging.py` cursor)."""
+        async with self.services.db.transaction() as tx:
+            found = await tx.templates.of_team(principal.team_id)
+
+        def wanted(t: Template) -> bool:
+            source = t.metadata.get(SOURCE_CAPSULE)
+            return (source is not None and (sandbox_id is None or source == sandbox_id)
+                    and (name is None or t.name == bare_name(name)))  # fmt: skip
+
+        items = sorted((t for t in found if wanted(t)), key=lambda t: (t.created_at, t.id))
+        if token:
+            after = decode_cursor(token)
+            items = [t for t in items if (t.created_at, t.id) > (after.created_at, after.id)]
+        page = items[:limit]
+        more = len(items) > limit
+        next_token = encode_cursor(PageKey(page[-1].created_at, page[-1].id)) if more else None
+        return [snapshot_info(t.name) for t in page], next_token
+
+    async def delete_template(self, principal: Principal, name: str) -> None:
+        """Delete the team's template (a snapshot, or one it built). :raise NotFound:
+        :raise Forbidden: a platform template."""
+        await self.services.snapshots.delete(principal, bare_name(name))
 
     # ── lifecycle ──
 

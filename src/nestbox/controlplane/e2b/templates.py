@@ -34,13 +34,13 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from nestbox.controlplane.api import deps
 from nestbox.controlplane.api.routing import Endpoint, Router
 from nestbox.controlplane.e2b.api import answer, e2b_errors
-from nestbox.controlplane.e2b.service import BASE_TEMPLATE, secret_key
+from nestbox.controlplane.e2b.service import BASE_TEMPLATE, e2b_service, secret_key
 from nestbox.controlplane.errors import InvalidRequest, NotFound
 from nestbox.protocol.builds import BuildCreate, BuildStatus
 from nestbox.protocol.capsules import DEFAULT_TEMPLATE, SAFE_NAME
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 _CONTEXT = b"nestbox/e2b/template/v1\0"
 _NAME = re.compile(SAFE_NAME)
+TEMPLATE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(:.*)?$"
+"""A template's name, optionally with E2B's `:tag` (the tag is not kept)."""
 E2B_BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 MAX_LOGS = 100
 """Log entries per status answer (E2B's page)."""
@@ -72,15 +74,24 @@ class _Request(BaseModel):
 class TemplateRequest(BaseModel):
     """`POST /v3/templates` (in the caller's own team: no other field is taken)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
+        "anyOf": [{"required": [f], "properties": {f: {"type": "string"}}}
+                  for f in ("name", "alias")],
+    })  # fmt: skip
 
-    name: str | None = Field(default=None, max_length=200)
-    alias: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=TEMPLATE_NAME)
+    alias: str | None = Field(default=None, max_length=200, pattern=TEMPLATE_NAME)
     tags: list[str] | None = Field(default=None, max_length=20)
     cpu_count: int | None = Field(default=None, alias="cpuCount", ge=1, le=64)
     memory_mb: int | None = Field(default=None, alias="memoryMB", ge=128, le=262144)
     min_free_disk_mb: int | None = Field(default=None, alias="minFreeDiskMb", ge=0)
     """Taken and not used: disks are the base template's size."""
+
+    @model_validator(mode="after")
+    def _named(self) -> TemplateRequest:
+        if not (self.name or self.alias):
+            raise ValueError("name is required")
+        return self
 
 
 class TemplateStep(_Request):
@@ -310,6 +321,17 @@ async def template_build_status(request: Request) -> Response:
     return answer(info)
 
 
+@e2b_errors
+async def delete_e2b_template(request: Request) -> Response:
+    """The SDK's `Sandbox.delete_snapshot` (and a template's delete): a snapshot's id, a
+    template's name or a `templateID` this module made."""
+    principal, tid = deps.principal(request), str(request.path_params["template_id"])
+    service = await e2b_service(deps.services(request))
+    name = template_name(service.key, principal, tid) if "~" in tid else tid
+    await service.delete_template(principal, name)
+    return deps.no_content()
+
+
 TEMPLATE = "/templates/{template_id}"
 router = Router(
     tag="e2b-templates",
@@ -327,5 +349,9 @@ router = Router(
         Endpoint("GET", TEMPLATE + "/builds/{build_id}/status", template_build_status,
                  "E2B: a template build's status and logs", response=TemplateBuildInfo,
                  query=(("logsOffset", "log entries already read"),)),
+        Endpoint("DELETE", TEMPLATE, delete_e2b_template,
+                 "E2B: delete a snapshot or template of your team", status=204,
+                 description="404 when the team has none of that id (the SDK's "
+                             "`delete_snapshot` answers False); 403 for a platform one."),
     ],
 )  # fmt: skip

@@ -46,6 +46,27 @@ def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+async def resolve_ips(host: str, port: int, resolver: Resolver = resolve) -> list[IP]:
+    """`host` itself if it is an address, else every address `resolver` gives for it (in a
+    worker thread, at most `RESOLVE_TIMEOUT_S`), IPv4-mapped IPv6 addresses as their IPv4
+    address. :raise InvalidRequest: it does not resolve (the message names `host`)."""
+    try:
+        return [unmapped(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    found: list[str] = []
+    with anyio.move_on_after(RESOLVE_TIMEOUT_S):
+        try:
+            found = list(await anyio.to_thread.run_sync(
+                resolver, host, port, abandon_on_cancel=True))  # fmt: skip
+        except OSError as err:
+            raise InvalidRequest(f"{host!r} does not resolve: {err}") from None
+    if not found:
+        raise InvalidRequest(f"{host!r} does not resolve")
+    # getaddrinfo may add a scope to IPv6 link-local results ("fe80::1%eth0")
+    return [unmapped(ipaddress.ip_address(a.split("%", 1)[0])) for a in found]
+
+
 def is_local(ip: IP) -> bool:
     """`ip` is an address of this machine: a socket binds to it, and not to an address of the
     documentation ranges (where `ip_nonlocal_bind` lets sockets bind anything, the probe says
@@ -94,32 +115,17 @@ class AddressPolicy:
             host, port = split_host_address(address)
         except ValueError as err:
             raise InvalidRequest(f"address {address!r}: {err}") from None
-        listen = [] if self._listen_any else await self._ips(self._listen_host, self._listen_port)
+        listen: list[IP] = []
+        if not self._listen_any:
+            listen = await resolve_ips(self._listen_host, self._listen_port, self._resolver)
         try:
-            ips = await self._ips(host, port)
+            ips = await resolve_ips(host, port, self._resolver)
         except InvalidRequest as err:
             raise InvalidRequest(f"address {address!r}: {err.message}") from None
         for ip in ips:
             problem = self._problem(ip, port, byoc=byoc, listen=listen)
             if problem is not None:
                 raise InvalidRequest(f"address {address!r} ({ip}) is {problem}")
-
-    async def _ips(self, host: str, port: int) -> list[IP]:
-        try:
-            return [_unmapped(ipaddress.ip_address(host))]
-        except ValueError:
-            pass
-        found: list[str] = []
-        with anyio.move_on_after(RESOLVE_TIMEOUT_S):
-            try:
-                found = list(await anyio.to_thread.run_sync(
-                    self._resolver, host, port, abandon_on_cancel=True))  # fmt: skip
-            except OSError as err:
-                raise InvalidRequest(f"{host!r} does not resolve: {err}") from None
-        if not found:
-            raise InvalidRequest(f"{host!r} does not resolve")
-        # getaddrinfo may add a scope to IPv6 link-local results ("fe80::1%eth0")
-        return [_unmapped(ipaddress.ip_address(a.split("%", 1)[0])) for a in found]
 
     def _problem(self, ip: IP, port: int, *, byoc: bool, listen: list[IP]) -> str | None:
         if ip.is_unspecified or (ip.version == 4 and ip in _THIS_NETWORK):
@@ -139,7 +145,8 @@ class AddressPolicy:
         return None
 
 
-def _unmapped(ip: IP) -> IP:
+def unmapped(ip: IP) -> IP:
+    """An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) as the IPv4 address it maps."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip

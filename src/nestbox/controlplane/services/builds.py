@@ -55,7 +55,6 @@ from nestbox.controlplane.agent_client import AgentCallError
 from nestbox.controlplane.errors import (
     Conflict,
     ControlPlaneError,
-    Forbidden,
     InvalidRequest,
     NotFound,
     TooLarge,
@@ -63,6 +62,7 @@ from nestbox.controlplane.errors import (
 from nestbox.controlplane.services import recipe as rc
 from nestbox.controlplane.services.archive import ArchiveRefused, check_archive, extract_command
 from nestbox.controlplane.services.principal import Principal
+from nestbox.controlplane.services.snapshots import SnapshotService
 from nestbox.controlplane.services.views import template_view
 from nestbox.protocol.accounts import Role
 from nestbox.protocol.builds import (
@@ -107,20 +107,6 @@ SUBSCRIBER_BUFFER = 1024
 LIST_LIMIT = 200
 BUILD_METADATA = "nestbox.build"
 """The build capsule's metadata key naming its build."""
-GONE = frozenset({"destroyed", "stopped", "error"})
-"""Capsule statuses that hold no template any more."""
-
-
-class TemplateInUse(Conflict):
-    """A template capsules still use (409 `conflict`, their ids at the top level)."""
-
-    def __init__(self, name: str, capsule_ids: list[str]) -> None:
-        super().__init__(f"template {name} is used by {len(capsule_ids)} capsule(s); destroy "
-                         "them first")  # fmt: skip
-        self.capsule_ids = capsule_ids
-
-    def extra(self) -> dict[str, object]:
-        return {"capsule_ids": self.capsule_ids, "sandbox_ids": self.capsule_ids}
 
 
 class BuildFailed(Exception):
@@ -236,6 +222,8 @@ class BuildService:
         self._db = db
         self._capsules = capsules
         self._targets = targets
+        self._snapshots = SnapshotService(db, targets, capsules.locks)
+        """Template deletion (one path, with the in-use check) and removal from hosts."""
         self.builds_dir = builds_dir
         self._concurrency = concurrency
         self._poll_s = poll_s
@@ -391,35 +379,10 @@ class BuildService:
         return [admin_template_view(t) for t in found]
 
     async def delete_template(self, principal: Principal, name: str) -> None:
-        """Delete the caller's team's template `name`.
+        """Delete the caller's team's template `name` (`SnapshotService.delete`).
         :raise NotFound: :raise Forbidden: a platform template. :raise TemplateInUse:"""
         team = self.authorise(principal) or principal.team_id
-        async with self._db.transaction() as tx:
-            template = await tx.templates.own(team, name)
-            if template is None:
-                if await tx.templates.platform_named(name) is not None:
-                    raise Forbidden(f"template {name} is protected")
-                raise NotFound("template", name)
-            users = await tx.builds.capsules_using(template.id, exclude=GONE)
-            if users:
-                raise TemplateInUse(name, users)
-            await tx.templates.delete(template.id)
-            await tx.audit.record(principal.audit("template.delete", "template", template.id,
-                                                  name=name))  # fmt: skip
-        await self._remove_from_host(template)
-
-    async def _remove_from_host(self, template: Template) -> None:
-        """Best effort: a template left on a host costs disk, not correctness."""
-        if template.host_id is None:
-            return
-        async with self._db.transaction() as tx:
-            host = await tx.hosts.get(template.host_id)
-        if host is None:
-            return
-        try:
-            await self._targets.agent(host).delete_template(template.id)
-        except ControlPlaneError as err:
-            log.warning("template %s stays on host %s: %s", template.id, host.id, err.message)
+        await self._snapshots.delete(principal, name, team_id=team)
 
     # ── the worker ──
 
@@ -1006,7 +969,7 @@ class BuildRun:
                     "template.build", "template", template_id, name=build.name,
                     build=build.id))  # fmt: skip
         if old is not None:
-            await svc._remove_from_host(old)
+            await svc._snapshots.remove_from_host(old)
         return {"template_id": template_id, "template_type": "snapshot" if snapshot else "base",
                 "default_user": user, "default_env": env,
                 "default_workdir": self.state.workdir}  # fmt: skip

@@ -27,11 +27,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import anyio
-
 from nestbox.controlplane.db.channels import Channel
 from nestbox.controlplane.errors import InvalidRequest, NotFound
-from nestbox.controlplane.services.addresses import resolve
+from nestbox.controlplane.services.addresses import IP, resolve, resolve_ips
 from nestbox.protocol.events import ChannelView, DeliveryView, EventType
 from nestbox.protocol.ids import IdPrefix, new_id
 
@@ -50,7 +48,6 @@ REQUIRED = {"webhook": ("url",), "slack": ("webhook_url",), "discord": ("webhook
 ALLOWED = {"webhook": {"url", "secret"}, "slack": {"webhook_url"}, "discord": {"webhook_url"}}
 MAX_URL = 2048
 MAX_SECRET = 256
-RESOLVE_TIMEOUT_S = 10.0
 SIGNATURE_HEADER = "X-Wrenn-Signature"
 DELIVERY_HEADER = "X-Wrenn-Delivery"
 TIMESTAMP_HEADER = "X-Wrenn-Timestamp"
@@ -93,30 +90,16 @@ class UrlPolicy:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise InvalidRequest("the channel URL's port is not valid") from None
-        for ip in await self._ips(host, port):
+        try:
+            ips = await resolve_ips(host, port, self.resolver)
+        except InvalidRequest:
+            raise InvalidRequest(f"the channel URL's host {host} does not resolve") from None
+        for ip in ips:
             problem = self._problem(ip)
             if problem is not None:
                 raise InvalidRequest(f"the channel URL's host {host} resolves to {ip}, {problem}")
 
-    async def _ips(
-        self, host: str, port: int
-    ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        try:
-            return [_unmapped(ipaddress.ip_address(host))]
-        except ValueError:
-            pass
-        found: list[str] = []
-        with anyio.move_on_after(RESOLVE_TIMEOUT_S):
-            try:
-                found = list(await anyio.to_thread.run_sync(
-                    self.resolver, host, port, abandon_on_cancel=True))  # fmt: skip
-            except OSError:
-                raise InvalidRequest(f"the channel URL's host {host} does not resolve") from None
-        if not found:
-            raise InvalidRequest(f"the channel URL's host {host} does not resolve")
-        return [_unmapped(ipaddress.ip_address(a.split("%", 1)[0])) for a in found]
-
-    def _problem(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    def _problem(self, ip: IP) -> str | None:
         if ip.is_unspecified or ip.is_link_local or ip.is_multicast:
             return "an unspecified, link-local or multicast address"
         if ip.version == 4 and (ip.is_reserved or ip == ipaddress.IPv4Address("255.255.255.255")):
@@ -124,14 +107,6 @@ class UrlPolicy:
         if not self.allow_private and (ip.is_loopback or ip.is_private or not ip.is_global):
             return "a loopback or private address (refused unless channels_allow_private)"
         return None
-
-
-def _unmapped(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _url_of(provider: str, config: Mapping[str, str]) -> str:

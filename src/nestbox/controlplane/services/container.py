@@ -69,6 +69,8 @@ class Services:
     lifetime: LifetimeService
     forks: ForkService
     stdio: StdioService
+    targets: Targets
+    """From a caller and a capsule id to its host's agent (E2B's logs call its agent)."""
 
 
 def build_services(settings: CPSettings, db: Database) -> Services:
@@ -128,6 +130,7 @@ def build_services(settings: CPSettings, db: Database) -> Services:
         lifetime=lifetime,
         forks=ForkService(db, targets, capsules),
         stdio=StdioService(targets),
+        targets=targets,
     )
 
 

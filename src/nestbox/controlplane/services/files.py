@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from protobuf import Oneof
 
+from nestbox.common.batches import batches
 from nestbox.controlplane.errors import Busy, TooLarge
 from nestbox.controlplane.services.views import file_entry_view
 from nestbox.protocol.files import MAX_BUFFERED_FILE, EntryListView, EntryView
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 
     from nestbox.controlplane.services.principal import Principal
     from nestbox.controlplane.services.targets import Targets
+
+
+MESSAGE_BYTES = 1024 * 1024
+"""A streamed upload's bytes go to the agent in messages of about this size: the multipart
+parser hands out what each network read held (a few KiB to 64 KiB), and every message costs
+about the same on each hop (agent, envd) whatever its size."""
 
 
 class ByteBudget:
@@ -116,11 +123,10 @@ class FileService:
             meta = pb.WriteFileMeta(capsule_id=capsule_id, path=path)
             yield pb.WriteFileStreamRequest(message=Oneof[Literal["meta"], pb.WriteFileMeta](
                 "meta", meta))  # fmt: skip
-            async for chunk in chunks:
-                if chunk:
-                    yield pb.WriteFileStreamRequest(
-                        message=Oneof[Literal["chunk"], bytes]("chunk", chunk)
-                    )
+            async for batch in batches(chunks, MESSAGE_BYTES):
+                yield pb.WriteFileStreamRequest(
+                    message=Oneof[Literal["chunk"], bytes]("chunk", b"".join(batch))
+                )
 
         done = await target.agent.write_file_stream(messages())
         return done.bytes_written

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from nestbox.protocol.capsules import ExecCreate
 
 DEFAULT_TIMEOUT_S = 30
-SIGNALS = {"SIGKILL", "SIGTERM", "KILL", "TERM", "9", "15"}
+SIGNALS = {"SIGKILL": "SIGKILL", "SIGTERM": "SIGTERM", "KILL": "SIGKILL", "TERM": "SIGTERM",
+           "9": "SIGKILL", "15": "SIGTERM"}  # fmt: skip
+"""The signals a caller may name (any case), and the one the agent is sent."""
 
 Selector = Oneof[Literal["pid"], int] | Oneof[Literal["tag"], str]
 
@@ -108,8 +110,8 @@ class ProcessService:
         self, principal: Principal, capsule_id: str, which: str, signal: str | None
     ) -> None:
         """Signal a process by pid or tag (SIGKILL unless `signal` says SIGTERM)."""
-        sig = (signal or "SIGKILL").upper()
-        if sig not in SIGNALS:
+        sig = SIGNALS.get(("SIGKILL" if signal is None else signal).upper())
+        if sig is None:
             raise InvalidRequest("signal must be SIGKILL or SIGTERM")
         target = await self._targets.running(principal, capsule_id)
         await target.agent.kill_process(

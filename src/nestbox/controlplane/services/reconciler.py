@@ -16,7 +16,9 @@ taken; a create the agent never heard of is `destroyed`, any other capsule it no
 `stopped`; a capsule the agent is still busy with is looked at again next pass. Stuck rows on a
 host that is not online become `missing`, as the host monitor does when a host goes silent, and
 those on no host `stopped`. A pass runs as the loop starts, so a restart settles what the last
-run left at once.
+run left at once. Hosts are reconciled at the same time, and an agent that does not list its
+capsules within `host_timeout_s` is skipped: one that stopped answering (still `online` until
+the host monitor sees its silence) holds neither the others nor the next pass.
 
 Every update is conditional on the row being unchanged since it was read, so an API call that
 changed it meanwhile always wins.
@@ -66,9 +68,11 @@ class Reconciler:
         *,
         busy: Callable[[str], bool] = lambda capsule_id: False,
         stuck_after_s: float = 5.0,
+        host_timeout_s: float = 20.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
+        self._host_timeout_s = host_timeout_s
         self._targets = targets
         self._busy = busy
         self._stuck_after = timedelta(seconds=stuck_after_s)
@@ -103,19 +107,27 @@ class Reconciler:
             self._kicked = anyio.Event()
 
     async def run_once(self) -> None:
-        """One pass over every online host (a host that fails is logged and skipped), then
-        the stuck rows of hosts that are not online."""
+        """One pass over every online host at once (a host that fails, or whose agent does not
+        list its capsules within `host_timeout_s`, is logged and skipped), then the stuck rows
+        of hosts that are not online."""
         async with self._tx() as tx:
             hosts = await tx.hosts.with_status("online", "draining")
-        for host in hosts:
-            try:
-                await self.reconcile_host(host)
-            except (AgentCallError, HostUnavailable) as err:
-                log.debug("reconcile %s skipped: %s", host.id, err.message)
-            except Exception as err:  # one host's failure must not stop the others
-                log.error("reconcile %s failed: %r", host.id, err, extra={"host_id": host.id})
-                log.debug("reconcile traceback", exc_info=err)
+        async with anyio.create_task_group() as tg:
+            for host in hosts:
+                tg.start_soon(self._pass_host, host)
         await self.settle_offline({h.id for h in hosts})
+
+    async def _pass_host(self, host: Host) -> None:
+        try:
+            await self.reconcile_host(host)
+        except TimeoutError:
+            log.warning("reconcile %s: its agent did not list its capsules in %g s, skipped",
+                        host.id, self._host_timeout_s, extra={"host_id": host.id})  # fmt: skip
+        except (AgentCallError, HostUnavailable) as err:
+            log.debug("reconcile %s skipped: %s", host.id, err.message)
+        except Exception as err:  # one host's failure must not stop the others
+            log.error("reconcile %s failed: %r", host.id, err, extra={"host_id": host.id})
+            log.debug("reconcile traceback", exc_info=err)
 
     async def settle_offline(self, online: set[str]) -> None:
         """Stuck rows whose host is not among `online`: `missing` (the host may come back;
@@ -136,7 +148,11 @@ class Reconciler:
         async with self._tx() as tx:
             rows = await tx.capsules.on_host(host.id)
         agent = self._targets.agent(host)
-        answer = await agent.list_capsules()
+        # An agent that hangs (stopped, or its machine gone silent) is `online` until the host
+        # monitor notices: its listing would hold the pass for the call's whole timeout, and
+        # with it the next pass and every kick. :raise TimeoutError:
+        with anyio.fail_after(self._host_timeout_s):
+            answer = await agent.list_capsules()
         held = {c.capsule_id: c for c in answer.capsules}
         auto_paused = set(answer.auto_paused_ids)
         for row in rows:

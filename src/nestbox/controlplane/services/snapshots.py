@@ -1,7 +1,8 @@
 """Snapshot templates: made from a running or paused capsule (which is left paused), listed
-with the platform's templates, deleted. A team's template lives on the host that took it, so
-capsules made from it are placed there; on its host it is named by its unique row id (two teams
-may both call a template `base`), platform templates by their name.
+with the platform's templates, deleted (the one deletion path of every template a team owns,
+snapshot or built, refused while capsules use it). A team's template lives on the host that
+took it, so capsules made from it are placed there; on its host it is named by its unique row
+id (two teams may both call a template `base`), platform templates by their name.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import anyio
 from nestbox.controlplane.agent_client import AgentCallError
 from nestbox.controlplane.errors import (
     Conflict,
+    ControlPlaneError,
     Forbidden,
-    HostUnavailable,
     InvalidRequest,
     InvalidState,
     NotFound,
@@ -24,6 +25,7 @@ from nestbox.controlplane.errors import (
 from nestbox.controlplane.services.events import publish_audit
 from nestbox.controlplane.services.views import status_of, template_view
 from nestbox.protocol.capsules import CapsuleStatus
+from nestbox.protocol.events import EventType
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 from nestbox.protocol.ids import IdPrefix, is_id, new_id
 
@@ -39,6 +41,20 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTTABLE = (CapsuleStatus.RUNNING.value, CapsuleStatus.PAUSED.value)
 TYPES = ("base", "snapshot")
+GONE = frozenset({"destroyed", CapsuleStatus.STOPPED.value, CapsuleStatus.ERROR.value})
+"""Capsule statuses that hold no template any more."""
+
+
+class TemplateInUse(Conflict):
+    """A template capsules still use (409 `conflict`, their ids at the top level)."""
+
+    def __init__(self, name: str, capsule_ids: list[str]) -> None:
+        super().__init__(f"template {name} is used by {len(capsule_ids)} capsule(s); destroy "
+                         "them first")  # fmt: skip
+        self.capsule_ids = capsule_ids
+
+    def extra(self) -> dict[str, object]:
+        return {"capsule_ids": self.capsule_ids, "sandbox_ids": self.capsule_ids}
 
 
 class SnapshotService:
@@ -73,7 +89,7 @@ class SnapshotService:
             with anyio.CancelScope(shield=True):
                 template = await self._take(principal, target, name, old)
         if old is not None:
-            await self._remove_from_host(old)
+            await self.remove_from_host(old)
         return template_view(template)
 
     async def _take(
@@ -120,23 +136,35 @@ class SnapshotService:
             found = await tx.templates.list_visible(principal.team_id, type_=type_)
         return [template_view(t) for t in found]
 
-    async def delete(self, principal: Principal, name: str) -> None:
-        """:raise NotFound: the team has no template `name`. :raise Forbidden: a platform one."""
+    async def delete(self, principal: Principal, name: str, *, team_id: str | None = None) -> None:
+        """Delete the team's template `name` (the caller's team, unless a platform admin's
+        `team_id`): the one deletion path of `DELETE /v1/snapshots/{name}`, the admin
+        `DELETE /v1/admin/templates/{name}` and the E2B facade. Refused while a capsule that
+        is not gone was made from it (it may need the template's files on its host).
+
+        :raise NotFound: the team has no template `name`. :raise Forbidden: a platform one.
+        :raise TemplateInUse: capsules use it (409 with their ids).
+        """
+        team = team_id or principal.team_id
         async with self._db.transaction() as tx:
-            template = await tx.templates.own(principal.team_id, name)
+            template = await tx.templates.own(team, name)
             if template is None:
                 if await tx.templates.platform_named(name) is not None:
                     raise Forbidden(f"template {name} is protected")
                 raise NotFound("template", name)
+            users = await tx.builds.capsules_using(template.id, exclude=GONE)
+            if users:
+                raise TemplateInUse(name, users)
             await tx.templates.delete(template.id)
-            deleted = principal.audit("template.snapshot.delete", "template", template.id,
-                                      name=name)  # fmt: skip
+            deleted = principal.audit(EventType.SNAPSHOT_DELETE.value, "template", template.id,
+                                      name=name, team=team)  # fmt: skip
             await tx.audit.record(deleted)
             await publish_audit(tx, deleted)
-        await self._remove_from_host(template)
+        await self.remove_from_host(template)
 
-    async def _remove_from_host(self, template: Template) -> None:
-        """Best effort: a template left on a host costs disk, not correctness."""
+    async def remove_from_host(self, template: Template) -> None:
+        """Delete a template's files on its host (its row is gone or being replaced). Best
+        effort: a template left on a host costs disk, not correctness."""
         if template.host_id is None:
             return
         async with self._db.transaction() as tx:
@@ -145,5 +173,5 @@ class SnapshotService:
             return
         try:
             await self._targets.agent(host).delete_template(template.id)
-        except (AgentCallError, HostUnavailable) as err:
+        except ControlPlaneError as err:
             log.warning("template %s stays on host %s: %s", template.id, host.id, err.message)

@@ -74,6 +74,8 @@ class ProcessRegistry:
                 self._reserved.discard(spec.tag)
         sub = proc.subscribe()
         self._adopt(proc)
+        log.info("process %d (%s) started", proc.pid, spec.cmd,
+                 extra={"pid": proc.pid, "cmd": spec.cmd, "tag": spec.tag or ""})  # fmt: skip
         return proc, sub
 
     def _reserve(self, tag: str | None) -> None:
@@ -101,7 +103,8 @@ class ProcessRegistry:
         except Exception:
             log.exception("pump of process %d failed", proc.pid)
             return
-        log.info("process %d (%s) ended: %s", proc.pid, proc.spec.cmd, end.status)
+        fields = {"pid": proc.pid, "cmd": proc.spec.cmd, "exit_code": end.exit_code}
+        log.info("process %d (%s) ended: %s", proc.pid, proc.spec.cmd, end.status, extra=fields)
 
     def lookup(self, selector: int | str) -> ManagedProcess:
         """The process with this pid (an int) or tag (a str), running or recently ended.

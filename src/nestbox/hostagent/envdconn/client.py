@@ -23,15 +23,29 @@ import json
 import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import anyio
+from pydantic import ValidationError
 from pyqwest import ReadError, RemoteProtocolError, WriteError
 
-from nestbox.hostagent.envdconn.errors import Unavailable, from_http, from_transport
-from nestbox.hostagent.envdconn.files import TRANSPORT_ERRORS, FileOps
+from nestbox.hostagent.envdconn.errors import TooLarge, Unavailable, from_http, from_transport
+from nestbox.hostagent.envdconn.files import (
+    TRANSPORT_ERRORS,
+    FileOps,
+    _read_limited,
+    _request,
+)
 from nestbox.hostagent.envdconn.pty import PtyOps
 from nestbox.hostagent.envdconn.transport import ConnStatistics, EnvdConnection, PoolSettings
-from nestbox.protocol.envd import ENVD_PORT, InitRequest
+from nestbox.protocol.envd import (
+    ENVD_PORT,
+    LOG_ANSWER_BYTES,
+    LOG_LINES,
+    InitRequest,
+    LogEntry,
+    LogPage,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -205,6 +219,23 @@ class CapsuleEnvd(PtyOps, FileOps):
         """`GET /metrics`: the guest's CPU, memory and disk use."""
         doc = _json(await self._call("GET", "/metrics"))
         return doc if isinstance(doc, dict) else {}
+
+    async def logs(self, start_ms: int = 0, limit: int = LOG_LINES) -> list[LogEntry]:
+        """`GET /logs`: envd's last log lines from `start_ms` on, oldest first. The guest is
+        untrusted: the answer is read up to `LOG_ANSWER_BYTES` and each line is cleaned and
+        cut by `LogEntry`'s validation. :raise EnvdCallError: (`Unavailable` for a bad answer)"""
+        query = urlencode({"start": max(start_ms, 0), "limit": min(max(limit, 0), LOG_LINES)})
+        async with _request(self._conn.pools().unary, "GET", self._conn.url("/logs?" + query),
+                            self._conn.headers(), None, "/logs") as response:  # fmt: skip
+            try:
+                body = await _read_limited(response, LOG_ANSWER_BYTES, "/logs")
+            except TooLarge:
+                raise Unavailable("envd's /logs answer is too large") from None
+        try:
+            page = LogPage.model_validate(json.loads(body.decode("utf-8", "replace")))
+        except (ValueError, ValidationError):
+            raise Unavailable("envd answered /logs with malformed JSON") from None
+        return page.entries[:limit]
 
     async def _call(
         self,

@@ -1,8 +1,9 @@
 """Files in a capsule: whole or streamed reads and writes over envd's `GET/POST /files`, and the
 `filesystem.Filesystem` RPCs (stat, list, mkdir, remove, move).
 
-Streamed transfers use the streaming pool (no overall timeout) and move `CHUNK` (64 KiB) at a
-time in both directions, so no file is ever held whole in the agent's memory. Whole-file reads
+Streamed transfers use the streaming pool (no overall timeout) and move `CHUNK` (1 MiB) at a
+time in both directions, so no file is ever held whole in the agent's memory, and a transfer
+is few messages (each costs about the same on every hop whatever its size). Whole-file reads
 and writes and the filesystem RPCs use the unary pool (2-minute bound).
 """
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
     from pyqwest import Client, Response
 
-CHUNK = 64 * 1024
+CHUNK = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
 TRANSPORT_ERRORS = (OSError, ReadError, WriteError, RemoteProtocolError)
 KEEPALIVE_HEADER = "Keepalive-Ping-Interval"
@@ -269,6 +270,9 @@ async def _rechunk(pieces: AsyncIterator[bytes | bytearray | memoryview]) -> Asy
 async def _split(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """The caller's chunks, none larger than `CHUNK`."""
     async for chunk in chunks:
+        if len(chunk) <= CHUNK:
+            yield chunk
+            continue
         view = memoryview(chunk)
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])

@@ -4,6 +4,16 @@ Under TCG a busy host can make the guest's TSC calibration hang; `tsc_early_khz`
 calibration. The value must be the host's real TSC rate, so it is read from the host, never
 hard-coded: sysfs (when the kernel exports it), else the kernel log's calibration lines, else
 /proc/cpuinfo.
+
+The rest keeps an idle guest asleep (the guest kernel is tickless when idle, `NO_HZ_IDLE`; every
+wake-up of an idle guest costs the host CPU, most under TCG):
+- `tsc=reliable`: no clocksource watchdog. It checks the TSC against jiffies every 0.5 s, and on
+  a loaded host (a vCPU thread not scheduled for a while loses ticks, so jiffies lag; the TSC,
+  derived from the host's clock, does not) it marks the TSC unstable and the guest falls back to
+  the jiffies clocksource (microvm has no HPET or ACPI PM timer), which needs the periodic tick:
+  250 timer interrupts a second for the rest of the VM's life (seen in `bench-density`'s guests).
+- `nowatchdog`: no soft-lockup watchdog (an hrtimer every 4 s, plus its per-CPU thread); a
+  guest stalled by its host is not a lockup to report anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-BASE_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "root=/dev/vda", "rw", "quiet")
+BASE_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "root=/dev/vda", "rw", "quiet",
+             "tsc=reliable", "nowatchdog")  # fmt: skip
 _REFINED = re.compile(r"tsc: Refined TSC clocksource calibration: ([\d.]+) MHz")
 _DETECTED = re.compile(r"tsc: Detected ([\d.]+) MHz")
 _CPUINFO = re.compile(r"^cpu MHz\s*:\s*([\d.]+)", re.MULTILINE)

@@ -3,11 +3,14 @@
 Egress is off by default (the guest may only answer). With egress on, the slot gets a default
 route and NAT (see `firewall`), and DNS works through a forwarder the agent runs for that slot:
 the guest's resolv.conf names its gateway (169.254.0.22, tap0 in the slot's netns), which the
-netns DNATs (UDP 53) to the host end of the slot's veth, `dns_port`, where this module listens
-and relays each query to the upstream resolvers (`dns_upstream`, else the host's
-/etc/resolv.conf). So a guest needs no route to the host's resolver, which is often on a
-private or loopback address the firewall denies it. The forwarder binds only that veth
-address (nothing else on the host can reach it) and holds at most `MAX_IN_FLIGHT` queries.
+netns DNATs (port 53, UDP and TCP) to the host end of the slot's veth, `dns_port`, where this
+module listens and relays each query to the upstream resolvers (`dns_upstream`, else the host's
+/etc/resolv.conf), over the protocol it came by (a stub retries over TCP when a UDP answer is
+truncated). So a guest needs no route to the host's resolver, which is often on a private or
+loopback address the firewall denies it. The forwarder binds only that veth address (nothing
+else on the host can reach it) and is bounded: at most `MAX_IN_FLIGHT` UDP queries, and
+`MAX_TCP_CONNECTIONS` TCP connections, each closed after `TCP_IDLE_S` without a complete query,
+after `MAX_TCP_QUERIES` queries, or on a query over `MAX_QUERY` bytes.
 
 The allow-list (`allow`): CIDRs or host names. Names are resolved once, when the network is
 built, through the same upstreams, into /32s; private, link-local, metadata and the host's own
@@ -28,7 +31,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -41,6 +44,10 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
 UPSTREAM_TIMEOUT_S = 3.0
+MAX_QUERY = 4096
+MAX_TCP_CONNECTIONS = 16
+MAX_TCP_QUERIES = 64
+TCP_IDLE_S = 10.0
 MAX_ALLOW = 64
 HOST_NAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -214,6 +221,23 @@ async def _exchange(query: bytes, upstream: str, port: int) -> bytes | None:
         transport.close()
 
 
+async def _tcp_exchange(query: bytes, upstream: str, port: int) -> bytes | None:
+    """One query over TCP (two-byte length prefix, RFC 1035 4.2.2); the answer or None."""
+    try:
+        async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(upstream, port)
+            try:
+                writer.write(struct.pack("!H", len(query)) + query)
+                await writer.drain()
+                (size,) = struct.unpack("!H", await reader.readexactly(2))
+                return await reader.readexactly(size)
+            finally:
+                writer.close()
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as err:
+        log.debug("DNS upstream %s (TCP) did not answer: %r", upstream, err)
+        return None
+
+
 # ── the forwarder ────────────────────────────────────────────────────────────────────────
 
 
@@ -234,23 +258,66 @@ async def open_forwarder(settings: AgentSettings, veth_host_ip: str) -> DnsForwa
 
 
 class DnsForwarder(asyncio.DatagramProtocol):
-    """Relays the guest's DNS queries (UDP) to the upstreams; one per egress slot."""
+    """Relays the guest's DNS queries (UDP and TCP) to the upstreams; one per egress slot."""
 
     def __init__(self, upstreams: Sequence[str], upstream_port: int = 53) -> None:
         self.upstreams = tuple(upstreams)
         self.upstream_port = upstream_port
         self._transport: asyncio.DatagramTransport | None = None
+        self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
 
     @classmethod
     async def open(
         cls, bind_ip: str, port: int, upstreams: Sequence[str], upstream_port: int = 53
     ) -> DnsForwarder:
-        """Listening on `bind_ip:port`. :raise OSError: the address cannot be bound."""
+        """Listening on `bind_ip:port`, UDP and TCP. :raise OSError: the address cannot be
+        bound (nothing is left listening then)."""
         loop = asyncio.get_running_loop()
         forwarder = cls(upstreams, upstream_port)
         await loop.create_datagram_endpoint(lambda: forwarder, local_addr=(bind_ip, port))
+        try:
+            forwarder._server = await asyncio.start_server(
+                forwarder._serve_tcp, bind_ip, port, reuse_address=True
+            )
+        except BaseException:
+            forwarder.close()
+            raise
         return forwarder
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One guest connection: length-prefixed queries, each relayed over TCP, in turn."""
+        task = asyncio.current_task()
+        if len(self._connections) >= MAX_TCP_CONNECTIONS or task is None:
+            writer.close()  # the stub sees a reset connection and tries again later
+            return
+        self._connections.add(task)
+        try:
+            for _ in range(MAX_TCP_QUERIES):
+                async with asyncio.timeout(TCP_IDLE_S):
+                    (size,) = struct.unpack("!H", await reader.readexactly(2))
+                    if not 12 <= size <= MAX_QUERY:
+                        return
+                    query = await reader.readexactly(size)
+                reply = await self._ask_tcp(query)
+                if reply is None:
+                    return  # closing tells the stub at once; silence would cost it a timeout
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                async with asyncio.timeout(TCP_IDLE_S):
+                    await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _ask_tcp(self, query: bytes) -> bytes | None:
+        for upstream in self.upstreams:
+            reply = await _tcp_exchange(query, upstream, self.upstream_port)
+            if reply is not None and reply[:2] == query[:2]:
+                return reply
+        return None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.DatagramTransport", transport)
@@ -272,7 +339,9 @@ class DnsForwarder(asyncio.DatagramProtocol):
                 return
 
     def close(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._connections):
             task.cancel()
         if self._transport is not None:
             self._transport.close()
+        if self._server is not None:
+            self._server.close()

@@ -10,23 +10,24 @@ Inside the netns (applied in one atomic `iptables-restore`, removed with the net
     it through; OUTPUT to it over tap0 is dropped (no process in the netns talks to envd);
   - INPUT from tap0: only ESTABLISHED,RELATED; the netns itself offers the guest nothing
     (DNS to the gateway is rejected at once without egress, so lookups fail fast);
-  - no default route and no MASQUERADE, unless the capsule has egress; with egress, UDP 53 to
-    the gateway is DNATed to the slot's DNS forwarder (`egress.py`) on the host end of the veth.
+  - no default route and no MASQUERADE, unless the capsule has egress; with egress, port 53 of
+    the gateway (UDP and TCP) is DNATed to the slot's DNS forwarder (`egress.py`) on the host
+    end of the veth.
 
 In the root namespace (tagged `nestbox:<agent_id>:<slot>` so cleanup removes exactly its own,
 added with `iptables-restore --noflush`, which leaves every other program's rules alone):
   - INPUT: drop anything from the slot's host veth that is not a reply, so a guest never
     reaches the agent's, the control plane's or any other port on the host;
   - FORWARD: drop new connections *into* the slot's veth (nobody but the host itself opens
-    connections to a capsule, even if the operator enables forwarding for egress), and drop
+    connections to a capsule, even with forwarding on for egress), and drop
     everything *from* it, or with egress only what goes to internal ranges (other capsules,
     veths, private and link-local networks such as cloud metadata); with an allow-list,
     accept only its CIDRs (after those drops) and drop the rest;
-  - with egress, INPUT accepts UDP to the slot's DNS forwarder (above the INPUT drop).
+  - with egress, INPUT accepts UDP and TCP to the slot's DNS forwarder (above the INPUT drop).
 Drops are inserted at the top of their chain, ahead of anyone's ACCEPT; the few egress ACCEPTs
 are appended at the bottom, so the operator's own FORWARD filtering still applies first.
-Egress also needs `net.ipv4.ip_forward=1` in the root namespace, which the agent never sets
-(the operator does, knowingly).
+Egress also needs forwarding on the uplink the replies come in by: `uplink.py` turns it on for
+that device only, guarded, while a capsule has egress (never the global `ip_forward`).
 """
 
 from __future__ import annotations
@@ -75,17 +76,17 @@ def netns_ruleset(plan: SlotNetwork) -> str:
         f"-A FORWARD -i {TAP_NAME} -o {NETNS_VETH} {' '.join(A_REPLY)} -j ACCEPT",
     ]
     dns = f"-i {TAP_NAME} -d {TAP_IP}/32 -p udp --dport 53"
+    dns_tcp = f"-i {TAP_NAME} -d {TAP_IP}/32 -p tcp --dport 53"
     guest_input = [f"-A INPUT -i {TAP_NAME} {' '.join(A_REPLY)} -j ACCEPT"]
     if plan.egress:
         to = f"{plan.veth_host_ip}:{plan.dns_port}"
-        nat.insert(0, f"-A PREROUTING {dns} -j DNAT --to-destination {to}")
+        nat[:0] = [f"-A PREROUTING {m} -j DNAT --to-destination {to}" for m in (dns, dns_tcp)]
         nat.append(f"-A POSTROUTING -o {NETNS_VETH} -s {guest} -j MASQUERADE")
         forward.append(f"-A FORWARD -i {TAP_NAME} -o {NETNS_VETH} -s {guest} -j ACCEPT")
     else:
         guest_input += [
             f"-A INPUT {dns} -j REJECT --reject-with icmp-port-unreachable",
-            f"-A INPUT -i {TAP_NAME} -d {TAP_IP}/32 -p tcp --dport 53 -j REJECT "
-            "--reject-with tcp-reset",
+            f"-A INPUT {dns_tcp} -j REJECT --reject-with tcp-reset",
         ]
     lines = [
         "*nat",
@@ -142,8 +143,10 @@ def host_rules(settings: AgentSettings, plan: SlotNetwork) -> list[HostRule]:
     # "top" rules are each inserted at position 1, so a later one ends up above an earlier
     # one: the DNS accept above the INPUT drop; for FORWARD, from the top down: the denied
     # ranges, the allowed CIDRs, the drop of everything else.
-    dns = ("-i", dev, "-d", f"{plan.veth_host_ip}/32", "-p", "udp", "--dport", str(plan.dns_port))
-    rules.append(HostRule("filter", "INPUT", "top", (*dns, "-j", "ACCEPT")))
+    to_dns = ("-i", dev, "-d", f"{plan.veth_host_ip}/32")
+    for proto in ("udp", "tcp"):
+        dns = (*to_dns, "-p", proto, "--dport", str(plan.dns_port), "-j", "ACCEPT")
+        rules.append(HostRule("filter", "INPUT", "top", dns))
     if plan.egress_allow:
         rules.append(HostRule("filter", "FORWARD", "top", ("-i", dev, "-j", "DROP")))
         for net in plan.egress_allow:

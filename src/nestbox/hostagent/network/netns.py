@@ -45,8 +45,8 @@ def host_has_ipv6() -> bool:
 
 
 async def enable_forwarding(system: System, netns: str) -> None:
-    """Forwarding inside the netns only (veth0 <-> tap0); the root namespace's setting is the
-    operator's and is never touched here."""
+    """Forwarding inside the netns (veth0 <-> tap0); the root namespace's devices are set
+    elsewhere: the slot's host veth in `setup.py`, the uplinks in `uplink.py`."""
     await system.sysctl(netns, "net.ipv4.ip_forward", "1")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nestbox.hostagent.network import egress as egress_
-from nestbox.hostagent.network import firewall, netns, tap
+from nestbox.hostagent.network import firewall, netns, tap, uplink
 from nestbox.hostagent.network.slots import (
     SlotNetwork,
     parse_host_veth_name,
@@ -45,8 +45,8 @@ async def open_slot_network(
 
     Everything is undone when the caller closes `stack` (shielded, with its own deadline).
     Egress (off unless a capsule asks for it) adds a default route and NAT, forwarding on the
-    host end of the slot's veth (that interface only: the uplink's is the operator's), and a
-    DNS forwarder (`egress.py`), but the guest still never reaches the host itself, internal
+    host end of the slot's veth and, guarded, on the uplinks if it is off there (`uplink.py`),
+    and a DNS forwarder (`egress.py`), but the guest still never reaches the host itself, internal
     ranges or another capsule (see `firewall`); an allow-list (`egress.egress_allow`) narrows
     it further.
 
@@ -73,12 +73,17 @@ async def open_slot_network(
         )
     await firewall.apply_netns_firewall(system, plan)
     await netns.enable_forwarding(system, plan.netns)
+    if egress:
+        # Pushed before the rules, so it runs after their removal: the host's last egress
+        # slot going turns the uplinks' forwarding back off (`uplink.py`).
+        stack.push_async_callback(uplink.release_forwarding, system)
     await firewall.add_host_rules(system, settings, plan, stack)
     await netns.create_veth(system, plan, stack)
     if egress:
         forwarder = await egress_.open_forwarder(settings, plan.veth_host_ip)
         stack.callback(forwarder.close)
-        await system.sysctl(None, f"net.ipv4.conf.{plan.host_veth}.forwarding", "1")
+        await system.sysctl(None, uplink.forwarding_key(plan.host_veth), "1")
+        await uplink.ensure_forwarding(system, settings)
         await netns.add_default_route(system, plan)
     await netns.add_host_route(system, plan, stack)
     log.debug(
@@ -148,4 +153,6 @@ async def cleanup_leftovers(
             done.namespaces.append(name)
     if done:
         log.warning("removed network leftovers of dead slots", extra={"leftovers": done})
+    if any("MASQUERADE" in rule for rule in done.rules):
+        await uplink.release_forwarding(system)  # a dead egress slot's
     return done

@@ -32,7 +32,7 @@ from typing import Literal
 import anyio
 from pydantic import BaseModel, ConfigDict
 
-from nestbox.hostagent.durable import fsync_path
+from nestbox.hostagent.durable import fsync_path, write_atomic
 from nestbox.hostagent.vmm.base import Accel  # noqa: TC001 (pydantic field type)
 
 META_FILE = "template.json"
@@ -175,6 +175,54 @@ async def publish(staging: TemplateDir, templates_dir: Path, meta: TemplateMeta)
 
     await anyio.to_thread.run_sync(_publish)
     return Template(TemplateDir(version), meta)
+
+
+def mark_unanswered(templates_dir: Path, template_id: str) -> bool:
+    """Note, before a new template is made for a caller, that the caller has no answer yet
+    (`answered` removes the note once it does). An agent that stops in between leaves the note,
+    and its next start forgets the template (`forget_unanswered`): nobody else knows it.
+    False (no note) when `template_id` exists already: a failure must not forget that one."""
+    if template_path(templates_dir, template_id).root.is_symlink():
+        return False
+    templates_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(_unanswered(templates_dir, template_id), template_id)
+    return True
+
+
+def answered(templates_dir: Path, template_id: str) -> None:
+    _unanswered(templates_dir, template_id).unlink(missing_ok=True)
+
+
+def forget_unanswered(templates_dir: Path, template_id: str | None = None) -> list[str]:
+    """Templates marked unanswered (`template_id`'s, or all): the link goes, then the note;
+    `prune` then removes each version no capsule uses (a clone made from one keeps it until
+    it goes). The templates forgotten."""
+    pattern = f".{template_id}{UNANSWERED}" if template_id else f".*{UNANSWERED}"
+    forgotten = []
+    for note in templates_dir.glob(pattern):
+        name = note.name[1 : -len(UNANSWERED)]
+        link = templates_dir / name
+        if link.is_symlink():
+            link.unlink()
+        note.unlink(missing_ok=True)
+        forgotten.append(name)
+    return forgotten
+
+
+UNANSWERED = ".unanswered"
+
+
+def _unanswered(templates_dir: Path, template_id: str) -> Path:
+    template_path(templates_dir, template_id)  # validates the id
+    return templates_dir / f".{template_id}{UNANSWERED}"
+
+
+def template_id_of(version: Path) -> str | None:
+    """The template a version directory (`.<template>.v-<random>`) belongs to, or None."""
+    name = version.name
+    if not name.startswith(".") or ".v-" not in name:
+        return None
+    return name[1:].rsplit(".v-", 1)[0] or None
 
 
 async def prune(templates_dir: Path, template_id: str, in_use: set[Path]) -> list[Path]:

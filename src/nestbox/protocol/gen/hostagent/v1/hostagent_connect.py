@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import hostagent_pb
-from .hostagent_pb import CloseStdinRequest, CloseStdinResponse, ConnectProcessRequest, ConnectProcessResponse, CreateCapsuleRequest, CreateCapsuleResponse, CreateTemplateRequest, CreateTemplateResponse, DeleteTemplateRequest, DeleteTemplateResponse, DestroyCapsuleRequest, DestroyCapsuleResponse, ExecRequest, ExecResponse, ExecStreamRequest, ExecStreamResponse, ForkCapsuleRequest, ForkCapsuleResponse, GetCapsuleMetricsRequest, GetCapsuleMetricsResponse, KillProcessRequest, KillProcessResponse, ListCapsulesRequest, ListCapsulesResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, PauseCapsuleRequest, PauseCapsuleResponse, PingCapsuleRequest, PingCapsuleResponse, PingRequest, PingResponse, PtyAttachRequest, PtyAttachResponse, PtyKillRequest, PtyKillResponse, PtyResizeRequest, PtyResizeResponse, PtySendInputRequest, PtySendInputResponse, ReadFileRequest, ReadFileResponse, ReadFileStreamRequest, ReadFileStreamResponse, RemovePathRequest, RemovePathResponse, ResumeCapsuleRequest, ResumeCapsuleResponse, SendStdinRequest, SendStdinResponse, SetIdleTimeoutRequest, SetIdleTimeoutResponse, StartBackgroundRequest, StartBackgroundResponse, StatRequest, StatResponse, TerminateRequest, TerminateResponse, WatchDirRequest, WatchDirResponse, WriteFileRequest, WriteFileResponse, WriteFileStreamRequest, WriteFileStreamResponse
+from .hostagent_pb import CloseStdinRequest, CloseStdinResponse, ConnectProcessRequest, ConnectProcessResponse, CreateCapsuleRequest, CreateCapsuleResponse, CreateTemplateRequest, CreateTemplateResponse, DeleteTemplateRequest, DeleteTemplateResponse, DestroyCapsuleRequest, DestroyCapsuleResponse, ExecRequest, ExecResponse, ExecStreamRequest, ExecStreamResponse, ForkCapsuleRequest, ForkCapsuleResponse, GetCapsuleLogsRequest, GetCapsuleLogsResponse, GetCapsuleMetricsRequest, GetCapsuleMetricsResponse, KillProcessRequest, KillProcessResponse, ListCapsulesRequest, ListCapsulesResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, MakeDirRequest, MakeDirResponse, MoveRequest, MoveResponse, PauseCapsuleRequest, PauseCapsuleResponse, PingCapsuleRequest, PingCapsuleResponse, PingRequest, PingResponse, PtyAttachRequest, PtyAttachResponse, PtyKillRequest, PtyKillResponse, PtyResizeRequest, PtyResizeResponse, PtySendInputRequest, PtySendInputResponse, ReadFileRequest, ReadFileResponse, ReadFileStreamRequest, ReadFileStreamResponse, RemovePathRequest, RemovePathResponse, ResumeCapsuleRequest, ResumeCapsuleResponse, SendStdinRequest, SendStdinResponse, SetIdleTimeoutRequest, SetIdleTimeoutResponse, StartBackgroundRequest, StartBackgroundResponse, StatRequest, StatResponse, TerminateRequest, TerminateResponse, WatchDirRequest, WatchDirResponse, WriteFileRequest, WriteFileResponse, WriteFileStreamRequest, WriteFileStreamResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -71,6 +71,13 @@ class HostAgentService(Protocol):
     async def get_capsule_metrics(self, request: GetCapsuleMetricsRequest, ctx: RequestContext[GetCapsuleMetricsRequest, GetCapsuleMetricsResponse], /) -> GetCapsuleMetricsResponse:
         """
         Host-side samples of the capsule's VM: CPU, memory (RSS), disk (allocated overlay).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_capsule_logs(self, request: GetCapsuleLogsRequest, ctx: RequestContext[GetCapsuleLogsRequest, GetCapsuleLogsResponse], /) -> GetCapsuleLogsResponse:
+        """
+        The last lines envd logged in the capsule (its bounded ring: process starts and ends,
+        recoveries, errors), oldest first, from start_unix_ms on. invalid_state unless running.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -320,6 +327,17 @@ class HostAgentServiceASGIApplication(ConnectASGIApplication[HostAgentService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_capsule_metrics,
+                ),
+                "/hostagent.v1.HostAgentService/GetCapsuleLogs": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetCapsuleLogs",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=GetCapsuleLogsRequest,
+                        output=GetCapsuleLogsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_capsule_logs,
                 ),
                 "/hostagent.v1.HostAgentService/SetIdleTimeout": Endpoint.unary(
                     method=MethodInfo(
@@ -799,6 +817,30 @@ class HostAgentServiceClient(ConnectClient):
                 service_name="hostagent.v1.HostAgentService",
                 input=GetCapsuleMetricsRequest,
                 output=GetCapsuleMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_capsule_logs(
+        self,
+        request: GetCapsuleLogsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetCapsuleLogsResponse:
+        """
+        The last lines envd logged in the capsule (its bounded ring: process starts and ends,
+        recoveries, errors), oldest first, from start_unix_ms on. invalid_state unless running.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCapsuleLogs",
+                service_name="hostagent.v1.HostAgentService",
+                input=GetCapsuleLogsRequest,
+                output=GetCapsuleLogsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),
@@ -1478,6 +1520,13 @@ class HostAgentServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def get_capsule_logs(self, request: GetCapsuleLogsRequest, ctx: RequestContext[GetCapsuleLogsRequest, GetCapsuleLogsResponse], /) -> GetCapsuleLogsResponse:
+        """
+        The last lines envd logged in the capsule (its bounded ring: process starts and ends,
+        recoveries, errors), oldest first, from start_unix_ms on. invalid_state unless running.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def set_idle_timeout(self, request: SetIdleTimeoutRequest, ctx: RequestContext[SetIdleTimeoutRequest, SetIdleTimeoutResponse], /) -> SetIdleTimeoutResponse:
         """
         Change the idle timeout of a running or paused capsule (0 = never auto-pause); kept
@@ -1722,6 +1771,17 @@ class HostAgentServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_capsule_metrics,
+                ),
+                "/hostagent.v1.HostAgentService/GetCapsuleLogs": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetCapsuleLogs",
+                        service_name="hostagent.v1.HostAgentService",
+                        input=GetCapsuleLogsRequest,
+                        output=GetCapsuleLogsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_capsule_logs,
                 ),
                 "/hostagent.v1.HostAgentService/SetIdleTimeout": EndpointSync.unary(
                     method=MethodInfo(
@@ -2201,6 +2261,30 @@ class HostAgentServiceClientSync(ConnectClientSync):
                 service_name="hostagent.v1.HostAgentService",
                 input=GetCapsuleMetricsRequest,
                 output=GetCapsuleMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_capsule_logs(
+        self,
+        request: GetCapsuleLogsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetCapsuleLogsResponse:
+        """
+        The last lines envd logged in the capsule (its bounded ring: process starts and ends,
+        recoveries, errors), oldest first, from start_unix_ms on. invalid_state unless running.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCapsuleLogs",
+                service_name="hostagent.v1.HostAgentService",
+                input=GetCapsuleLogsRequest,
+                output=GetCapsuleLogsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),
