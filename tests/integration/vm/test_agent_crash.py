@@ -46,6 +46,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 RUNNING, PAUSED, ERROR = pb.CapsuleState.RUNNING, pb.CapsuleState.PAUSED, pb.CapsuleState.ERROR
 NETWORK = ("netns", "links", "routes", "rules")
 STALL_S = 30.0
+PREPARE_GAVE_UP = "snapshot/prepare failed, snapshotting anyway"
+"""What the agent logs when a pause's prepare got no answer in time (`lifecycle._prepare_guest`)."""
 
 
 STOPPED: list[int] = []
@@ -241,8 +243,13 @@ async def test_kill_before_the_pause_snapshot_was_renamed_continues_the_vm(
     cdir = capsule_dir(agent, cid)
     [pid] = qemu_pids(cdir)
 
+    gave_up = PREPARE_GAVE_UP.encode()
+    before = agent.log_path.read_bytes().count(gave_up)
+
     def stall() -> int:
         wait_until("the pausing record", lambda: record(agent, cid).get("state") == "pausing")
+        wait_until("the prepare given up",  # (as below: never save a guest mid-prepare)
+                   lambda: agent.log_path.read_bytes().count(gave_up) > before)  # fmt: skip
         return pid
 
     sigstop(pid)  # the pause is then stuck setting up its migration (QMP), as above
@@ -268,8 +275,16 @@ async def test_kill_after_the_pause_snapshot_completed_is_paused(agent: AgentPro
     cdir = capsule_dir(agent, cid)
     [pid] = qemu_pids(cdir)
 
+    gave_up = PREPARE_GAVE_UP.encode()
+    before = agent.log_path.read_bytes().count(gave_up)
+
     def stall() -> int:
         wait_until("the pausing record", lambda: record(agent, cid).get("state") == "pausing")
+        # The record is written while envd prepares: the save (made below, as the agent would
+        # have) must not start before the prepare is over (here: given up on, the guest being
+        # stopped), or it would catch envd mid-prepare, which the agent never does.
+        wait_until("the prepare given up",
+                   lambda: agent.log_path.read_bytes().count(gave_up) > before)  # fmt: skip
         return pid
 
     sigstop(pid)  # the pause is then stuck setting up its migration (QMP), as above
