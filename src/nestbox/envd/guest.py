@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -104,12 +103,9 @@ def _pin_in_hosts(hosts: Path, name: str) -> None:
     tmp.write_text("\n".join(lines) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, hosts)
-    # Onto the disk now, in a thread of its own (off the loop: under TCG this takes ms): left
-    # dirty, the file and the metadata of the rename (inode, bitmaps, directory: a `sync`
-    # writes them even after the journal committed) would be written by the `sync` of the next
-    # `/snapshot/prepare`, on the pause's critical path; every clone's `/init` rewrites this
-    # file, so a pause soon after a create would pay for it.
-    threading.Thread(target=os.sync, name="sync-hosts", daemon=True).start()
+    # Not synced here: a background `os.sync()` thread (tried, to take these few blocks off the
+    # next prepare's `sync`) left envd unable to answer after the restore of a snapshot taken
+    # while it ran (tests/integration/vm/test_agent_crash.py, after a cold boot).
 
 
 class GuestMachine:
