@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
@@ -272,6 +273,7 @@ async def test_kill_after_the_pause_snapshot_completed_is_paused(agent: AgentPro
     the agent would have (migration into the partial file, fsync, rename)."""
     async with agent.connect() as rpc:
         cid = await make_capsule(rpc, "snapshot-done")
+        host_ip = (await rpc.capsules())[cid].host_ip
     cdir = capsule_dir(agent, cid)
     [pid] = qemu_pids(cdir)
 
@@ -293,6 +295,10 @@ async def test_kill_after_the_pause_snapshot_completed_is_paused(agent: AgentPro
         pause = rpc.pause_capsule(pb.PauseCapsuleRequest(capsule_id=cid))
         await crash_during(agent, pause, stall, restart=False)
     assert record(agent, cid)["state"] == "pausing"
+    # The dead agent's prepare reached the guest once it was continued; envd runs it (its sync
+    # on the event loop). Save only once envd answers again, as the agent's own save never
+    # catches a guest inside that sync (restored there, this guest never answered again).
+    poll(lambda: envd_answers(host_ip), within=STALL_S, what="envd answering after the prepare")
     await save_as_the_agent_would(cdir, rename=True)
     await anyio.to_thread.run_sync(agent.start)
     assert not alive(pid)
@@ -306,6 +312,16 @@ async def test_kill_after_the_pause_snapshot_completed_is_paused(agent: AgentPro
         await rpc.destroy_capsule(pb.DestroyCapsuleRequest(capsule_id=cid))
     left = agent_leftovers(agent.settings)
     assert left == {k: [] for k in left}, left
+
+
+def envd_answers(host_ip: str) -> bool:
+    """envd's /health answers a new connection (its event loop is not inside a sync)."""
+    try:
+        with socket.create_connection((host_ip, 49983), timeout=5) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: envd\r\nConnection: close\r\n\r\n")
+            return raw.recv(4096).startswith(b"HTTP/1.1 2")
+    except OSError:
+        return False
 
 
 async def save_as_the_agent_would(cdir: Path, *, rename: bool) -> None:
