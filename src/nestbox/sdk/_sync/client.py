@@ -112,35 +112,11 @@ class Api:
         from a stream or a file is never sent twice.
 
         :raise NestboxError: the API's error, a connection error or a timeout."""
-        safe = method in _core.IDEMPOTENT if idempotent is None else idempotent
-        replayable = content is None and files is None
-        attempt = 0
-        while True:
-            attempt += 1
-            again = replayable and attempt <= self.retries
-            try:
-                response = self.http.request(
-                    method, path, json=json, params=params, content=content, files=files,
-                    data=data, headers=headers, timeout=self._timeout(request_timeout),
-                )  # fmt: skip
-            except (httpx.ConnectError, httpx.ConnectTimeout) as err:
-                if again:
-                    sleep(_core.backoff(attempt))
-                    continue
-                raise NestboxConnectionError(f"cannot reach {self.url}: {err}") from err
-            except httpx.TimeoutException as err:
-                raise NestboxTimeout(f"{method} {path}: no answer in time") from err
-            except httpx.TransportError as err:
-                if again and safe:
-                    sleep(_core.backoff(attempt))
-                    continue
-                raise NestboxConnectionError(f"{method} {path}: {err!r}") from err
-            if response.status_code in _core.RETRY_STATUSES and again and safe:
-                sleep(_core.backoff(attempt, _core.retry_after(response)))
-                continue
-            if response.status_code >= 400:
-                raise _core.error_of(response, response.content)
-            return response
+        return self._send(
+            method, path, stream=False, replayable=content is None and files is None,
+            idempotent=idempotent, request_timeout=request_timeout,
+            json=json, params=params, content=content, files=files, data=data, headers=headers,
+        )  # fmt: skip
 
     @contextmanager
     def stream(
@@ -154,15 +130,42 @@ class Api:
         idempotent: bool | None = None,
     ) -> Iterator[httpx.Response]:
         """A streamed answer (checked: an error answer raises before the block runs)."""
+        response = self._send(
+            method, path, stream=True, replayable=True, idempotent=idempotent,
+            request_timeout=request_timeout, json=json, params=params,
+        )  # fmt: skip
+        try:
+            yield response
+        except httpx.TimeoutException as err:
+            raise NestboxTimeout(f"{method} {path}: the answer stalled") from err
+        except httpx.TransportError as err:
+            raise NestboxConnectionError(f"{method} {path}: {err!r}") from err
+        finally:
+            response.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        stream: bool,
+        replayable: bool,
+        idempotent: bool | None,
+        request_timeout: float | None,
+        **parts: Any,
+    ) -> httpx.Response:
+        """The one retry loop of `request` and `stream`: an error answer raises (its body
+        read and the response closed), a success is returned (unread when `stream`)."""
         safe = method in _core.IDEMPOTENT if idempotent is None else idempotent
         attempt = 0
         while True:
             attempt += 1
-            again = attempt <= self.retries
-            request = self.http.build_request(method, path, json=json, params=params,
-                                              timeout=self._timeout(request_timeout))  # fmt: skip
+            again = replayable and attempt <= self.retries
+            request = self.http.build_request(
+                method, path, timeout=self._timeout(request_timeout), **parts
+            )
             try:
-                response = self.http.send(request, stream=True)
+                response = self.http.send(request, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as err:
                 if again:
                     sleep(_core.backoff(attempt))
@@ -175,22 +178,14 @@ class Api:
                     sleep(_core.backoff(attempt))
                     continue
                 raise NestboxConnectionError(f"{method} {path}: {err!r}") from err
-            if response.status_code >= 400:
-                body = response.read()
-                response.close()
-                if response.status_code in _core.RETRY_STATUSES and again and safe:
-                    sleep(_core.backoff(attempt, _core.retry_after(response)))
-                    continue
-                raise _core.error_of(response, body)
-            break
-        try:
-            yield response
-        except httpx.TimeoutException as err:
-            raise NestboxTimeout(f"{method} {path}: the answer stalled") from err
-        except httpx.TransportError as err:
-            raise NestboxConnectionError(f"{method} {path}: {err!r}") from err
-        finally:
+            if response.status_code < 400:
+                return response
+            body = response.read()
             response.close()
+            if response.status_code in _core.RETRY_STATUSES and again and safe:
+                sleep(_core.backoff(attempt, _core.retry_after(response)))
+                continue
+            raise _core.error_of(response, body)
 
     def sse(self, path: str, params: Mapping[str, str] | None = None) -> Iterator[SseMessage]:
         """Server-sent events of `path`, as they come (no timeout: the stream is long-lived)."""
