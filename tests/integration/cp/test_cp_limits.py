@@ -155,6 +155,22 @@ async def test_ids_are_matched_whole(settings: CPSettings) -> None:
                                ("DELETE", "/v1/snapshots/minimal%0A")):  # fmt: skip
             status, _, doc = await raw(c.url, method, target, account.headers)
             assert status == 404, target
+        # The E2B surface (its own routes, same ids): logs and snapshots included.
+        status, _, _ = await raw(c.url, "GET", f"/sandboxes/{cid}/logs", key)
+        assert status == 200
+        for method, target in (("GET", f"/sandboxes/{cid}%0A"),
+                               ("GET", f"/sandboxes/{cid}%0A/logs"),
+                               ("GET", f"/v2/sandboxes/{cid}%00/logs"),
+                               ("GET", f"/v2/sandboxes/{cid.upper()}/logs"),
+                               ("GET", f"/sandboxes/%20{cid}/logs"),
+                               ("POST", f"/sandboxes/{cid}%0A/snapshots"),
+                               ("POST", f"/sandboxes/{cid}%2F..%2F/snapshots"),
+                               ("POST", f"/sandboxes/{cid}%0A/pause"),
+                               ("DELETE", f"/sandboxes/{cid}%0A")):  # fmt: skip
+            body = b'{"name": "taken"}' if target.endswith("/snapshots") else b""
+            status, _, doc = await raw(c.url, method, target, key, body)
+            assert status == 404, target
+            assert doc["error"]["code"] == "not_found", target
         # Nothing above touched the real ones.
         assert (await c.client.get(f"/v1/capsules/{cid}", headers=key)).json()["status"] == (
             "running"
