@@ -44,6 +44,10 @@ GUEST_PORT = 8000
 PROBE_TIMEOUT = "1.5"
 HAVE_IPV6 = os.path.exists("/proc/sys/net/ipv6")
 RUN = secrets.token_hex(2)  # agent ids and names unique to this run: t<4 hex>, u<4 hex>
+# This run's own namespaces and links (the guests' are `nbxt-guest-<agent id>-<slot>`): only
+# these are checked and removed, never another run's on the same host.
+OWN_TEST_NAMES = tuple(f"nbxt{kind}{RUN}" for kind in
+                       ("-outside-", "out", "-inet-", "inet", "-lan-", "lan"))  # fmt: skip
 
 
 def _check_root() -> str | None:
@@ -76,7 +80,8 @@ def sh(*argv: str) -> str:
 
 def our_state(*agent_ids: str) -> dict[str, list[str]]:
     """Everything on the host that this test file could have made."""
-    marks = ("nbxt", *(f"nbx-{a}-" for a in agent_ids), *(f"nbh{a}x" for a in agent_ids))
+    marks = (*OWN_TEST_NAMES, *(f"nbxt-guest-{a}-" for a in agent_ids),
+             *(f"nbx-{a}-" for a in agent_ids), *(f"nbh{a}x" for a in agent_ids))  # fmt: skip
     ranges = ("10.236.", "10.237.", "10.238.")
     tags = tuple(f"nestbox:{a}:" for a in agent_ids)
 
@@ -246,10 +251,12 @@ async def _force_cleanup() -> None:
     for agent_id in ("t" + RUN, "u" + RUN):
         await cleanup_leftovers(RealSystem(), agent(agent_id), set())
     system = RealSystem()
+    guests = tuple(f"nbxt-guest-{a}{RUN}-" for a in "tu")
     for ns in (await system.ip("netns", "list")).split():
-        if ns.startswith("nbxt-"):
+        if ns.startswith((*OWN_TEST_NAMES, *guests)):
             await system.ip("netns", "del", ns, check=False)
-    await system.ip("link", "del", f"nbxtout{RUN}", check=False)
+    for dev in ("out", "inet", "lan"):
+        await system.ip("link", "del", f"nbxt{dev}{RUN}", check=False)
 
 
 def netns_behind_veth(ns: str, dev: str, root_end: str, far_end: str) -> None:
