@@ -20,13 +20,18 @@ async def host_monitor(
     services: Services, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """Every `host_monitor_interval_s`: hosts silent for `heartbeat_unreachable_after_s`
-    become unreachable and their capsules missing (heartbeats bring them back)."""
+    become unreachable and their capsules missing (heartbeats bring them back). Silence is
+    counted from this process's start at the earliest (`HostService.mark_silent`)."""
     settings = services.settings
+    started = anyio.current_time()
     task_status.started()
     while True:
         await anyio.sleep(settings.host_monitor_interval_s)
         try:
-            await services.hosts.mark_silent(settings.heartbeat_unreachable_after_s)
+            await services.hosts.mark_silent(
+                settings.heartbeat_unreachable_after_s,
+                listened_for_s=anyio.current_time() - started,
+            )
         except Exception as err:  # the next round tries again; the loop must live on
             log.error("host monitor round failed: %r", err)
             log.debug("host monitor traceback", exc_info=err)

@@ -84,7 +84,12 @@ async def test_missing_and_host_events(settings: CPSettings) -> None:
         _, key = await c.user("ann@example.com")
         async with open_stream(c.url, key) as mine, open_stream(c.url, c.admin) as admin:
             cid = (await c.create(key))["id"]
-            await c.services.hosts.mark_silent(0.001)
+            # A control plane that only just started heard nothing yet: no host is silent
+            # before it has listened for as long as the limit (a restart is not host loss).
+            assert await c.services.hosts.mark_silent(0.001, listened_for_s=0.0) == []
+            r = await c.client.get(f"/v1/capsules/{cid}", headers=key)
+            assert r.json()["status"] == "running"
+            await c.services.hosts.mark_silent(0.001, listened_for_s=0.001)
             changed = await mine.wait_for("capsule.state.changed", cid)
             assert changed["metadata"]["to"] == "missing"
             # A shared host's events go to platform admins, not to every team.

@@ -231,8 +231,11 @@ async def test_zombie_connections_do_not_delay_exec_after_resume(agent: AgentPro
 async def test_twenty_pause_resume_cycles(agent: AgentProcess) -> None:
     async with agent.connect() as rpc:
         cid = (await rpc.create()).capsule_id
-        pid = await background(rpc, cid, "i=0; while :; do i=$((i+1)); echo $i > /root/count; "
-                                          "sleep 0.1; done", "counter")  # fmt: skip
+        # The count is renamed into place: a reader never sees the file between its
+        # truncation and its write (a slow guest can be stopped there for seconds).
+        pid = await background(rpc, cid, "i=0; while :; do i=$((i+1)); echo $i > /root/count.new; "
+                                          "mv /root/count.new /root/count; sleep 0.1; done",
+                               "counter")  # fmt: skip
         pauses, resumes, execs, failures = [], [], [], []
         last = 0
         for cycle in range(20):

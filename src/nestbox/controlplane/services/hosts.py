@@ -291,9 +291,16 @@ class HostService:
 
     # ── the host monitor ──
 
-    async def mark_silent(self, silent_for_s: float) -> list[str]:
+    async def mark_silent(
+        self, silent_for_s: float, *, listened_for_s: float | None = None
+    ) -> list[str]:
         """Hosts without a heartbeat for `silent_for_s` become unreachable and their capsules
-        `missing`; the ids of the hosts that changed."""
+        `missing`; the ids of the hosts that changed. Silence counts only while this control
+        plane listened (`listened_for_s`, since its start): heartbeats sent while no control
+        plane ran were lost, not missed, so a restart longer than `silent_for_s` marks nothing
+        before the hosts have had `silent_for_s` to reach the new process."""
+        if listened_for_s is not None and listened_for_s < silent_for_s:
+            return []
         since = self._clock() - timedelta(seconds=silent_for_s)
         changed = []
         async with self._db.transaction() as tx:
