@@ -46,13 +46,15 @@ class FakeGuest:
     """One guest's envd: its token (None: open, a cold boot before its first `/init`), what it
     was sent, and knobs: `status` answers a path with that status, `hang` takes a path's
     request and never answers it, `drop` closes the connection of the next that many requests
-    before any answer."""
+    before any answer, `lose` carries the next that many out and closes the connection instead
+    of answering (the answer lost on the way back)."""
 
     token: str | None = None
     seen: list[Seen] = field(default_factory=list)
     status: dict[str, int] = field(default_factory=dict)
     hang: set[str] = field(default_factory=set)
     drop: int = 0
+    lose: int = 0
     open_connections: int = 0
     others_open_at_prepare: list[int] = field(default_factory=list)
     """Per prepare: the other connections still open once the idle ones were closed."""
@@ -132,6 +134,11 @@ class FakeEnvd:
                         guest = found
                         guest.open_connections += 1
                     status, payload, close = await _answer(guest, request, path, body, number)
+                    if guest.lose:
+                        guest.lose -= 1
+                        guest.open_connections -= 1
+                        closed = True
+                        return
                     if close:  # gone for the guest from now on (envd counts it so)
                         guest.open_connections -= 1
                         closed = True

@@ -95,6 +95,36 @@ async def test_init_presents_the_old_token_and_the_client_then_sends_the_new_one
         assert (guest.seen[-1].path, guest.seen[-1].token) == ("/snapshot/prepare", "clone-token")
 
 
+async def test_an_init_applied_but_unanswered_is_retried_with_its_new_token() -> None:
+    """The first `/init` sets the new token but its answer is lost: envd now refuses the old
+    token, so the retry presents the new one (which only that `/init` could have set)."""
+    guest = FakeGuest(token="template-token", lose=1)
+    async with (
+        envd_with(guest) as envd,
+        CapsuleEnvd(f"{envd.url}/g", access_token="template-token", pool=POOL) as client,
+    ):
+        await client.init_when_ready(lambda: body("clone-token"), answer_within=1.0)
+        assert [(s.path, s.token) for s in guest.seen] == [
+            ("/init", "template-token"), ("/init", "template-token"), ("/init", "clone-token")
+        ]  # fmt: skip
+        assert guest.token == client.access_token == "clone-token"
+
+
+async def test_a_lost_answer_then_a_refusal_keeps_the_token() -> None:
+    """Lost, then refused with both tokens (envd holds another one): Unauthorized, and the
+    client keeps presenting the token it had."""
+    guest = FakeGuest(token="current", drop=1)
+    async with (
+        envd_with(guest) as envd,
+        CapsuleEnvd(f"{envd.url}/g", access_token="stale", pool=POOL) as client,
+    ):
+        with pytest.raises(Unauthorized):
+            await client.init_when_ready(lambda: body("next"), answer_within=1.0)
+        assert [s.token for s in guest.seen] == [None, "stale", "next"]
+        assert client.access_token == "stale"
+        assert guest.token == "current"
+
+
 async def test_a_refused_init_keeps_the_token() -> None:
     guest = FakeGuest(token="current")
     async with (

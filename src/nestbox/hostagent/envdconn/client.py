@@ -183,7 +183,8 @@ class CapsuleEnvd(PtyOps, FileOps):
         deadline around it.
 
         The request carries the client's token; once envd has answered it, a token the body set
-        (`accessToken`) is the one the client sends from then on.
+        (`accessToken`) is the one the client sends from then on. After an attempt lost before
+        its answer, a 401 is retried once with that new token (the lost attempt set it).
 
         :raise Unauthorized: envd refused the token (it holds another one).
         :raise DeadlineExceeded: envd took the request but did not answer within
@@ -191,20 +192,33 @@ class CapsuleEnvd(PtyOps, FileOps):
         :raise EnvdCallError: any other refusal.
         """
         attempt_s = self._conn.pool.connect_timeout_s + answer_within
+        lost, before = False, self._conn.access_token
         while True:
             body = request()
             try:
                 response = await self._send(
                     "POST", "/init", _init_body(body), json_body=True, attempt_s=attempt_s
                 )
-            except (ConnectionError, *LOST_BEFORE_ANSWER):
-                # envd not listening yet, the guest not answering yet, or a connection lost
-                # before the answer (pyqwest's ConnectTimeout is a ConnectionError too).
+            except LOST_BEFORE_ANSWER:
+                lost = True  # envd may have carried it out (and switched tokens) meanwhile
+                await anyio.sleep(POLL_S)
+                continue
+            except ConnectionError:
+                # envd not listening yet or the guest not answering yet (pyqwest's
+                # ConnectTimeout is a ConnectionError too).
                 await anyio.sleep(POLL_S)
                 continue
             except TRANSPORT_ERRORS as err:
                 raise from_transport(err, "/init") from err
+            new_token = body.access_token
+            if (response.status == 401 and lost and new_token
+                    and self._conn.access_token != new_token):  # fmt: skip
+                # An earlier attempt was carried out but its answer lost: envd holds the token
+                # only that `/init` could have set. Present it (the `/init` is idempotent).
+                self._conn.access_token = new_token
+                continue
             if response.status >= 300:
+                self._conn.access_token = before  # refused: the client's token stays as it was
                 raise from_http(response.status, response.content, "/init")
             if body.access_token:
                 self._conn.access_token = body.access_token
@@ -214,6 +228,11 @@ class CapsuleEnvd(PtyOps, FileOps):
         """`POST /snapshot/prepare`: envd closes idle connections, stops port forwarding and
         syncs the disks. Call `close_idle()` first. :raise EnvdCallError:"""
         await self._call("POST", "/snapshot/prepare")
+
+    async def scan_ports(self) -> None:
+        """`POST /ports/scan`: envd looks for loopback listeners now and answers once their
+        forwarders listen (an idle envd does not poll). :raise EnvdCallError:"""
+        await self._call("POST", "/ports/scan")
 
     async def metrics(self) -> dict[str, Any]:
         """`GET /metrics`: the guest's CPU, memory and disk use."""
