@@ -11,7 +11,13 @@ guests cloned from `minimal`).
                     host address with the capsule's envd token: what the agent itself does
   PTY keystroke     one byte typed into a shell over the API's PTY WebSocket until its echo
                     comes back; baseline: the same over a direct envd PTY (Start + SendInput)
+  PTY under a       the same keystrokes while a 20 MiB/s download from the same capsule runs
+  download          through the port proxy, over the API and over a direct envd PTY; baseline:
+                    the same side idle (target: API p99 <= 2x idle)
   pause / resume    POST /pause and /resume; baseline: the agent's own time for the verb (its log)
+
+The create phase also prints where the host's CPU went (control plane, agent with its commands,
+the new QEMUs up to the answer) per create, single and concurrent, beside the wall times.
 
 The sides alternate (and which goes first) so a change in the host's load hits both alike; the
 machine is shared, so only ratios from the same run mean anything: the load average is printed
@@ -35,13 +41,23 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 from tests.e2e.stack import API_TIMEOUT_S, Stack, records, running_stack
-from tests.e2e.test_load import PROMPT, keystrokes, terminal
+from tests.e2e.test_load import (
+    DOWNLOAD_RATE,
+    PROMPT,
+    Download,
+    HostCpu,
+    cpu_s,
+    keystrokes,
+    serving_downloads,
+    terminal,
+)
 from tests.integration.vm.conftest import SLOT_CIDR, VETH_CIDR, vm_skip_reason
 from tests.integration.vm.session import guest_image, minimal_template
 
@@ -142,28 +158,50 @@ def destroy_all(stack: Stack, ids: list[str]) -> None:
         stack.destroy(capsule_id)
 
 
-def cpu_s(pid: int, *, children: bool = False) -> float:
-    """CPU seconds `pid` used (and, with `children`, its reaped children: the agent's `ip`,
-    `iptables`, `tc` commands)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11 : 15 if children else 13])
-    return ticks / os.sysconf("SC_CLK_TCK")
+@dataclass
+class CreateCpu:
+    """Host CPU seconds of creates, by program: the control plane, the agent (with its `ip`,
+    `iptables`, `tc` commands) and the new capsules' QEMUs up to the answer."""
+
+    cp: float = 0.0
+    agent: float = 0.0
+    qemu: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.cp + self.agent + self.qemu
+
+    def per(self, n: int) -> CreateCpu:
+        return CreateCpu(self.cp / n, self.agent / n, self.qemu / n)
+
+    def row(self, label: str, wall: float) -> str:
+        return (f"{label:<34} {self.cp:>7.2f} {self.agent:>7.2f} {self.qemu:>7.2f} "
+                f"{self.total:>7.2f} {wall:>7.2f}")  # fmt: skip
 
 
-def create_cpu(stack: Stack) -> tuple[str, float, float]:
-    """One create: its id, wall time and the CPU seconds it cost on the host (control plane,
-    agent and its commands, the new QEMU up to the answer)."""
+def programs_cpu(stack: Stack) -> tuple[float, float]:
+    """CPU seconds so far of the control plane and the agent (and their commands)."""
     assert stack.cp.proc is not None
     assert stack.agent.proc is not None
-    cp_pid, agent_pid = stack.cp.proc.pid, stack.agent.proc.pid
-    before = cpu_s(cp_pid, children=True) + cpu_s(agent_pid, children=True)
+    return (cpu_s(stack.cp.proc.pid, children=True),
+            cpu_s(stack.agent.proc.pid, children=True))  # fmt: skip
+
+
+def qemu_cpu(stack: Stack, capsule_id: str) -> float:
+    return cpu_s(int(records(stack.agent)[capsule_id]["pid"]))
+
+
+def create_cpu(stack: Stack) -> tuple[str, float, CreateCpu]:
+    """One create: its id, wall time and the host CPU it cost."""
+    cp0, agent0 = programs_cpu(stack)
     capsule_id, took = timed_create(stack.api)
-    after = cpu_s(cp_pid, children=True) + cpu_s(agent_pid, children=True)
-    qemu = cpu_s(int(records(stack.agent)[capsule_id]["pid"]))
-    return capsule_id, took, after - before + qemu
+    cp1, agent1 = programs_cpu(stack)
+    return capsule_id, took, CreateCpu(cp1 - cp0, agent1 - agent0, qemu_cpu(stack, capsule_id))
 
 
-def bench_creates(stack: Stack, table: Table, n: int, concurrent: int) -> None:
+def bench_creates(stack: Stack, table: Table, profile: list[str], n: int,
+                  concurrent: int) -> None:  # fmt: skip
+    """Single creates, then `concurrent` at once; `profile` gets where the host CPU went."""
     singles, agent_side, cpu = [], [], []
     for _ in range(n):
         capsule_id, took, used = create_cpu(stack)
@@ -176,11 +214,21 @@ def bench_creates(stack: Stack, table: Table, n: int, concurrent: int) -> None:
     table.add("create p99", pct(singles, 0.99), pct(agent_side, 0.99),
               "the agent's clone (its log)")  # fmt: skip
     clients = [client(stack.cp) for _ in range(concurrent)]
+    qemu: dict[str, float] = {}
+
+    def one(api: httpx.Client) -> tuple[str | None, float]:
+        capsule_id, took = try_create(api)
+        if capsule_id is not None:  # its QEMU's CPU at the answer, as for a single create
+            qemu[capsule_id] = qemu_cpu(stack, capsule_id)
+        return capsule_id, took
+
     try:
         with concurrent_pool(concurrent) as pool:
+            cp0, agent0 = programs_cpu(stack)
             t0 = time.monotonic()
-            tried = list(pool.map(try_create, clients))
+            tried = list(pool.map(one, clients))
             wall = time.monotonic() - t0
+            cp1, agent1 = programs_cpu(stack)
     finally:
         for c in clients:
             c.close()
@@ -191,6 +239,18 @@ def bench_creates(stack: Stack, table: Table, n: int, concurrent: int) -> None:
     destroy_all(stack, [cid for cid, _ in made])
     single = statistics.median(singles)
     cores = os.cpu_count() or 1
+    batch = CreateCpu(cp1 - cp0, agent1 - agent0, sum(qemu.values()))
+    one_cpu = CreateCpu(*(statistics.median(getattr(c, k) for c in cpu)
+                          for k in ("cp", "agent", "qemu")))  # fmt: skip
+    profile.append(f"{'host CPU s per create':<34} {'CP':>7} {'agent':>7} {'QEMU':>7} "
+                   f"{'total':>7} {'wall s':>7}")  # fmt: skip
+    profile.append(one_cpu.row("  single (median)", single))
+    profile.append(batch.per(max(1, len(made))).row(f"  {concurrent} concurrent (mean)",
+                                                   statistics.median(each)))  # fmt: skip
+    profile.append(batch.row(f"  {concurrent} concurrent (whole batch)", wall))
+    profile.append(f"  {concurrent} concurrent: {batch.total:.1f} CPU s in {wall:.1f} s wall = "
+                   f"{batch.total / wall:.2f} of {cores} cores busy with the creates "
+                   f"(load {loadavg()})")  # fmt: skip
     table.add(f"{concurrent} concurrent creates (wall)", wall, concurrent * single,
               f"{concurrent} x the single create's p50 (target <= 0.6x); "
               f"{failed} of them failed")  # fmt: skip
@@ -198,10 +258,10 @@ def bench_creates(stack: Stack, table: Table, n: int, concurrent: int) -> None:
               statistics.median(batch_agent), "the agent's clone (its log)")  # fmt: skip
     table.add(f"  each of the {concurrent}: p99", pct(each, 0.99), pct(batch_agent, 0.99),
               "the agent's clone (its log)")  # fmt: skip
-    table.add("host CPU per single create", statistics.median(cpu), single,
+    table.add("host CPU per single create", one_cpu.total, single,
               "its wall time (CP + agent + its commands + QEMU)")  # fmt: skip
-    table.add(f"  bound: {concurrent} x CPU / {cores} cores", concurrent * statistics.median(cpu)
-              / cores, concurrent * single, f"{concurrent} x the single create's p50")  # fmt: skip
+    table.add(f"  bound: {concurrent} x CPU / {cores} cores", concurrent * one_cpu.total / cores,
+              concurrent * single, f"{concurrent} x the single create's p50")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -313,6 +373,42 @@ def bench_pty(stack: Stack, capsule_id: str, table: Table, n: int) -> None:
               "direct envd PTY (Start + SendInput)")  # fmt: skip
 
 
+def bench_pty_download(stack: Stack, capsule_id: str, table: Table, profile: list[str],
+                       n: int) -> None:  # fmt: skip
+    """Keystroke echo while a download (`DOWNLOAD_RATE`, 20 MiB/s) from the same capsule runs
+    through the port proxy, over the API and over a direct envd PTY, each against itself idle:
+    if the direct one slows as much, the guest and the host's cores are the bound, not our
+    relays. The host CPU of each program during both is in the profile."""
+
+    async def direct() -> list[float]:
+        async with direct_envd(stack.agent, capsule_id) as envd:
+            return await direct_keystrokes(envd, n)
+
+    cpu = HostCpu(stack, capsule_id)
+    idle_api, idle_direct = api_keystrokes(stack, capsule_id, n), anyio.run(direct)
+    idle_cpu = cpu.since()
+    with serving_downloads(stack, capsule_id):
+        download = Download(stack, capsule_id)
+        try:
+            download.progressing()
+            cpu.mark()
+            busy_direct, busy_api = anyio.run(direct), api_keystrokes(stack, capsule_id, n)
+            busy_cpu = cpu.since()
+            download.progressing()
+        finally:
+            download.stop()
+    assert download.error is None, download.error
+    for label, busy, idle in (("API", busy_api, idle_api), ("direct envd", busy_direct,
+                                                              idle_direct)):  # fmt: skip
+        table.add(f"PTY echo p50 under download, {label}", statistics.median(busy),
+                  statistics.median(idle), f"the same idle ({label})")  # fmt: skip
+        table.add(f"PTY echo p99 under download, {label}", pct(busy, 0.99), pct(idle, 0.99),
+                  f"the same idle ({label}; target <= 2x for the API)")  # fmt: skip
+    profile.append(f"download through the port proxy: {download.rate():.1f} MiB/s (asked "
+                   f"{DOWNLOAD_RATE / 2**20:.0f}); host CPU (cores) idle: {idle_cpu}; "
+                   f"under the download: {busy_cpu}")  # fmt: skip
+
+
 # ── pause / resume ──────────────────────────────────────────────────────────────────────────
 
 
@@ -369,13 +465,23 @@ def run(args: argparse.Namespace, work: Path) -> int:
         try:
             stack.wait_online(agent)
             table = Table()
+            profile: list[str] = []
             load = [loadavg()]
             failed = False
             # The shared capsule is made after the creates (the team's quota is 20).
             phases: list[tuple[str, Callable[[], None]]] = [
-                ("create", lambda: bench_creates(stack, table, args.n_create, args.concurrent)),
+                (
+                    "create",
+                    lambda: bench_creates(stack, table, profile, args.n_create, args.concurrent),
+                ),
                 ("exec", lambda: bench_exec(stack, stack.shared_capsule(), table, args.n_exec)),
                 ("pty", lambda: bench_pty(stack, stack.shared_capsule(), table, args.n_pty)),
+                (
+                    "pty-download",
+                    lambda: bench_pty_download(
+                        stack, stack.shared_capsule(), table, profile, args.n_pty
+                    ),
+                ),
                 (
                     "pause",
                     lambda: bench_pause_resume(stack, stack.shared_capsule(), table, args.n_pause),
@@ -393,6 +499,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     load.append(loadavg())
             load.append(loadavg())
             print(table.render())
+            print("\n".join(profile))
             print(f"load average (1/5/15 min) before / after the creates / at the end: "
                   f"{' | '.join(load)}; {os.cpu_count()} cores")  # fmt: skip
             if failed:
@@ -413,8 +520,8 @@ def main() -> int:
     parser.add_argument("--n-exec", type=int, default=40, help="exec round trips per side")
     parser.add_argument("--n-pty", type=int, default=40, help="keystrokes per side and round")
     parser.add_argument("--n-pause", type=int, default=5, help="pause/resume cycles")
-    parser.add_argument("--only", nargs="+", default=["create", "exec", "pty", "pause"],
-                        choices=["create", "exec", "pty", "pause"])  # fmt: skip
+    phases = ["create", "exec", "pty", "pty-download", "pause"]
+    parser.add_argument("--only", nargs="+", default=phases, choices=phases)
     parser.add_argument("--restore-concurrency", type=int,
                         default=AgentSettings().restore_concurrency,
                         help="the agent's clones started at once (0: two per core)")  # fmt: skip

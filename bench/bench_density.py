@@ -8,7 +8,10 @@ For each N (`--counts`, default 10,40; `DENSITY_N=100 make bench-density` for 10
                        and metrics samplers, as the agent does)
   CPU per idle capsule utime + stime of each idle QEMU over a fixed window (`--window`, after
                        `--settle` seconds of quiet), and the agent's own CPU over that window
-                       divided by N; the ratio is (QEMU + agent share) / raw QEMU
+                       divided by N; the ratio is (QEMU + agent share) / raw QEMU, the raw
+                       guests measured in the same window (they run beside the capsules)
+  wake-ups             context switches per second of each QEMU's threads, ours and raw in
+                       the same window: how often an idle guest makes its host work
   exec p50/p99         `true` through envd in one more capsule (the probe), sequentially, with
                        the N idle capsules running; the ratio is against N=0 (the probe alone)
 
@@ -16,9 +19,9 @@ The raw side: `--raw-count` QEMU guests (default min(10, max N)) started by hand
 template's machine (the same QEMU flags, kernel, initramfs, kernel command line, memory and
 vCPUs; `bench_vm.raw_argv`), each in a netns of its own with a TAP, booted cold with the
 initramfs's busybox `sleep` as PID 1 (`rdinit=/bin/sleep`): the same kernel idling with no
-envd and no agent. Their CPU is measured over the same window length before the capsules start,
-so both sides run the same machine in the same run (the load average is printed with each row:
-other work on the host shows there).
+envd and no agent. Their CPU is measured alone before the capsules start (the header's figure)
+and again in each row's window, beside the capsules (the ratio's figure): both sides run the
+same machine, in the same run, under the same load (the load average is printed with each row).
 
 Everything runs in its own address ranges, agent id `dens` and slots 3501.. (`--slot-first`);
 the data directory, netns, TAPs, cgroups, QEMUs and blackhole routes made here are removed at the
@@ -65,6 +68,10 @@ build's `/snapshot/prepare` gets 30 s (the agent's 3 s is a best-effort bound fo
 template snapshotted without it is unusable), a clone's `/init` 120 s."""
 CLONE_BATCH = 4
 """Capsules created at once (a bound on the host's load while they start)."""
+CLONE_ATTEMPTS = 3
+"""A batch whose clone fails is destroyed whole by the runtime and made again, up to this many
+times: on a host shared with other work (load 26 seen) a clone's `/init` can pass its 120 s
+bound, which used to end the whole run at N=100 (the failures are counted in the output)."""
 
 
 # ── /proc ─────────────────────────────────────────────────────────────────────────────────
@@ -170,20 +177,39 @@ class Row:
     def __init__(self, n: int) -> None:
         self.n = n
         self.pss = self.rss = self.cpu = self.agent_cpu = self.agent_mib = float("nan")
+        self.raw_cpu = self.wakes = self.raw_wakes = float("nan")
+        self.clone_failures = 0
         self.p50 = self.p99 = float("nan")
         self.load = ""
 
 
-async def idle_window(pids: list[int], window: float) -> tuple[float, float]:
-    """(mean QEMU CPU seconds per second per pid, this process's CPU seconds per second)."""
-    before = [cpu_s(p) for p in pids]
+def switches(pid: int) -> int:
+    """Context switches of every thread of `pid` so far: each wake-up of an idle QEMU is one."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+    return total
+
+
+async def idle_window(
+    groups: list[list[int]], window: float
+) -> tuple[list[float], list[float], float]:
+    """Over one window: per group of QEMU pids, the mean CPU seconds per second and context
+    switches per second of a pid; and this process's CPU seconds per second."""
+    pids = [p for g in groups for p in g]
+    before = {p: (cpu_s(p), switches(p)) for p in pids}
     own = own_cpu_s()
     t0 = time.monotonic()
     await anyio.sleep(window)
     took = time.monotonic() - t0
     own = own_cpu_s() - own
-    used = [cpu_s(p) - b for p, b in zip(pids, before, strict=True)]
-    return statistics.fmean(used) / took, own / took
+    used = {p: (cpu_s(p) - c, switches(p) - w) for p, (c, w) in before.items()}
+    cpu = [statistics.fmean(used[p][0] for p in g) / took for g in groups]
+    wakes = [statistics.fmean(used[p][1] for p in g) / took for g in groups]
+    return cpu, wakes, own / took
 
 
 async def exec_latencies(probe: Capsule, count: int) -> list[float]:
@@ -208,11 +234,10 @@ def load() -> str:
 async def run(
     args: argparse.Namespace, settings: AgentSettings, raw_row: Row, base: Row, rows: list[Row]
 ) -> None:
-    """Measure into `raw_row` (the raw guests), `base` (N=0) and `rows` (one per N)."""
+    """Measure into `raw_row` (the raw guests alone), `base` (N=0) and `rows` (one per N)."""
     image = guest_image(settings, args.guest_dir)
     if image is None:
         raise SystemExit("no guest image: run 'nestbox-agent image build' first")
-    counts = sorted(args.counts)
     async with VmRuntime.open(settings, RealSystem(), timeouts=TIMEOUTS) as rt:
         try:
             t0 = time.monotonic()
@@ -221,77 +246,106 @@ async def run(
             print(f"template minimal ready in {time.monotonic() - t0:.1f} s (accel "
                   f"{rt.accel.accel}); cmdline: {meta['cmdline']}", file=sys.stderr)  # fmt: skip
 
-            # raw guests first, alone on the host (no capsule runs yet)
+            # raw guests first, alone on the host (no capsule runs yet); they keep running
             raw = RawGuests(DATA_DIR / "raw", meta, image.rootfs)
             try:
                 print(f"raw: {args.raw_count} guests booting...", file=sys.stderr)
                 raw.start(args.raw_count)
                 await anyio.sleep(args.settle + args.raw_boot)
                 pids = raw.pids()
-                raw_row.cpu, _ = await idle_window(pids, args.window)
+                [raw_row.cpu], [raw_row.wakes], _ = await idle_window([pids], args.window)
                 mems = [mem_mib(p) for p in pids]
                 raw_row.pss = statistics.fmean(m[0] for m in mems)
                 raw_row.rss = statistics.fmean(m[1] for m in mems)
                 raw_row.load = load()
+                await capsules(args, rt, raw, base, rows, raw_row)
             finally:
                 raw.close()
-
-            rt.networks.start()
-            await rt.networks.settle()
-            [probe] = await rt.clone("minimal")
-            await anyio.sleep(args.settle)
-            lat = await exec_latencies(probe, args.execs)
-            base.p50, base.p99, base.load = pct(lat, 0.5), pct(lat, 0.99), load()
-            agent_before = own_rss_mib()
-            idle: list[Capsule] = []
-            for n in counts:
-                print(f"N={n}: starting {n - len(idle)} capsules...", file=sys.stderr)
-                while len(idle) < n:
-                    await rt.networks.settle()
-                    idle += await rt.clone("minimal", min(CLONE_BATCH, n - len(idle)))
-                await rt.networks.settle()
-                await anyio.sleep(args.settle)
-                row = Row(n)
-                pids = [c.pid for c in idle if c.pid is not None]
-                row.cpu, own = await idle_window(pids, args.window)
-                row.agent_cpu = own / n
-                row.load = load()
-                mems = [mem_mib(p) for p in pids]
-                row.pss = statistics.fmean(m[0] for m in mems)
-                row.rss = statistics.fmean(m[1] for m in mems)
-                row.agent_mib = (own_rss_mib() - agent_before) / n
-                lat = await exec_latencies(probe, args.execs)
-                row.p50, row.p99 = pct(lat, 0.5), pct(lat, 0.99)
-                rows.append(row)
-                print(table(raw_row, base, rows, header=False)[-1], file=sys.stderr)
         finally:
             with anyio.CancelScope(shield=True):
                 await rt.destroy_all()
+
+
+async def capsules(
+    args: argparse.Namespace, rt: VmRuntime, raw: RawGuests, base: Row, rows: list[Row],
+    raw_row: Row,
+) -> None:  # fmt: skip
+    """The probe alone (N=0), then each N, with the raw guests running beside them."""
+    rt.networks.start()
+    await rt.networks.settle()
+    [probe] = await rt.clone("minimal")
+    await anyio.sleep(args.settle)
+    lat = await exec_latencies(probe, args.execs)
+    base.p50, base.p99, base.load = pct(lat, 0.5), pct(lat, 0.99), load()
+    agent_before = own_rss_mib()
+    idle: list[Capsule] = []
+    for n in sorted(args.counts):
+        row = Row(n)
+        print(f"N={n}: starting {n - len(idle)} capsules...", file=sys.stderr)
+        while len(idle) < n:
+            await rt.networks.settle()
+            idle += await clone_batch(rt, min(CLONE_BATCH, n - len(idle)), row)
+        await rt.networks.settle()
+        await anyio.sleep(args.settle)
+        pids = [c.pid for c in idle if c.pid is not None]
+        [row.cpu, row.raw_cpu], [row.wakes, row.raw_wakes], own = await idle_window(
+            [pids, raw.pids()], args.window
+        )
+        row.agent_cpu = own / n
+        row.load = load()
+        mems = [mem_mib(p) for p in pids]
+        row.pss = statistics.fmean(m[0] for m in mems)
+        row.rss = statistics.fmean(m[1] for m in mems)
+        row.agent_mib = (own_rss_mib() - agent_before) / n
+        lat = await exec_latencies(probe, args.execs)
+        row.p50, row.p99 = pct(lat, 0.5), pct(lat, 0.99)
+        rows.append(row)
+        print(table(raw_row, base, rows, header=False)[-1], file=sys.stderr)
+
+
+async def clone_batch(rt: VmRuntime, count: int, row: Row) -> list[Capsule]:
+    """`count` clones of the template; a failed batch (destroyed whole) is made again."""
+    for attempt in range(1, CLONE_ATTEMPTS + 1):
+        try:
+            return await rt.clone("minimal", count)
+        except Exception as err:  # GuestUnreachable, VmError, or a group of them
+            row.clone_failures += 1
+            if attempt == CLONE_ATTEMPTS:
+                raise
+            print(f"a clone of {count} failed ({err!r:.160}); made again (load {load()})",
+                  file=sys.stderr)  # fmt: skip
+            await rt.networks.settle()
+    raise AssertionError("unreachable")
 
 
 def table(raw: Row, base: Row, rows: list[Row], header: bool = True) -> list[str]:
     out = []
     if header:
         out += [
-            f"raw idle guest (same kernel, no envd; {raw.n} guests): CPU "
-            f"{raw.cpu * 1000:.1f} ms/s each, PSS {raw.pss:.0f} MiB, RSS {raw.rss:.0f} MiB "
-            f"(load {raw.load})",
+            f"raw idle guest (same kernel, no envd; {raw.n} guests, alone): CPU "
+            f"{raw.cpu * 1000:.1f} ms/s each, {raw.wakes:.0f} wake-ups/s, PSS {raw.pss:.0f} "
+            f"MiB, RSS {raw.rss:.0f} MiB (load {raw.load})",
             f"exec `true` at N=0 (the probe alone): p50 {base.p50 * 1000:.0f} ms, "
             f"p99 {base.p99 * 1000:.0f} ms (load {base.load})",
             "",
             f"{'N':>4} {'PSS/cap':>8} {'RSS/cap':>8} {'raw RSS':>8} {'agent/cap':>9} "
-            f"{'CPU/cap':>8} {'agent/cap':>9} {'raw':>7} {'ratio':>6} "
+            f"{'CPU/cap':>8} {'agent/cap':>9} {'raw':>7} {'ratio':>6} {'wakes':>6} {'raw':>5} "
             f"{'exec p50':>9} {'x N=0':>6} {'exec p99':>9} {'x N=0':>6}  load 1/5/15",
             f"{'':>4} {'MiB':>8} {'MiB':>8} {'MiB':>8} {'MiB':>9} "
-            f"{'ms/s':>8} {'ms/s':>9} {'ms/s':>7} {'':>6} {'ms':>9} {'':>6} {'ms':>9}",
+            f"{'ms/s':>8} {'ms/s':>9} {'ms/s':>7} {'':>6} {'/s':>6} {'/s':>5} {'ms':>9} "
+            f"{'':>6} {'ms':>9}",
         ]
     for r in rows:
-        ratio = (r.cpu + r.agent_cpu) / raw.cpu if raw.cpu > 0 else float("inf")
+        ratio = (r.cpu + r.agent_cpu) / r.raw_cpu if r.raw_cpu > 0 else float("inf")
+        retried = (
+            f"  ({r.clone_failures} failed clone batches made again)" if r.clone_failures else ""
+        )
         out.append(
             f"{r.n:>4} {r.pss:>8.1f} {r.rss:>8.1f} {raw.rss:>8.1f} {r.agent_mib:>9.2f} "
-            f"{r.cpu * 1000:>8.1f} {r.agent_cpu * 1000:>9.2f} {raw.cpu * 1000:>7.1f} "
-            f"{ratio:>5.2f}x {r.p50 * 1000:>9.0f} {r.p50 / base.p50:>5.2f}x "
-            f"{r.p99 * 1000:>9.0f} {r.p99 / base.p99:>5.2f}x  {r.load}"
+            f"{r.cpu * 1000:>8.1f} {r.agent_cpu * 1000:>9.2f} {r.raw_cpu * 1000:>7.1f} "
+            f"{ratio:>5.2f}x {r.wakes:>6.0f} {r.raw_wakes:>5.0f} "
+            f"{r.p50 * 1000:>9.0f} {r.p50 / base.p50:>5.2f}x "
+            f"{r.p99 * 1000:>9.0f} {r.p99 / base.p99:>5.2f}x  {r.load}{retried}"
         )
     return out
 
@@ -341,7 +395,8 @@ async def main(args: argparse.Namespace, blackholes: str) -> int:
     )
     await sweep(settings)
     fresh_data_dir()
-    raw, base, rows = Row(args.raw_count), Row(0), []
+    raw, base = Row(args.raw_count), Row(0)
+    rows: list[Row] = []
     try:
         await run(args, settings, raw, base, rows)
     finally:
@@ -356,7 +411,9 @@ async def main(args: argparse.Namespace, blackholes: str) -> int:
             print(f"leftovers after clean-up: {left or 'none'}", file=sys.stderr)
             print("\n".join(table(raw, base, rows)))  # what was measured, also after a failure
     print("\nCPU/cap: each idle capsule's QEMU; agent/cap: this process (VmRuntime: watchers, "
-          "samplers) over the same window / N; ratio = (QEMU + agent) / raw QEMU")  # fmt: skip
+          "samplers) over the same window / N; raw: the raw guests in the same window; "
+          "ratio = (QEMU + agent) / raw QEMU; wakes: context switches/s of a QEMU's "
+          "threads")  # fmt: skip
     return 1 if left else 0
 
 

@@ -288,7 +288,10 @@ class FakeAgent(HostAgentService):
 
     def _run(self, capsule: FakeCapsule, request: pb.ExecRequest) -> tuple[bytes, bytes, int]:
         script = request.args[-1] if request.args else request.cmd
-        words = shlex.split(script) if script else []
+        try:
+            words = shlex.split(script) if script else []
+        except ValueError:  # a script the shell cannot parse fails there, not the agent's RPC
+            return b"", f"sh: syntax error: {script}\n".encode(), 2
         verb, rest = (words[0], words[1:]) if words else ("", [])
         if verb == "echo":
             return (" ".join(rest) + "\n").encode(), b"", 0

@@ -40,5 +40,9 @@ class FakeSyscalls:
         self._record("interface_ipv4", name)
         return self.interfaces.get(name)
 
-    def set_hostname(self, name: str) -> None:
+    def set_hostname(self, name: str) -> bool:
         self._record("set_hostname", name)
+        return True
+
+    def pin_in_hosts(self, name: str) -> None:
+        self._record("pin_in_hosts", name)

@@ -196,3 +196,19 @@ def test_forwarding_is_off_by_default_outside_a_vm(envd: EnvdProcess, tmp_path: 
         assert forwarded_by(CONTROL, port)
         assert refused(port)
         assert socats(envd, forks=True) == []  # none at all: not even for other servers
+
+
+def test_a_scan_request_answers_once_the_new_server_is_forwarded(tmp_path: Path) -> None:
+    """`POST /ports/scan` (what the host's port proxy sends after a refused dial, since an idle
+    envd does not poll) scans at once and answers when the new socat listens. The period here
+    is an hour, so only the request can have found the server."""
+    env = {"NESTBOX_ENVD_PORT_SCAN_INTERVAL_S": "3600"}
+    with (
+        run_envd(tmp_path, "--forward-address", FORWARD, env=env) as envd,
+        loopback_server() as port,
+    ):
+        assert refused(port)
+        answer = httpx.post(f"{envd.url}/ports/scan", timeout=30)
+        assert answer.status_code == 200
+        assert port in answer.json()["forwarded"]
+        assert forwarded(port)  # already listening: no wait

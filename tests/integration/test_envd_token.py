@@ -108,6 +108,7 @@ def routes(tmp: Path) -> list[tuple[str, str, bytes, dict[str, str]]]:
         ("HEAD", "/envs", b"", {}),
         ("GET", "/metrics", b"", {}),
         ("GET", "/logs", b"", {}),
+        ("POST", "/ports/scan", b"", {}),
         ("POST", "/snapshot/prepare", b"", {}),
         ("POST", "/init", b'{"accessToken": "evil", "envVars": {"LD_PRELOAD": "/x.so"}}', JSON),
         # Not /health, however close: no normalising, no second open path.

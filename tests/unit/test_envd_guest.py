@@ -137,3 +137,21 @@ def test_found_users_are_cached_until_the_user_files_change(
         users.lookup_user("no-such-user-here")
     with pytest.raises(UnknownUser):
         users.lookup_user("no-such-user-here")  # misses are never cached
+
+
+def test_the_host_name_and_its_hosts_line_are_set_apart(tmp_path: Path) -> None:
+    """`/init` sets the kernel's name; `/etc/hosts` is written later (`lifecycle.pin_hostname`)."""
+    outside = GuestMachine(in_vm=False, syscalls=FakeSyscalls(refuse=True))
+    assert outside.set_hostname("cl-1") is False
+    outside.pin_hostname("cl-1")
+    fake = FakeSyscalls()
+    machine = GuestMachine(in_vm=True, syscalls=fake)
+    assert machine.set_hostname("cl-1") is True
+    assert fake.calls == [("set_hostname", "cl-1")]
+    machine.pin_hostname("cl-1")
+    assert fake.calls[-1] == ("pin_in_hosts", "cl-1")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n127.0.1.1\tthe-template\n::1\tlocalhost\n")
+    guest._pin_in_hosts(hosts, "cl-1")
+    assert hosts.read_text() == "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tcl-1\n"
+    assert hosts.stat().st_mode & 0o777 == 0o644

@@ -1,8 +1,11 @@
 """`/init` answers once envd's own state is updated; the clock, identity files and RNG follow
-right after the answer, or first thing in the next request if that comes sooner."""
+right after the answer, or first thing in the next request if that comes sooner; a new host name
+reaches `/etc/hosts` before the first request that may use it."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -10,9 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 
 from nestbox.envd.app import EnvdApp
+from nestbox.envd.guest import GuestMachine
 from nestbox.envd.lifecycle import finish_init
 from nestbox.envd.settings import EnvdSettings
 from nestbox.envd.state import MachineUpdate, Runtime
+from tests.fakes.guest import FakeSyscalls
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -71,3 +76,35 @@ def test_finish_with_nothing_pending_does_nothing(tmp_path: Path) -> None:
     rt = runtime(tmp_path)
     assert finish_init(rt) is None
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_new_host_name_reaches_etc_hosts_before_the_first_use_only(
+    tmp_path: Path,
+) -> None:
+    """An idle clone never writes its disk: `/init` sets the kernel's host name, `/etc/hosts`
+    follows before the first request that may run a program or read files, and only then."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.1.1\tthe-template\n")
+
+    class Machine(FakeSyscalls):
+        def pin_in_hosts(self, name: str) -> None:
+            super().pin_in_hosts(name)
+            hosts.write_text(f"127.0.1.1\t{name}\n")
+
+    rt = runtime(tmp_path / "run")
+    fake = Machine()
+    rt.machine = GuestMachine(in_vm=True, syscalls=fake)
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    async with client(rt) as c:
+        assert (await c.post("/init", json={"capsuleId": "cl-new"})).status_code == 204
+        for path in ("/health", "/envs", "/logs", "/metrics"):
+            assert (await c.get(path)).status_code == 200, path
+        assert ("set_hostname", "cl-new") in fake.calls
+        assert ("pin_in_hosts", "cl-new") not in fake.calls
+        assert hosts.read_text() == "127.0.1.1\tthe-template\n"
+        # The first use sees the new name: the file is written before the handler runs.
+        r = await c.get("/files", params={"path": str(hosts), "username": me})
+        assert r.text == "127.0.1.1\tcl-new\n"
+        await c.get("/files", params={"path": str(hosts), "username": me})
+    assert fake.calls.count(("pin_in_hosts", "cl-new")) == 1
+    assert rt.hosts_pin is None

@@ -208,3 +208,33 @@ async def test_an_idle_envd_scans_seldom_and_a_request_scans_at_once(
         await eventually(lambda: len(scans) > seen + 2)  # in use again: the short period
     finally:
         await ports.stop()
+
+
+async def test_an_idle_envd_does_not_scan_until_asked(tmp_path: Path, fake_socat: Path) -> None:
+    """`idle_interval` 0 (the default): no scan at all while idle; `scan_now()` (the port
+    proxy's `POST /ports/scan`) forwards a new loopback listener and answers once its socat
+    listens; stopped (before a snapshot), it starts nothing."""
+    proc_net = tmp_path / "net"
+    proc_net.mkdir()
+    (proc_net / "tcp").write_text(HEADER)
+    ports = PortSubsystem("10.0.0.2", 0.01, proc_net=proc_net, socat=str(fake_socat),
+                          idle_interval=0, active_s=0.05)  # fmt: skip
+    assert await ports.scan_now() == ()  # not started
+    await ports.start()
+    try:
+        await eventually(lambda: ports.idle)
+        # A server starts on loopback while envd is idle: nothing notices it...
+        (proc_net / "tcp").write_text(HEADER + row("0100007F:1F90", "0A"))
+        await asyncio.sleep(0.1)
+        assert ports.idle
+        assert ports.statistics().forwarded == ()
+        # ...until the proxy asks. (The socat's own listener, as the kernel would show it.)
+        (proc_net / "tcp").write_text(
+            HEADER + row("0100007F:1F90", "0A") + row("0200000A:1F90", "0A")
+        )
+        assert await ports.scan_now() == (8080,)
+        assert socat_args(ports, 8080)[0] == "TCP4-LISTEN:8080,bind=10.0.0.2,reuseaddr,fork"
+    finally:
+        await ports.stop()
+    assert await ports.scan_now() == ()
+    assert ports.statistics().forwarded == ()

@@ -179,6 +179,36 @@ async def test_nothing_listening_is_502_after_three_attempts(
     assert upstream.refusals == 96
 
 
+async def test_a_refused_dial_asks_the_capsule_to_rescan_before_the_next(
+    targets: FakeTargets,
+) -> None:
+    """An idle envd does not poll for new loopback listeners: after a refused dial the proxy
+    has it scan (the forwarder then listens) and dials again; a failing rescan changes
+    nothing but the log."""
+    events: list[str] = []
+    upstream = Upstream(lambda r: (200, {}, b"found"), refusals=1)
+
+    async def rescan(capsule_id: str) -> None:
+        events.append(f"rescan {capsule_id}")
+        if upstream.refusals == 0 and len(events) > 2:
+            raise RuntimeError("envd did not answer")
+
+    async def fake_sleep(seconds: float) -> None:
+        events.append(f"sleep {seconds}")
+
+    proxy = PortProxy(targets, transport=upstream.transport, sleep=fake_sleep, rescan=rescan)
+    async with make_client(proxy) as client:
+        response = await client.get("/proxy/cl-a/8000/")
+        assert (response.status_code, response.content) == (200, b"found")
+        assert events == ["rescan cl-a", "sleep 0.1"]
+        upstream.refusals = 3
+        events.clear()
+        response = await client.get("/proxy/cl-a/8000/")
+        assert response.status_code == 502
+        assert events == ["rescan cl-a", "sleep 0.1", "rescan cl-a", "sleep 0.2"]
+    await proxy.aclose()
+
+
 async def test_targets_are_cached_per_address_and_evicted(
     setup: Build, targets: FakeTargets
 ) -> None:

@@ -67,6 +67,7 @@ class EnvdApp:
                 Route("/metrics", lifecycle.metrics, methods=["GET"]),
                 Route("/envs", lifecycle.envs, methods=["GET"]),
                 Route("/logs", lifecycle.logs, methods=["GET"]),
+                Route("/ports/scan", lifecycle.scan_ports, methods=["POST"]),
                 Route("/init", lifecycle.init, methods=["POST"]),
                 Route("/snapshot/prepare", lifecycle.prepare, methods=["POST"]),
                 Route("/files", files.download, methods=["GET"]),
@@ -122,6 +123,7 @@ class EnvdApp:
             else:
                 await _deny(scope, receive, send)
             return
+        lifecycle.pin_hostname(self.runtime, path)  # a clone's new host name, before any use
         for prefix, app in self.rpc.items():
             if path.startswith(prefix):
                 await app(scope, receive, send)

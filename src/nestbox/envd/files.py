@@ -4,9 +4,10 @@ Neither direction holds a file in memory: downloads read `CHUNK` (1 MiB) at a ti
 thread; uploads (multipart/form-data parts named `file`, or a raw `application/octet-stream`
 body, optionally `Content-Encoding: gzip`) are decoded and written as they arrive, up to `CHUNK`
 per worker-thread hop, to a hidden temporary file that is renamed over the target only when
-complete (see `filesystem.atomic`). Errors answer `{"error": {"code", "message"}}` with E2B's
-statuses: 400 bad request or not a regular file, 401 unknown user, 403 not allowed, 404 missing,
-507 disk full.
+complete (see `filesystem.atomic`). Under envd's server a bulk body comes straight off the
+connection (`rawbody`: no copy in Python); elsewhere (in-process tests) from the ASGI messages.
+Errors answer `{"error": {"code", "message"}}` with E2B's statuses: 400 bad request or not a
+regular file, 401 unknown user, 403 not allowed, 404 missing, 507 disk full.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import stat
 import urllib.parse
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import anyio
 from python_multipart.exceptions import FormParserError
@@ -30,12 +31,13 @@ from nestbox.common.batches import batches
 from nestbox.envd.errors import EnvdError, InvalidArgument, os_error
 from nestbox.envd.filesystem.atomic import AtomicFile
 from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
+from nestbox.envd.rawbody import EXTENSION as RAW_BODY
 from nestbox.envd.users import check_access
 from nestbox.protocol.envd import FileEntryView
 from nestbox.protocol.errors import ErrorBody, ErrorCode
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
     from starlette.requests import Request
 
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
     from nestbox.envd.users import User
 
 log = logging.getLogger(__name__)
+
+Chunk: TypeAlias = bytes | memoryview
+"""Body bytes: a memoryview when they come straight off the connection (`rawbody`)."""
 
 CHUNK = 1024 * 1024
 """Bytes per worker-thread hop, both ways (a download's `pread`, an upload's gathered chunks).
@@ -135,7 +140,7 @@ def _attachment(name: str) -> str:
 
 async def upload(request: Request) -> Response:
     """`POST /files?path=&username=`: write one or more files, answer `[{name, type, path}]`."""
-    body = request.stream()
+    body = _body(request)
     sink: _Sink | None = None
     done = False
     try:
@@ -164,11 +169,20 @@ async def upload(request: Request) -> Response:
     return JSONResponse([v.model_dump() for v in views])
 
 
-async def _pump(body: AsyncIterator[bytes], sink: _Sink, decoder: _Decoder) -> None:
-    """Feed the body through the decoder into the sink: the chunks that arrive are gathered (not
-    copied) up to `CHUNK` bytes and handed to one worker-thread hop."""
+def _body(request: Request) -> AsyncIterator[Sequence[Chunk]]:
+    """The request body in batches of about `CHUNK` bytes, gathered without copying: each batch
+    is handed to one worker-thread hop."""
+    raw = request.scope.get("extensions", {}).get(RAW_BODY)
+    if raw is not None:
+        body: AsyncIterator[Sequence[Chunk]] = raw["body"]
+        return body
+    return batches(request.stream(), CHUNK)
 
-    def feed(chunks: list[bytes]) -> None:
+
+async def _pump(body: AsyncIterator[Sequence[Chunk]], sink: _Sink, decoder: _Decoder) -> None:
+    """Feed the body through the decoder into the sink."""
+
+    def feed(chunks: Sequence[Chunk]) -> None:
         for chunk in chunks:
             for piece in decoder.feed(chunk):
                 sink.write(piece)
@@ -178,16 +192,16 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, decoder: _Decoder) -> N
             sink.write(piece)
         sink.finish()
 
-    async for batch in batches(body, CHUNK):
+    async for batch in body:
         await anyio.to_thread.run_sync(feed, batch)
     await anyio.to_thread.run_sync(finish)
 
 
-async def _drain(body: AsyncIterator[bytes]) -> None:
+async def _drain(body: AsyncIterator[Sequence[Chunk]]) -> None:
     seen = 0
     try:
-        async for chunk in body:
-            seen += len(chunk)
+        async for batch in body:
+            seen += sum(len(chunk) for chunk in batch)
             if seen > DRAIN_LIMIT:
                 return
     except (ClientDisconnect, RuntimeError):  # gone, or the stream already ended
@@ -205,7 +219,7 @@ class _Decoder:
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._in_member = False  # inside a gzip member whose end we have not seen
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: Chunk) -> Iterator[Chunk]:
         if not self._gzip:
             yield data
             return
@@ -240,7 +254,7 @@ class _Sink(Protocol):
     written: list[Path]
     """The files committed so far, as the client named them."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: Chunk) -> None: ...
 
     def finish(self) -> None:
         """The body ended: commit, or raise if it was incomplete."""
@@ -292,7 +306,7 @@ class _RawSink:
         self._open = open_file
         self._file: AtomicFile | None = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         if self._file is None:
             self._file = self._open()
         _write(self._file, data)
@@ -342,9 +356,9 @@ class _MultipartSink:
         except FormParserError:
             raise InvalidArgument("invalid multipart boundary") from None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         try:
-            self._parser.write(data)
+            self._parser.write(bytes(data) if isinstance(data, memoryview) else data)
         except FormParserError:
             raise InvalidArgument("malformed multipart body") from None
 

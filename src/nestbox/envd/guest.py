@@ -51,7 +51,8 @@ class Syscalls(Protocol):
     def sync(self) -> None: ...
     def read_text(self, path: Path) -> str: ...
     def interface_ipv4(self, name: str) -> str | None: ...
-    def set_hostname(self, name: str) -> None: ...
+    def set_hostname(self, name: str) -> bool: ...
+    def pin_in_hosts(self, name: str) -> None: ...
 
 
 class RealSyscalls:
@@ -83,10 +84,13 @@ class RealSyscalls:
                 return None  # no such interface, or no IPv4 address on it
         return socket.inet_ntoa(ifreq[20:24])
 
-    def set_hostname(self, name: str) -> None:
+    def set_hostname(self, name: str) -> bool:
         if socket.gethostname() == name:
-            return
+            return False
         socket.sethostname(name)
+        return True
+
+    def pin_in_hosts(self, name: str) -> None:
         _pin_in_hosts(ETC_HOSTS, name)
 
 
@@ -152,15 +156,26 @@ class GuestMachine:
             return False
         return True
 
-    def set_hostname(self, name: str) -> None:
-        """Make `name` (the capsule id: every clone of a template gets its own) the host name,
-        also in `/etc/hosts`. Failures are logged, not raised."""
+    def set_hostname(self, name: str) -> bool:
+        """Make `name` (the capsule id: every clone of a template gets its own) the kernel's
+        host name; `/etc/hosts` is `pin_hostname`'s. Returns whether the name changed.
+        Failures are logged, not raised."""
+        if not self.in_vm or not name:
+            return False
+        try:
+            return self._sys.set_hostname(name)
+        except OSError as err:
+            log.warning("cannot set the host name: %s", err)
+            return False
+
+    def pin_hostname(self, name: str) -> None:
+        """Point `127.0.1.1` at `name` in `/etc/hosts`. Failures are logged, not raised."""
         if not self.in_vm or not name:
             return
         try:
-            self._sys.set_hostname(name)
+            self._sys.pin_in_hosts(name)
         except OSError as err:
-            log.warning("cannot set the host name: %s", err)
+            log.warning("cannot write the host name into %s: %s", ETC_HOSTS, err)
 
     def sync(self) -> None:
         """Flush dirty pages to the disks, so the disk image is consistent when the VM freezes."""

@@ -12,6 +12,8 @@ answers, and applies the rest to the machine right after the answer is out (the 
 "flush the response before the final work"): `finish_init`, run by the response's background
 task, or first thing by any request that reaches envd before that, so that no process envd
 starts and no file operation ever sees the machine without it. What it logs, it logs after.
+A clone's new host name goes into `/etc/hosts` later still, before the first request that may
+run a program or read files (`pin_hostname`): an idle clone never writes its disk.
 """
 
 from __future__ import annotations
@@ -94,10 +96,27 @@ def finish_init(rt: Runtime) -> float | None:
         step = rt.machine.set_clock(update.host_ns + elapsed_ns)
     if update.identity:
         write_identity(rt)
-        rt.machine.set_hostname(rt.identity.capsule_id)
+        if rt.machine.set_hostname(rt.identity.capsule_id):
+            rt.hosts_pin = rt.identity.capsule_id
     if update.entropy:
         rt.machine.reseed_rng(update.entropy)
     return step
+
+
+NO_GUEST_USE = frozenset({"/health", "/metrics", "/envs", "/logs", "/init", "/snapshot/prepare"})
+"""Paths whose handlers run no program and read no file a program wrote: the requests that
+leave a pending host name (`Runtime.hosts_pin`) for later."""
+
+
+def pin_hostname(rt: Runtime, path: str) -> None:
+    """Before a request to `path` that may run a program or read files, write a pending new
+    host name into `/etc/hosts` (`127.0.1.1`, for tools that resolve their own host name, such
+    as sudo). Synchronous, as `finish_init`; once: a failure is logged, not retried."""
+    name = rt.hosts_pin
+    if name is None or path in NO_GUEST_USE:
+        return
+    rt.hosts_pin = None
+    rt.machine.pin_hostname(name)
 
 
 def log_clock_step(step: float | None) -> None:
@@ -142,6 +161,14 @@ async def metrics(request: Request) -> Response:
 
 async def envs(request: Request) -> Response:
     return JSONResponse(_runtime(request).base_env(), headers=NO_STORE)
+
+
+async def scan_ports(request: Request) -> Response:
+    """`POST /ports/scan` → `{"forwarded": [ports]}`: look for loopback listeners now (an idle
+    envd does not poll; `ports.py`), once their socats listen. The host's port proxy sends it
+    when a dial into the capsule is refused; never reachable through the envd gateways."""
+    forwarded = await _runtime(request).ports.scan_now()
+    return JSONResponse({"forwarded": list(forwarded)}, headers=NO_STORE)
 
 
 async def logs(request: Request) -> Response:

@@ -3,9 +3,13 @@ reach them: a scanner reads /proc/net/tcp{,6} every interval and keeps one `soca
 listener, bound to the forward address (the guest's eth0 IPv4 in a VM).
 
 The interval is `scan_interval` (1 s) while envd is in use (a request within the last
-`active_s`, 60 s: envd calls `activity()` for each) and `idle_interval` (5 s) after that, so an
-idle capsule's guest wakes every 5 s instead of every second (each wake-up of an idle guest costs
-the host CPU, most under TCG); the first request after a quiet spell scans at once.
+`active_s`, 60 s: envd calls `activity()` for each). After that the scanner sleeps until the
+next request (`idle_interval` 0, the default) or polls every `idle_interval` seconds: an idle
+guest that wakes for nothing costs the host nothing, and a 5 s scan was most of what an idle
+capsule cost beyond a bare guest (`make bench-density`: envd SIGSTOPped, a capsule cost what the
+bare guest did). A server that starts listening on loopback while envd is idle is found by the
+first request, or by `scan_now()` (`POST /ports/scan`), which the host's port proxy sends when a
+dial into the capsule is refused: it scans, waits until each new socat listens, and answers.
 
 The subsystem stops before a snapshot (no socat survives into the memory image) and restarts on
 post-restore recovery. It never touches envd's HTTP connections (that is `conntrack.py`).
@@ -40,6 +44,10 @@ REAP_TIMEOUT_S = 2.0
 RESTART_FIRST_SCAN_S = 0.1
 """After a restart (post-restore recovery) the first scan waits this long: the request that
 triggered the recovery (`/init`, which the host is waiting on) answers first."""
+LISTEN_WAIT_S = 3.0
+"""How long `scan_now()` waits for the socats it started to listen (a fork and exec under TCG
+on a busy host)."""
+LISTEN_POLL_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class PortSubsystem:
         self.forward_address = forward_address
         self.scan_interval = scan_interval
         self.idle_interval = scan_interval if idle_interval is None else idle_interval
+        """0: no scan while idle, only on a request (`activity()`) or `scan_now()`."""
         self.active_s = active_s
         self._last_activity = time.monotonic()
         self._wake: asyncio.Event | None = None
@@ -195,8 +204,11 @@ class PortSubsystem:
             return
         self._wake = wake = asyncio.Event()
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.idle_interval)
+            if self.idle_interval <= 0:
+                await wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.idle_interval)
         finally:
             self._wake = None
 
@@ -213,6 +225,27 @@ class PortSubsystem:
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "port scan failed", exc_info=True)
             await self._pause()
+
+    async def scan_now(self) -> tuple[int, ...]:
+        """Scan at once (also while idle), then wait until every socat this scan started
+        listens (at most `LISTEN_WAIT_S`); the forwarded ports. Nothing while the subsystem is
+        stopped (before a snapshot) or forwarding is off. Counts as activity."""
+        if self._task is None or self._bind is None:
+            return ()
+        self.activity()
+        before = set(self._socats)
+        self.scan_once()
+        new = {p for p in self._socats if p not in before}
+        deadline = time.monotonic() + LISTEN_WAIT_S
+        while new and time.monotonic() < deadline:
+            listening = {s.port for s in self._read_sockets()
+                         if s.state == TCP_LISTEN and s.address == self._bind}  # fmt: skip
+            new = {
+                p for p in new - listening if p in self._socats and self._socats[p].poll() is None
+            }
+            if new:
+                await asyncio.sleep(LISTEN_POLL_S)
+        return self.statistics().forwarded
 
     def scan_once(self) -> None:
         """Read the listeners and bring the socat set in line with them (synchronous)."""

@@ -1,4 +1,5 @@
-"""Build envd's runtime and serve it with uvicorn (HTTP/1.1 via h11, connection tracking on).
+"""Build envd's runtime and serve it with uvicorn (HTTP/1.1 via h11, connection tracking on,
+upload bodies read straight off the connection).
 
 `build_runtime()` runs before the event loop starts: it reads the guest's kernel command line
 (in a VM) for the cold-boot identity and the forward address, and constructs every subsystem.
@@ -22,10 +23,11 @@ import uvicorn
 
 from nestbox.envd import guest, lifecycle
 from nestbox.envd.app import EnvdApp
-from nestbox.envd.conntrack import ConnTracker, tracking_protocol
+from nestbox.envd.conntrack import ConnTracker
 from nestbox.envd.filesystem.watch import WatcherRegistry
 from nestbox.envd.ports import PortSubsystem
 from nestbox.envd.process.registry import ProcessRegistry
+from nestbox.envd.rawbody import raw_body_protocol
 from nestbox.envd.state import Identity, Runtime
 
 if TYPE_CHECKING:
@@ -116,7 +118,8 @@ async def serve(runtime: Runtime) -> None:
         app=EnvdApp(runtime),
         host=settings.host,
         port=settings.port,
-        http=tracking_protocol(runtime.tracker),
+        # Connection tracking, and upload bodies read without h11 (`rawbody.py`).
+        http=raw_body_protocol(runtime.tracker, frozenset({"/files"})),
         ws="none",
         lifespan="on",
         # Well above the host clients' pool expiry, so the client drops an idle connection

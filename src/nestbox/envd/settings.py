@@ -33,7 +33,9 @@ class EnvdSettings(BaseSettings):
     )
     port_scan_interval_s: float = Field(default=1.0, description="loopback listener scan period")
     port_scan_idle_interval_s: float = Field(
-        default=5.0, description="the scan period once envd has had no request for a while"
+        default=0.0,
+        description="the scan period once envd has had no request for a while; 0: none (the "
+        "next request, or the host's port proxy through `POST /ports/scan`, scans)",
     )
     port_scan_active_s: float = Field(
         default=60.0, description="how long after a request the scan keeps its short period"

@@ -101,6 +101,12 @@ class Runtime:
     pending: MachineUpdate | None = None
     """Clock, identity files and RNG work of an `/init` that has answered; applied right after
     its answer, or by the next request to envd if that comes first (`lifecycle.finish_init`)."""
+    hosts_pin: str | None = None
+    """A new host name that `/etc/hosts` does not name yet (a clone's, a fork copy's): written
+    by the first request that may run a program or read files (`lifecycle.pin_hostname`), not
+    by `/init`. Rewriting the file was the largest part of what a clone touched after its
+    restore (the file system's and block layer's paths, the disk overlay): an idle clone never
+    writes it. Kept in memory, so a pause before that request leaves it pending."""
     access_token: str | None = None
     """Required in `X-Access-Token` on every request but `GET /health` once set (`app.EnvdApp`);
     set by `/init` (only a request carrying the current one gets there), never cleared."""

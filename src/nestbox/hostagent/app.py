@@ -75,7 +75,7 @@ class AgentApp:
         self.manager: CapsuleManager | None = None
         self.on_stop: Callable[[], None] = lambda: None
         self.startup_error: BaseException | None = None
-        self.proxy = PortProxy(self)
+        self.proxy = PortProxy(self, rescan=self._scan_ports)
         self.envd_gateway = EnvdGateway(auth, lambda: self.manager)
         service = AgentService(self._require_manager, lambda: self.on_stop())
         self.rpc = HostAgentServiceASGIApplication(
@@ -118,6 +118,13 @@ class AgentApp:
         if self.manager is None:
             raise TargetUnavailable("the agent is starting or stopping")
         return self.manager.acquire(capsule_id)
+
+    async def _scan_ports(self, capsule_id: str) -> None:
+        """A proxied dial into the capsule was refused: its envd looks for new loopback
+        listeners now (an idle envd does not poll). :raise: whatever the call raises."""
+        run = self._require_manager().runtime.get(capsule_id).run
+        if run is not None:
+            await run.envd.scan_ports()
 
     def _require_manager(self) -> CapsuleManager:
         if self.manager is None:

@@ -9,7 +9,10 @@
   programs' proxies; hop-by-hop headers dropped, constant memory, a client that hangs up ends
   the upstream request).
 - Connecting retries 3 times, 100 ms then 200 ms apart: envd's socat forwarder for a port
-  starts up to a second after the guest program listens.
+  starts up to a second after the guest program listens while envd is in use. An idle envd
+  does not look for new listeners at all (`envd/ports.py`), so after a refused dial the proxy
+  first asks the capsule's envd to scan (`rescan`: `POST /ports/scan`, which answers once the
+  new forwarders listen), then backs off and dials again.
 - The upstream path is the raw request path after the prefix, concatenated, never joined, so a
   trailing slash survives (`/proxy/x/8000/dir/` -> `/dir/`; `/proxy/x/8000` -> `/`). It is
   checked first (`common.proxypath`: no dot segments, backslashes, encoded slashes or control
@@ -58,6 +61,11 @@ _ROUTE = re.compile(
     re.DOTALL,
 )
 """Matched whole (`fullmatch`): no trailing-newline tricks."""
+
+
+RESCAN_BOUND_S = 5.0
+"""How long a refused dial waits for the capsule's envd to rescan its ports (envd itself waits
+up to 3 s for a new forwarder to listen)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +173,11 @@ class PortProxy:
         *,
         transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        rescan: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._targets = targets
+        self._rescan = rescan
+        """Ask a capsule's envd to look for new loopback listeners now (see the module)."""
         self._settings = settings or ProxySettings()
         self._transport = transport
         self._sleep = sleep
@@ -227,7 +238,7 @@ class PortProxy:
             self._clients.move_to_end(key)
             pool.users += 1
             return pool
-        pool = self._clients[key] = _Pool(self._new_client(), users=1)  # no await since get
+        pool = self._clients[key] = _Pool(self._new_client(route.capsule_id), users=1)  # no await
         stale = f"{route.capsule_id}/{route.port}/"
         gone = {k for k in self._clients if k.startswith(stale) and k != key}
         oldest = (k for k in self._clients if k not in gone and k != key)
@@ -243,14 +254,32 @@ class PortProxy:
             with anyio.CancelScope(shield=True):
                 await pool.client.aclose()
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self, capsule_id: str) -> httpx.AsyncClient:
         s = self._settings
         return new_client(
             transport=self._transport() if self._transport else None,
             max_connections=s.max_connections_per_target, max_idle=s.max_idle_per_target,
             idle_s=s.idle_timeout_s, connect_s=s.connect_timeout_s, pool_s=s.connect_timeout_s,
-            dial_attempts=s.dial_attempts, dial_backoff_s=s.dial_backoff_s, sleep=self._sleep,
+            dial_attempts=s.dial_attempts, dial_backoff_s=s.dial_backoff_s,
+            sleep=self._after_refused_dial(capsule_id),
         )  # fmt: skip
+
+    def _after_refused_dial(self, capsule_id: str) -> Callable[[float], Awaitable[None]]:
+        """The wait between two dials into `capsule_id`: a rescan by its envd (bounded; a
+        failure only logged: the next dial answers for it), then the backoff."""
+        rescan, sleep = self._rescan, self._sleep
+        if rescan is None:
+            return sleep
+
+        async def wait(delay: float) -> None:
+            with anyio.move_on_after(RESCAN_BOUND_S):
+                try:
+                    await rescan(capsule_id)
+                except Exception as err:  # any failure: dial again as before
+                    log.debug("port rescan failed: %r", err, extra={"capsule_id": capsule_id})
+            await sleep(delay)
+
+        return wait
 
     async def _drop(self, matches: Callable[[str], bool], *, cut: bool) -> None:
         """Forget the matching pools and close them: at once with `cut`, else each after the
@@ -302,7 +331,7 @@ class PortProxy:
             scope, receive, send, address=host_port(address, route.port),
             target=upstream_target(route), headers=_upstream_headers(scope),
             limits=limits, unreachable=f"proxy error: nothing listens on port {route.port} in "
-            f"capsule {route.capsule_id}", sleep=self._sleep,
+            f"capsule {route.capsule_id}", sleep=self._after_refused_dial(route.capsule_id),
         )  # fmt: skip
 
 

@@ -80,6 +80,13 @@ class CapsuleCreate(_Request):
     """`POST /v1/capsules`. A snapshot template fixes the machine: the capsule then gets the
     template's vCPUs and memory whatever is asked (as in Wrenn); the answer says what it got."""
 
+    # The document states the service's rule: an allow-list with internet access turned off.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": {
+        "required": ["allow_internet_access", "egress_allow"],
+        "properties": {"allow_internet_access": {"const": False},
+                       "egress_allow": {"type": "array", "minItems": 1}},
+    }})  # fmt: skip
+
     template: TemplateName = DEFAULT_TEMPLATE
     vcpus: int | None = Field(default=None, ge=1, le=64)
     memory_mb: int | None = Field(default=None, ge=128, le=262144)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 MAX_KEYS = 20
 MAX_VALUE = 512
@@ -40,7 +40,7 @@ def check_metadata(value: dict[str, str]) -> dict[str, str]:
 
 def check_key(key: str) -> str:
     """:raise ValueError: not a valid user metadata key."""
-    if not KEY.match(key):
+    if not KEY.fullmatch(key):  # (`$` alone would take a trailing newline)
         raise ValueError(
             f"bad metadata key {key[:80]!r}: 1-64 of letters, digits and _.:/-, "
             "starting with a letter or digit"
@@ -50,4 +50,17 @@ def check_key(key: str) -> str:
     return key
 
 
-Metadata = Annotated[dict[str, str], AfterValidator(check_metadata)]
+SCHEMA = {
+    "maxProperties": MAX_KEYS,
+    "propertyNames": {"pattern": KEY.pattern, "not": {"enum": sorted(SYSTEM_KEYS)}},
+    "additionalProperties": {"type": "string", "maxLength": MAX_VALUE},
+}
+"""What the OpenAPI document states of a metadata map (all but `MAX_TOTAL`, in the description):
+a request the document allows must not be refused."""
+
+Metadata = Annotated[
+    dict[str, str],
+    AfterValidator(check_metadata),
+    Field(json_schema_extra=SCHEMA, description=f"at most {MAX_KEYS} string pairs, "
+          f"{MAX_TOTAL} characters of keys and values in all"),
+]  # fmt: skip

@@ -19,8 +19,17 @@ MAX_STDIN = 1024 * 1024
 """Characters of `data` in one write (base64 included)."""
 
 
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""What `base64.b64decode(data, validate=True)` takes: the alphabet, padded to 4 characters."""
+
+
 class StdinWrite(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The document states the rule the service enforces: base64 `data` must decode.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"properties": {"encoding": {"const": "utf-8"}}},
+        {"required": ["encoding"],
+         "properties": {"encoding": {"const": "base64"}, "data": {"pattern": BASE64}}},
+    ]})  # fmt: skip
 
     data: str = Field(max_length=MAX_STDIN)
     encoding: Literal["utf-8", "base64"] = "utf-8"

@@ -266,6 +266,7 @@ def test_paging_and_queries() -> None:
     assert envd_route("POST", b"/process.Process/Start", b"") is None
     assert envd_route("GET", b"/files", b"path=%2Froot%2Fa&username=user") is None
     for method, path, query in (("POST", b"/init", b""), ("POST", b"/snapshot/prepare", b""),
+                                ("POST", b"/ports/scan", b""),
                                 ("GET", b"/process.Process/Start", b""),
                                 ("POST", b"/process.Process/Start", b"x=1"),
                                 ("POST", b"/files/../init", b""), ("GET", b"/files", b"a=\x00"),

@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 
 from nestbox.controlplane.db.base import utcnow
 from nestbox.controlplane.db.models import CapsuleRow
+from nestbox.protocol.metadata import KEY
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -169,6 +170,8 @@ class CapsuleRepo:
         if statuses is not None:
             query = query.where(CapsuleRow.status.in_(tuple(statuses)))
         for key, value in (metadata or {}).items():
+            if KEY.fullmatch(key) is None:  # no capsule holds it, and no JSON path may name it
+                return []
             query = query.where(CapsuleRow.meta[key].as_string() == value)
         if after is not None:
             query = query.where(

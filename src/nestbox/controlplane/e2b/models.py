@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from nestbox.protocol.capsules import SAFE_NAME
+from nestbox.protocol.metadata import Metadata  # noqa: TC001 (pydantic resolves annotations at runtime)
 
 MAX_TIMEOUT_S = 86_400
 """E2B's longest lifetime (24 h, its Pro tier)."""
@@ -44,7 +45,7 @@ class NewSandbox(_Request):
     secure: bool | None = None
     """Ignored: every sandbox's envd takes its access token."""
     allow_internet_access: bool | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=20)
+    metadata: Metadata | None = None
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars", max_length=100)
     network: dict[str, object] | None = Field(default=None, json_schema_extra=UNSUPPORTED)
     mcp: dict[str, object] | None = Field(default=None, json_schema_extra=UNSUPPORTED)

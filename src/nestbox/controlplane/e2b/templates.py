@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from nestbox.controlplane.api import deps
-from nestbox.controlplane.api.routing import Endpoint, Router
+from nestbox.controlplane.api.routing import Endpoint, Router, int_query
 from nestbox.controlplane.e2b.api import answer, e2b_errors
 from nestbox.controlplane.e2b.service import BASE_TEMPLATE, e2b_service, secret_key
 from nestbox.controlplane.errors import InvalidRequest, NotFound
@@ -345,10 +345,13 @@ router = Router(
         Endpoint("POST", "/v2" + TEMPLATE + "/builds/{build_id}", start_template_build,
                  "E2B: start a template build: its steps as a recipe",
                  body=TemplateBuildStart, status=202,
-                 description="400 names a step that cannot map (copy, Docker images)."),
+                 description="400 names a step that cannot map: only RUN (a command, and "
+                 "optionally a user), ENV (name, value pairs), WORKDIR (one path) and USER (one "
+                 "name) do, one line each; COPY, a Docker image other than e2bdev/base and a "
+                 "private registry (fromImageRegistry) do not."),
         Endpoint("GET", TEMPLATE + "/builds/{build_id}/status", template_build_status,
                  "E2B: a template build's status and logs", response=TemplateBuildInfo,
-                 query=(("logsOffset", "log entries already read"),)),
+                 query=(int_query("logsOffset", "log entries already read", 0, 10**6),)),
         Endpoint("DELETE", TEMPLATE, delete_e2b_template,
                  "E2B: delete a snapshot or template of your team", status=204,
                  description="404 when the team has none of that id (the SDK's "

@@ -40,9 +40,12 @@ def demand_for(template: Template, req: CapsuleCreate, policy: CreatePolicy) -> 
     :raise InvalidRequest: a base template asked for more than the limits allow.
     """
     if template.type != "base":
+        # A snapshot fixes the machine: what the request asks is not what the capsule gets, so
+        # it is not placed by (a 100 GiB ask for `minimal` found no host: a 503 for a 256 MiB
+        # capsule). A snapshot of unknown size is placed as the default machine.
         return Demand(
-            vcpus=template.vcpus or req.vcpus or DEFAULT_VCPUS,
-            memory_mb=template.memory_mb or req.memory_mb or DEFAULT_MEMORY_MB,
+            vcpus=template.vcpus or DEFAULT_VCPUS,
+            memory_mb=template.memory_mb or DEFAULT_MEMORY_MB,
             disk_mb=DEFAULT_DISK_MB,
         )
     vcpus = req.vcpus or template.vcpus or DEFAULT_VCPUS

@@ -7,12 +7,13 @@ from __future__ import annotations
 import base64
 import binascii
 import posixpath
+import re
 from typing import TYPE_CHECKING
 
 from nestbox.controlplane.errors import InvalidRequest
 from nestbox.controlplane.services.processes import selector
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
-from nestbox.protocol.stdio import WatchEventView
+from nestbox.protocol.stdio import BASE64, WatchEventView
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -34,6 +35,9 @@ class StdioService:
         """Write to the stdin of process `which` (pid or tag). :raise InvalidRequest: bad
         base64. :raise AgentCallError: (`not_found`, or `invalid_request` without stdin)"""
         if req.encoding == "base64":
+            # Exactly what the document's pattern says (b64decode alone also takes extra `=`).
+            if re.fullmatch(BASE64, req.data) is None:
+                raise InvalidRequest("data is not valid base64")
             try:
                 data = base64.b64decode(req.data, validate=True)
             except (binascii.Error, ValueError):
