@@ -7,10 +7,12 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 import httpx
 import pytest
 
 from nestbox.hostagent.proxy import PortProxy, ProxySettings
+from tests.conftest import eventually
 from tests.fakes.targets import FakeTargets
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -183,9 +185,11 @@ async def test_a_refused_dial_asks_the_capsule_to_rescan_before_the_next(
     targets: FakeTargets,
 ) -> None:
     """An idle envd does not poll for new loopback listeners: after a refused dial the proxy
-    has it scan (the forwarder then listens) and dials again; a failing rescan changes
-    nothing but the log."""
+    has it scan (the forwarder then listens) and dials again; a capsule is rescanned at most
+    once a second (refused dials meanwhile only back off); a failing rescan changes nothing
+    but the log."""
     events: list[str] = []
+    now = [100.0]
     upstream = Upstream(lambda r: (200, {}, b"found"), refusals=1)
 
     async def rescan(capsule_id: str) -> None:
@@ -195,8 +199,12 @@ async def test_a_refused_dial_asks_the_capsule_to_rescan_before_the_next(
 
     async def fake_sleep(seconds: float) -> None:
         events.append(f"sleep {seconds}")
+        now[0] += seconds
 
-    proxy = PortProxy(targets, transport=upstream.transport, sleep=fake_sleep, rescan=rescan)
+    proxy = PortProxy(
+        targets, transport=upstream.transport, sleep=fake_sleep, rescan=rescan,
+        clock=lambda: now[0],
+    )  # fmt: skip
     async with make_client(proxy) as client:
         response = await client.get("/proxy/cl-a/8000/")
         assert (response.status_code, response.content) == (200, b"found")
@@ -205,7 +213,41 @@ async def test_a_refused_dial_asks_the_capsule_to_rescan_before_the_next(
         events.clear()
         response = await client.get("/proxy/cl-a/8000/")
         assert response.status_code == 502
-        assert events == ["rescan cl-a", "sleep 0.1", "rescan cl-a", "sleep 0.2"]
+        assert events == ["sleep 0.1", "sleep 0.2"]  # 0.1 s after the last rescan: none
+        now[0] += 1.0
+        upstream.refusals = 3
+        events.clear()
+        response = await client.get("/proxy/cl-a/8000/")
+        assert response.status_code == 502
+        assert events == ["rescan cl-a", "sleep 0.1", "sleep 0.2"]
+    await proxy.aclose()
+
+
+async def test_concurrent_refused_dials_share_one_rescan(targets: FakeTargets) -> None:
+    upstream = Upstream(lambda r: (200, {}, b"found"), refusals=2)
+    calls: list[str] = []
+    release = anyio.Event()
+
+    async def rescan(capsule_id: str) -> None:
+        calls.append(capsule_id)
+        await release.wait()
+
+    async def no_sleep(seconds: float) -> None:
+        pass
+
+    proxy = PortProxy(targets, transport=upstream.transport, sleep=no_sleep, rescan=rescan)
+    answers: list[int] = []
+    async with make_client(proxy) as client:
+
+        async def get() -> None:
+            answers.append((await client.get("/proxy/cl-a/8000/")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            tg.start_soon(get)
+            await eventually(lambda: upstream.refusals == 0, what="both dials refused")
+            release.set()
+    assert (calls, answers) == (["cl-a"], [200, 200])
     await proxy.aclose()
 
 

@@ -12,7 +12,9 @@
   starts up to a second after the guest program listens while envd is in use. An idle envd
   does not look for new listeners at all (`envd/ports.py`), so after a refused dial the proxy
   first asks the capsule's envd to scan (`rescan`: `POST /ports/scan`, which answers once the
-  new forwarders listen), then backs off and dials again.
+  new forwarders listen), then backs off and dials again. At most one rescan per capsule runs
+  at a time and one starts per `RESCAN_EVERY_S`: refused dials meanwhile share the one in
+  flight or only back off, so a client hammering a closed port cannot make envd scan for each.
 - The upstream path is the raw request path after the prefix, concatenated, never joined, so a
   trailing slash survives (`/proxy/x/8000/dir/` -> `/dir/`; `/proxy/x/8000` -> `/`). It is
   checked first (`common.proxypath`: no dot segments, backslashes, encoded slashes or control
@@ -33,8 +35,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -66,6 +69,10 @@ _ROUTE = re.compile(
 RESCAN_BOUND_S = 5.0
 """How long a refused dial waits for the capsule's envd to rescan its ports (envd itself waits
 up to 3 s for a new forwarder to listen)."""
+
+RESCAN_EVERY_S = 1.0
+"""A capsule's next rescan starts at least this long after its last one ended (a scan counts
+as activity in envd, which then polls every second by itself for a minute)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +170,12 @@ class _Pool:
     """Pushed out of the cache: closed when the last user is done."""
 
 
+@dataclass(slots=True)
+class _Rescan:
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    ended_at: float | None = None
+
+
 class PortProxy:
     """The ASGI app. `targets` finds capsules; `transport` (tests) replaces the network."""
 
@@ -174,10 +187,14 @@ class PortProxy:
         transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rescan: Callable[[str], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._targets = targets
         self._rescan = rescan
         """Ask a capsule's envd to look for new loopback listeners now (see the module)."""
+        self._rescans: dict[str, _Rescan] = {}
+        """Each capsule's latest rescan (running or ended); dropped by `evict`."""
+        self._clock = clock
         self._settings = settings or ProxySettings()
         self._transport = transport
         self._sleep = sleep
@@ -213,6 +230,7 @@ class PortProxy:
     async def evict(self, capsule_id: str) -> None:
         """Forget (and close) every cached target of a capsule: call it when the capsule is
         destroyed or moves. Requests still streaming through them are cut."""
+        self._rescans.pop(capsule_id, None)
         await self._drop(lambda key: key.startswith(f"{capsule_id}/"), cut=True)
 
     async def aclose(self) -> None:
@@ -267,19 +285,38 @@ class PortProxy:
     def _after_refused_dial(self, capsule_id: str) -> Callable[[float], Awaitable[None]]:
         """The wait between two dials into `capsule_id`: a rescan by its envd (bounded; a
         failure only logged: the next dial answers for it), then the backoff."""
-        rescan, sleep = self._rescan, self._sleep
-        if rescan is None:
+        sleep = self._sleep
+        if self._rescan is None:
             return sleep
 
         async def wait(delay: float) -> None:
-            with anyio.move_on_after(RESCAN_BOUND_S):
-                try:
-                    await rescan(capsule_id)
-                except Exception as err:  # any failure: dial again as before
-                    log.debug("port rescan failed: %r", err, extra={"capsule_id": capsule_id})
+            await self._rescan_once(capsule_id)
             await sleep(delay)
 
         return wait
+
+    async def _rescan_once(self, capsule_id: str) -> None:
+        """Have the capsule's envd rescan, unless a rescan of it is running (then wait for that
+        one) or ended less than `RESCAN_EVERY_S` ago (then nothing). Bounded by
+        `RESCAN_BOUND_S`; a failure is only logged."""
+        assert self._rescan is not None
+        last = self._rescans.get(capsule_id)
+        if last is not None and last.ended_at is None:
+            with anyio.move_on_after(RESCAN_BOUND_S):
+                await last.ended.wait()
+            return
+        if last is not None and self._clock() - (last.ended_at or 0.0) < RESCAN_EVERY_S:
+            return
+        mine = self._rescans[capsule_id] = _Rescan()
+        try:
+            with anyio.move_on_after(RESCAN_BOUND_S):
+                try:
+                    await self._rescan(capsule_id)
+                except Exception as err:  # any failure: dial again as before
+                    log.debug("port rescan failed: %r", err, extra={"capsule_id": capsule_id})
+        finally:
+            mine.ended_at = self._clock()
+            mine.ended.set()
 
     async def _drop(self, matches: Callable[[str], bool], *, cut: bool) -> None:
         """Forget the matching pools and close them: at once with `cut`, else each after the
