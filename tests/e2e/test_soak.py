@@ -39,7 +39,12 @@ SOAK_CYCLES = int(os.environ.get("NESTBOX_SOAK_CYCLES", "10"))
 PORT = 8083
 SERVER = Path(__file__).with_name("guest_server.py")
 WITHIN_S = 60.0
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/soak-count; sleep 0.1; done"
+# The count is renamed into place: a reader never sees the file between its truncation and
+# its write (a slow guest can be stopped there for seconds).
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /tmp/soak-count.new; "
+    "mv /tmp/soak-count.new /tmp/soak-count; sleep 0.1; done"
+)
 
 
 class Terminal:

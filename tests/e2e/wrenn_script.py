@@ -117,8 +117,9 @@ out["listed"] = capsule.capsule_id in {c.id for c in Capsule.list()}
 out["info_status"] = str(Capsule.get_info(capsule.capsule_id).status.value)
 
 step("snapshot")
-capsule.commands.run(
-    "i=0; while true; do i=$((i+1)); echo $i > /root/ticks; sleep 0.2; done",
+capsule.commands.run(  # renamed into place: a read (or the snapshot) never sees it half-written
+    "i=0; while true; do i=$((i+1)); echo $i > /root/ticks.new; mv /root/ticks.new /root/ticks;"
+    " sleep 0.2; done",
     background=True,
     tag="ticker",
 )
