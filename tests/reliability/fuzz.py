@@ -3,7 +3,9 @@ control plane (served by uvicorn on a loopback port, SQLite) with a fake host ag
 that stays online (heartbeats every 2 s).
 
 Two runs, one per caller: an ordinary user with an API key, and the platform admin with a user
-session (so the session-only routes are fuzzed too, not only refused). Every phase runs
+session (so the session-only routes are fuzzed too, not only refused). The dashboard's cookie
+routes (`BROWSER_ONLY`: both callers only ever get 401 there) are fuzzed first, as a browser
+logged in with the session cookie and its CSRF token. Every phase runs
 (examples, coverage, fuzzing, stateful) with every check schemathesis has. A failure of any
 check fails the run, except a schema-valid request refused (400) by one of the operations in
 `REFUSALS`, each with the rule no JSON Schema of the document can state: listed, not failed.
@@ -20,20 +22,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from nestbox.controlplane.app import create_app
+from nestbox.controlplane.app import ROUTERS, create_app
 from nestbox.controlplane.settings import CPSettings
+from nestbox.protocol.web import CSRF_HEADER, SESSION_COOKIE
 from tests.conftest import ROOT
 from tests.integration.cp.cluster import cluster
 from tests.integration.cp.harness import new_key, running, signup
@@ -74,9 +81,61 @@ REFUSALS = {
 other refusal of a schema-valid request fails the run: the document must state the rule."""
 
 
+BROWSER_ONLY = ("POST /v1/auth/ws-ticket", "DELETE /v1/auth/session")
+"""Operations only a browser may call (the session cookie, X-CSRF-Token): an API key or a
+bearer token gets 401. Each is fuzzed as a browser, a fresh login each (a logout ends it).
+(`POST /v1/auth/session/team` wants a user session too, then the cookie: the admin's run
+reaches its checks; the document names no cookie scheme a browser run could leave out.)"""
+
+
+PROBED = "ignored_auth"
+"""schemathesis's check that a request with no or made-up credentials is refused (401/403)."""
+LIMITED = frozenset(f"{e.method} {e.path}" for router in ROUTERS for e in router.endpoints
+                    if e.rate_limited)  # fmt: skip
+"""Operations with a rate limit per client address (login, signup, key creation), taken before
+the credentials are looked at (a refused guess costs nothing). Every request of a run comes
+from one address, so a probe sent after the run spent the bucket meets the documented 429
+`rate_limited`, whatever its credentials: that says nothing about them, it is not a failure."""
+LIMIT_MET = " (429: the address's rate limit)"
+
+
+@contextlib.contextmanager
+def names_stay_local() -> Iterator[None]:
+    """While it lasts, this process resolves only address literals and `localhost`; any other
+    name fails as an unknown one does (`gaierror`). Generated channel URLs and host addresses
+    carry made-up names, and the control plane (in this process) would ask the system's
+    resolver about each: DNS traffic off this machine. The answer it gives for an unknown name
+    (400) is the one it gives here."""
+    real = socket.getaddrinfo
+
+    def local_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is None or name == "localhost" or _is_literal(name):
+            return real(host, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, f"{name}: names are not resolved while fuzzing")
+
+    socket.getaddrinfo = local_only
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+
+
+def _is_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def allowed(check: str, where: str) -> bool:
-    """Whether a failed check at `where` ("METHOD /path: title") is one `REFUSALS` explains."""
-    return check == REFUSED and where.split(":", 1)[0] in REFUSALS
+    """Whether a failed check at `where` ("METHOD /path: title") is one `REFUSALS` explains, or
+    a credentials probe that met the rate limit of a `LIMITED` operation."""
+    op = where.split(":", 1)[0]
+    if check == PROBED:
+        return op in LIMITED and where.endswith(LIMIT_MET)
+    return check == REFUSED and op in REFUSALS
 
 
 @dataclass
@@ -92,15 +151,30 @@ class Outcome:
                         if checks is None or name in checks})  # fmt: skip
 
 
-async def session_of(client: httpx.AsyncClient, key: dict[str, str]) -> dict[str, str]:
-    """`Authorization: Bearer` for the key's user (a password set with the key, then a login)."""
+async def password_of(client: httpx.AsyncClient, key: dict[str, str]) -> dict[str, str]:
+    """The key's user's email and password (a new one, set with the key)."""
     password = "fuzz " + os.urandom(8).hex()
     r = await client.post("/v1/me/password", json={"new_password": password}, headers=key)
     assert r.status_code == 204, r.text
     email = (await client.get("/v1/me", headers=key)).json()["email"]
-    r = await client.post("/v1/auth/login", json={"email": email, "password": password})
+    return {"email": email, "password": password}
+
+
+async def session_of(client: httpx.AsyncClient, login: dict[str, str]) -> dict[str, str]:
+    """`Authorization: Bearer` for a user session."""
+    r = await client.post("/v1/auth/login", json=login)
     assert r.status_code == 200, r.text
     return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+async def browser_of(url: str, login: dict[str, str]) -> dict[str, str]:
+    """A browser's headers: the session cookie and its CSRF token (a client of its own: the
+    shared one would send the cookie along with every later request)."""
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as browser:
+        r = await browser.post("/v1/auth/session", json=login)
+    assert r.status_code == 200, r.text
+    return {"Cookie": f"{SESSION_COOKIE}={r.cookies[SESSION_COOKIE]}",
+            CSRF_HEADER: r.json()["csrf_token"]}  # fmt: skip
 
 
 def schemathesis() -> Path:
@@ -123,6 +197,8 @@ def read_report(path: Path, outcome: Outcome) -> None:
                     continue
                 failure = check["failure_info"]["failure"]
                 where = f"{failure.get('operation', recorder['label'])}: {failure['title']}"
+                if check["name"] == PROBED and "got `429 " in failure.get("message", ""):
+                    where += LIMIT_MET
                 outcome.failures.setdefault(check["name"], set()).add(where)
 
 
@@ -142,7 +218,9 @@ against the document."""
 
 
 async def fuzz_once(st: Path, url: str, who: str, headers: dict[str, str], *, seed: int,
-                    examples: int, phases: str, max_time: int | None) -> Outcome:  # fmt: skip
+                    examples: int, phases: str, max_time: int | None,
+                    only: str | None = None) -> Outcome:  # fmt: skip
+    """One schemathesis run as `who` (every operation, or the one named `only`)."""
     report = _fresh_report(who)
     config = REPORTS / "schemathesis.toml"
     config.write_text(CONFIG)
@@ -153,6 +231,8 @@ async def fuzz_once(st: Path, url: str, who: str, headers: dict[str, str], *, se
            "--workers", "1", "--suppress-health-check", "all"]  # fmt: skip
     if max_time:
         cmd += ["--max-time", str(max_time)]
+    if only:
+        cmd += ["--include-name", only]
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
     start = time.monotonic()
@@ -172,15 +252,19 @@ async def fuzz_once(st: Path, url: str, who: str, headers: dict[str, str], *, se
 
 async def run(seed: int, examples: int, phases: str, max_time: int | None,
               data: Path) -> tuple[list[Outcome], list[str]]:  # fmt: skip
-    """The two runs' outcomes, and what no longer works afterwards."""
+    """The runs' outcomes (the browser's, the user's, the admin's), and what no longer works
+    afterwards."""
     settings = CPSettings(data_dir=data / "nestbox", database_url="")
     st = await asyncio.to_thread(schemathesis)
     outcomes: list[Outcome] = []
     broken: list[str] = []
     async with cluster(settings, hosts=2) as c:
         user = await signup(c.client, "fuzz-user@test.io")
+        admin = await password_of(c.client, c.admin)
+        # Logged in before any run: the runs' logins with made-up passwords meet the limit.
+        browsers = [await browser_of(c.url, admin) for _ in BROWSER_ONLY]
         callers = {"user": await new_key(c.client, user),
-                   "admin": await session_of(c.client, c.admin)}  # fmt: skip
+                   "admin": await session_of(c.client, admin)}  # fmt: skip
         stop = asyncio.Event()
 
         async def heartbeats() -> None:  # hosts stay online (a real agent beats every 5 s)
@@ -196,6 +280,16 @@ async def run(seed: int, examples: int, phases: str, max_time: int | None,
 
         beating = asyncio.create_task(heartbeats())
         try:
+            browser = Outcome("browser", 0.0)
+            for i, (op, headers) in enumerate(zip(BROWSER_ONLY, browsers, strict=True)):
+                once = await fuzz_once(st, c.url, f"browser-{i}", headers, seed=seed,
+                                       examples=examples, phases=phases, max_time=max_time,
+                                       only=op)  # fmt: skip
+                browser.seconds += once.seconds
+                browser.cases += once.cases
+                for name, ops in once.failures.items():
+                    browser.failures.setdefault(name, set()).update(ops)
+            outcomes.append(browser)
             for who, headers in callers.items():
                 outcomes.append(await fuzz_once(st, c.url, who, headers, seed=seed,
                                                 examples=examples, phases=phases,
@@ -206,17 +300,17 @@ async def run(seed: int, examples: int, phases: str, max_time: int | None,
         r = await c.client.get("/v1/me", headers=c.admin)
         if r.status_code != 200:
             broken.append(f"the admin key stopped working: {r.status_code} {r.text}")
-        admin = c.admin
+        admin_key = c.admin
     async with running(create_app(settings)) as again:  # the platform starts again
-        r = await again.client.get("/v1/me", headers=admin)
+        r = await again.client.get("/v1/me", headers=admin_key)
         if r.status_code != 200:
             broken.append(f"after a restart the admin key fails: {r.status_code} {r.text}")
     return outcomes, broken
 
 
 def fuzz(*, seed: int, examples: int, phases: str, max_time: int | None) -> tuple[bool, str]:
-    """Run both callers; (passed, the printed summary)."""
-    with tempfile.TemporaryDirectory(prefix="nestbox-fuzz-") as tmp:
+    """Run every caller; (passed, the printed summary)."""
+    with tempfile.TemporaryDirectory(prefix="nestbox-fuzz-") as tmp, names_stay_local():
         outcomes, broken = asyncio.run(run(seed, examples, phases, max_time, Path(tmp)))
     lines = [f"schemathesis {VERSION}, seed {seed}, --max-examples {examples}, phases {phases}"]
     passed = not broken
