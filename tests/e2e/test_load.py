@@ -3,7 +3,8 @@ issue asks for: `NESTBOX_LOAD_STREAMS`, `NESTBOX_LOAD_STREAM_BYTES`, `NESTBOX_LO
 
 - 50 exec streams at once (`WS /v1/capsules/{id}/exec/stream`) on the shared capsule, each
   printing its own known text: every one ends with exit 0 and exactly its text, not a byte lost,
-  duplicated or mixed with another stream's.
+  duplicated or mixed with another stream's. How long the `start` frames took (each process
+  spawned and envd's Start answered), the whole run and envd's memory (now, peak) are printed.
 - A terminal (`WS /v1/capsules/{id}/pty`) keeps echoing keystrokes while a download from the
   same capsule runs through the port proxy: the download (a guest server streaming zeros for as
   long as the client reads, read at `NESTBOX_LOAD_DOWNLOAD_MIBPS`, 20 MiB/s as the issue asks)
@@ -94,33 +95,48 @@ def expected(line: str, size: int) -> str:
     return text[:size]
 
 
-def exec_stream(stack: Stack, capsule: str, line: str, size: int) -> tuple[int, str]:
-    """`yes line | head -c size` over the exec WebSocket: (exit code, stdout)."""
+def exec_stream(stack: Stack, capsule: str, line: str, size: int) -> tuple[int, str, float]:
+    """`yes line | head -c size` over the exec WebSocket: (exit code, stdout, seconds until the
+    `start` frame came: the process was spawned and envd answered the Start)."""
     with connect(f"{stack.cp.ws_url}/v1/capsules/{capsule}/exec/stream",
                  additional_headers=stack.cp.admin, open_timeout=WITHIN_S,
                  max_size=None) as ws:  # fmt: skip
+        t0 = time.monotonic()
         ws.send(json.dumps({"type": "start", "cmd": "/bin/sh",
                             "args": ["-c", f"yes '{line}' | head -c {size}"]}))  # fmt: skip
         out: list[str] = []
+        started = -1.0
         deadline = time.monotonic() + STREAMS_WITHIN_S
         while True:
             frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
             assert frame["type"] in ("start", "stdout", "exit"), frame
-            if frame["type"] == "stdout":
+            if frame["type"] == "start":
+                started = time.monotonic() - t0
+            elif frame["type"] == "stdout":
                 out.append(frame["data"])
             elif frame["type"] == "exit":
-                return int(frame["exit_code"]), "".join(out)
+                return int(frame["exit_code"]), "".join(out), started
 
 
 def test_concurrent_exec_streams_lose_nothing(stack: Stack, capsule: str) -> None:
     word = secrets.token_hex(4)
     lines = [f"load-{i:02d}-{word}" for i in range(STREAMS)]
+    t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
         results = list(pool.map(lambda ln: exec_stream(stack, capsule, ln, STREAM_BYTES), lines))
-    for line, (code, out) in zip(lines, results, strict=True):
+    took = time.monotonic() - t0
+    for line, (code, out, _) in zip(lines, results, strict=True):
         assert code == 0, (line, out[-200:])
         assert len(out) == STREAM_BYTES, (line, len(out))
         assert out == expected(line, STREAM_BYTES), line
+    starts = sorted(started for _, _, started in results)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    # envd's memory now and at its peak since it started (the oldest process of that name).
+    rss = stack.out(capsule, "grep -E '^Vm(RSS|HWM)' /proc/$(pgrep -of nestbox.envd)/status")
+    print(f"\n{STREAMS} exec streams x {STREAM_BYTES / 2**20:g} MiB: all exit 0, 0 bytes lost; "
+          f"start frame after p50 {statistics.median(starts):.1f} s, max {starts[-1]:.1f} s; "
+          f"all done in {took:.1f} s ({STREAMS * STREAM_BYTES / 2**20 / took:.2f} MiB/s; "
+          f"load {load}); envd {' '.join(rss.split())}")  # fmt: skip
 
 
 # ── PTY under a download ────────────────────────────────────────────────────────────────────

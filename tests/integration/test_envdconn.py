@@ -6,6 +6,7 @@ close-idle test counts envd's ESTABLISHED sockets in /proc/net/tcp to see our FI
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from nestbox.hostagent.envdconn import (
 from nestbox.hostagent.envdconn.errors import (
     Conflict,
     DeadlineExceeded,
+    EnvdCallError,
     InvalidRequest,
     NotFound,
     TooLarge,
@@ -103,7 +105,8 @@ async def test_init_sets_identity_and_token(tmp_path: Path) -> None:
 
 async def test_response_header_timeout() -> None:
     """A server that takes the connection and never answers: the 30 s response-header
-    timeout (here 0.3 s) ends the call, for unary and streaming calls alike."""
+    timeout (here 0.3 s; a process Start's 120 s here 0.6 s) ends the call, for unary and
+    streaming calls alike."""
     accepted: list[anyio.abc.SocketStream] = []
 
     async def hold(stream: anyio.abc.SocketStream) -> None:
@@ -113,7 +116,7 @@ async def test_response_header_timeout() -> None:
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    pool = PoolSettings(response_header_timeout_s=0.3)
+    pool = PoolSettings(response_header_timeout_s=0.3, start_header_timeout_s=0.6)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, hold)
         async with CapsuleEnvd(f"http://127.0.0.1:{port}", pool=pool) as envd:
@@ -129,6 +132,39 @@ async def test_response_header_timeout() -> None:
                     await envd.exec("true")
         tg.cancel_scope.cancel()
     assert accepted
+
+
+async def test_a_start_waits_longer_for_its_head() -> None:
+    """A server that answers every request only after `late_s`: calls with the 30 s header
+    bound (here 0.3 s) give up first, a process Start (whose head comes once the process is
+    spawned, and spawns queue on the capsule's one vCPU) gets the answer (a 404 here)."""
+    late_s = 1.0
+
+    async def answer_late(stream: anyio.abc.SocketStream) -> None:
+        # The calls that gave up have closed their connection: the answer may meet a reset.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
+            async with stream:
+                await stream.receive()
+                await anyio.sleep(late_s)
+                await stream.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                                  b"Connection: close\r\n\r\n")  # fmt: skip
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    pool = PoolSettings(response_header_timeout_s=0.3)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer_late)
+        async with CapsuleEnvd(f"http://127.0.0.1:{port}", pool=pool) as envd:
+            with anyio.fail_after(60):
+                with pytest.raises(DeadlineExceeded):
+                    await envd.list_processes()
+                with pytest.raises(EnvdCallError) as refused:
+                    await envd.exec("true")
+                assert not isinstance(refused.value, DeadlineExceeded), refused.value
+                with pytest.raises(EnvdCallError) as refused:
+                    await envd.start_background("true")
+                assert not isinstance(refused.value, DeadlineExceeded), refused.value
+        tg.cancel_scope.cancel()
 
 
 async def test_closed_client_is_unavailable(shared_envd: EnvdProcess) -> None:

@@ -112,7 +112,8 @@ def test_metrics_parsers() -> None:
 def test_found_users_are_cached_until_the_user_files_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a restore the page cache is empty: a cached look-up costs two stats, no reads."""
+    """After a restore the page cache is empty: a cached look-up costs two stats, no reads.
+    `cached_user` (what a Start uses on the event loop) answers from the cache only."""
     passwd, group = tmp_path / "passwd", tmp_path / "group"
     passwd.write_text("v1")
     group.write_text("v1")
@@ -127,10 +128,13 @@ def test_found_users_are_cached_until_the_user_files_change(
         return real(name)
 
     monkeypatch.setattr(users, "_read_user", read_user)
+    assert users.cached_user(me) is None
     first = users.lookup_user(me)
     assert users.lookup_user(me) == first
+    assert users.cached_user(me) == first
     assert reads == [me]
     group.write_text("v2, longer")  # a group edit: looked up again
+    assert users.cached_user(me) is None
     assert users.lookup_user(me) == first
     assert reads == [me, me]
     with pytest.raises(UnknownUser):

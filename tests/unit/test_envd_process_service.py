@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -16,10 +18,12 @@ from connectrpc.method import IdempotencyLevel, MethodInfo, StreamType
 from connectrpc.request import Headers, RequestContext
 from protobuf import Oneof
 
+from nestbox.envd.process.proc import identity_args
 from nestbox.envd.process.registry import ProcessRegistry
 from nestbox.envd.process.service import ProcessService
 from nestbox.envd.settings import EnvdSettings
 from nestbox.envd.state import Runtime
+from nestbox.envd.users import User, lookup_user
 from nestbox.protocol.gen.process.process_pb import (
     PTY,
     CloseStdinRequest,
@@ -367,3 +371,39 @@ async def test_pty_is_the_controlling_terminal_and_belongs_to_the_user(
     lines = output(events, "pty").decode().split()
     assert lines[:2] == ["has-ctty", "owns-tty"]
     assert lines[2] != "0"
+
+
+async def test_starts_use_no_thread_and_leave_no_descriptor(
+    service: ProcessService, runtime: Runtime
+) -> None:
+    """With its user cached (the usual case: `/init` looked the default user up), a Start
+    spawns and watches its process on the event loop: no worker thread for the request, no
+    waiter thread per process (Python 3.11's asyncio child watcher started one per child, and
+    under TCG 50 Starts at once then waited on each other for tens of seconds); an ended process
+    leaves no descriptor (pipes, pidfd) open."""
+    lookup_user(runtime.defaults.user)
+    threads, fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
+    streams = [service.start(sh("sleep 30"), ctx()) for _ in range(5)]
+    pids = [(await next_event(s)).event.value.pid for s in streams]  # type: ignore[union-attr]
+    assert set(threading.enumerate()) <= threads
+    for pid in pids:
+        await service.send_signal(SendSignalRequest(process=pid_of(pid), signal=Signal.SIGKILL),
+                                  ctx())  # fmt: skip
+    for stream in streams:
+        assert end_of(await collect(stream)).status == "signal: killed"
+    assert set(threading.enumerate()) <= threads
+    await eventually(lambda: set(os.listdir("/proc/self/fd")) <= fds, within=10,
+                     what="the processes' descriptors closed")  # fmt: skip
+
+
+def test_identity_switches_only_to_another_user() -> None:
+    """Starting a process as envd's own user passes no uid/gid/groups, so CPython can `vfork`
+    (a full `fork` of envd costs the guest's vCPU ~0.2 s under TCG); another user is switched
+    to when envd is root."""
+    me = User(name="me", uid=os.geteuid(), gid=os.getegid(), home=Path("/"), shell="/bin/sh",
+              groups=tuple(os.getgroups()))  # fmt: skip
+    assert identity_args(me) == {}
+    other = User(name="nobody", uid=65534, gid=65534, home=Path("/"), shell="/bin/sh",
+                 groups=(65534,))  # fmt: skip
+    switch = {"user": 65534, "group": 65534, "extra_groups": [65534]}
+    assert identity_args(other) == (switch if os.geteuid() == 0 else {})

@@ -72,9 +72,26 @@ def lookup_user(name: str) -> User:
             if len(_cache) >= CACHE_MAX:
                 _cache.clear()
             _cache[name] = (version, user)
+    _check_acting_as(user, name)
+    return user
+
+
+def cached_user(name: str) -> User | None:
+    """`lookup_user(name)` when the cache answers it (two `stat`s and no NSS look-up, so it may
+    run on the event loop); None when a look-up is needed.
+
+    :raise PermissionDenied: envd is not root and `name` is not the user it runs as.
+    """
+    cached = _cache.get(name)
+    if cached is None or cached[0] != _files_version():
+        return None
+    _check_acting_as(cached[1], name)
+    return cached[1]
+
+
+def _check_acting_as(user: User, name: str) -> None:
     if os.geteuid() != 0 and user.uid != os.geteuid():
         raise PermissionDenied(f"envd is not root and cannot act as user {name!r}")
-    return user
 
 
 def _read_user(name: str) -> User:

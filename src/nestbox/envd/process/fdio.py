@@ -106,7 +106,7 @@ class FdWriter:
         fut: asyncio.Future[None] = self._loop.create_future()
         fd = self._fd
         self._waiter = fut
-        self._loop.add_writer(fd, _resolve, fut)
+        self._loop.add_writer(fd, resolve, fut)
         try:
             await fut
         finally:
@@ -126,6 +126,7 @@ class FdWriter:
             os.close(fd)
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def resolve(fut: asyncio.Future[None]) -> None:
+    """Set `fut`'s result unless it is already done (a readiness callback)."""
     if not fut.done():
         fut.set_result(None)

@@ -58,17 +58,31 @@ def user_from_authorization(value: str | None) -> str | None:
     return decoded.partition(":")[0] or None
 
 
+def request_user_name(headers: Mapping[str, str], runtime: Runtime) -> str:
+    """The name of the user a request acts as.
+
+    :raise InvalidArgument: a malformed Basic credential.
+    """
+    return user_from_authorization(headers.get("authorization")) or runtime.defaults.user
+
+
 def request_user(headers: Mapping[str, str], runtime: Runtime) -> User:
     """The user a request acts as. Blocking (NSS look-up): call it from a worker thread.
 
     :raise UnknownUser, PermissionDenied, InvalidArgument: see `users.lookup_user`.
     """
-    name = user_from_authorization(headers.get("authorization")) or runtime.defaults.user
-    return lookup_user(name)
+    return lookup_user(request_user_name(headers, runtime))
 
 
-def build_spec(request: StartRequest, headers: Mapping[str, str], runtime: Runtime) -> ProcessSpec:
-    """Validate a Start request. Blocking (user look-up, stat): call it from a worker thread.
+def build_spec(
+    request: StartRequest,
+    headers: Mapping[str, str],
+    runtime: Runtime,
+    *,
+    user: User | None = None,
+) -> ProcessSpec:
+    """Validate a Start request for `user` (else the request's user, looked up: blocking).
+    With `user` given it does a `stat` or two (the working directory), no NSS look-up.
 
     :raise InvalidArgument: no command, NUL bytes, a bad env name or `cwd`, a zero PTY size.
     :raise UnknownUser: the user does not exist.
@@ -77,7 +91,7 @@ def build_spec(request: StartRequest, headers: Mapping[str, str], runtime: Runti
     if config is None or not config.cmd:
         raise InvalidArgument("process.cmd is required")
     _check_strings(config)
-    user = request_user(headers, runtime)
+    user = user or request_user(headers, runtime)
     env = {**runtime.base_env(), **user.login_env(), **config.envs}
     size = None
     if request.pty is not None:

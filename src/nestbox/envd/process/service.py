@@ -26,7 +26,8 @@ from protobuf import Oneof
 
 from nestbox.envd.errors import InvalidArgument, NotFound, connect_errors
 from nestbox.envd.process.fanout import EndInfo, Output, TooSlow
-from nestbox.envd.process.request import build_spec, keepalive_interval
+from nestbox.envd.process.request import build_spec, keepalive_interval, request_user_name
+from nestbox.envd.users import cached_user, lookup_user
 from nestbox.protocol.gen.process.process_connect import Process
 from nestbox.protocol.gen.process.process_pb import (
     CloseStdinResponse,
@@ -95,7 +96,13 @@ class ProcessService(Process):
     ) -> AsyncIterator[StartResponse]:
         headers = dict(ctx.request_headers)
         with connect_errors():
-            spec = await anyio.to_thread.run_sync(build_spec, request, headers, self._runtime)
+            # On the loop unless the user must be looked up (NSS may read files or ask a
+            # directory): a hop to a worker thread per Start made 50 Starts at once in a TCG
+            # guest wait on each other (thread start-up, GIL hand-offs) longer than the host
+            # waits for a response head.
+            name = request_user_name(headers, self._runtime)
+            user = cached_user(name) or await anyio.to_thread.run_sync(lookup_user, name)
+            spec = build_spec(request, headers, self._runtime, user=user)
             proc, sub = await self._registry.start(spec)
         async with aclosing(_follow(proc, sub, keepalive_interval(headers))) as events:
             async for event in events:

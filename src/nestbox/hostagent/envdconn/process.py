@@ -194,7 +194,7 @@ class ProcessOps(OpsBase):
     ) -> AbstractAsyncContextManager[EventStream]:
         pools = self._conn.pools()
         tag = request.tag if request.has_field("tag") else None
-        responses = pools.process.start(request, headers=self._conn.headers(user))
+        responses = pools.process_start.start(request, headers=self._conn.headers(user))
         return open_event_stream(responses, tag)
 
     async def _kill_quietly(self, pid: int) -> None:

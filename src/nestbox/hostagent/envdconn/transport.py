@@ -4,6 +4,8 @@ The seed's split (`envdclient/dialer.go`): a *unary* transport whose requests ha
 2-minute bound (health, init, snapshot prepare, filesystem RPCs, buffered file reads/writes)
 and a *streaming* transport without one (process streams, PTYs, streamed file transfers).
 Every capsule gets its own pair, so one capsule's traffic never queues behind another's.
+Both wait at most 30 s for a response head (the seed's header timeout), except a process Start:
+`START_HEADER_TIMEOUT_S`.
 
 `close_idle()` must put FINs on the wire for every idle connection *before* the agent calls
 `/snapshot/prepare`: a socket left open across a snapshot is a zombie after restore (new netns,
@@ -35,6 +37,14 @@ if TYPE_CHECKING:
 
 UNARY_TIMEOUT_S = 120.0
 """Overall bound of one unary request (the seed's 2 minutes); callers may set tighter ones."""
+START_HEADER_TIMEOUT_S = 120.0
+"""The response-head bound of a process Start (exec, background, PTY), instead of the seed's
+30 s: envd answers a Start once its process is spawned, and the spawns of one capsule share its
+one vCPU with the programs they start. Under TCG, 50 Starts of `sh -c 'yes | head'` at once got
+their last head after 10-18 s (32 KiB each; envd's own part of the guest's CPU meanwhile 24%,
+the started programs' start-up took the rest) and up to 27 s (2-10 MiB each, also through the
+whole stack) at host load 4-6: on a busier host the last heads pass 30 s while envd works
+normally. Every other call keeps 30 s, so a silent envd is noticed as soon."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,7 @@ class PoolSettings:
     connect_timeout_s: float = 10.0
     tcp_keepalive_s: float = 30.0
     response_header_timeout_s: float = 30.0
+    start_header_timeout_s: float = START_HEADER_TIMEOUT_S
     unary_timeout_s: float = UNARY_TIMEOUT_S
 
 
@@ -102,6 +113,9 @@ class _Pools:
         # Watches are streams: no overall bound.
         self.filesystem_stream = FilesystemClient(base_url, http_client=self.stream)
         self.process = ProcessClient(base_url, http_client=self.stream)
+        # Process Starts: the same pool, a longer wait for the head (START_HEADER_TIMEOUT_S).
+        starts = Client(_HeaderTimeout(self.stream_transport, pool.start_header_timeout_s))
+        self.process_start = ProcessClient(base_url, http_client=starts)
 
     async def aclose(self) -> None:
         """Close idle sockets now; requests in flight finish on their connection."""
