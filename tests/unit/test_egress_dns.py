@@ -4,6 +4,7 @@ upstream (no namespace, no real resolver)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 from typing import TYPE_CHECKING
@@ -82,10 +83,25 @@ def free_udp_port() -> int:
         return port
 
 
+async def open_forwarder(upstream_port: int) -> tuple[egress.DnsForwarder, int]:
+    """A forwarder on a free loopback port, UDP and TCP both (a port free for UDP may be taken
+    for TCP, or taken by then: another port is tried); (it, its port)."""
+    for _ in range(20):
+        port = free_udp_port()
+        try:
+            forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"],
+                                                       upstream_port)  # fmt: skip
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return forwarder, port
+    pytest.fail("no loopback port free for both UDP and TCP in 20 tries")
+
+
 async def test_forwarder_relays_queries_and_answers(upstream: tuple[FakeUpstream, int]) -> None:
     fake, up_port = upstream
-    port = free_udp_port()
-    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], up_port)
+    forwarder, port = await open_forwarder(up_port)
     try:
         reply = await ask(port, egress.a_query("decoy.example", 0xBEEF))
         assert reply is not None
@@ -104,8 +120,7 @@ async def test_forwarder_relays_queries_and_answers(upstream: tuple[FakeUpstream
 
 
 async def test_forwarder_without_a_live_upstream_stays_silent() -> None:
-    port, dead = free_udp_port(), free_udp_port()
-    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], dead)
+    forwarder, port = await open_forwarder(free_udp_port())
     try:
         assert await ask(port, egress.a_query("decoy.example", 1), within=0.5) is None
     finally:
@@ -168,8 +183,7 @@ async def closed(reader: asyncio.StreamReader) -> bool:
 
 async def test_forwarder_over_tcp(tcp_upstream: tuple[list[bytes], int]) -> None:
     got, up_port = tcp_upstream
-    port = free_udp_port()
-    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], up_port)
+    forwarder, port = await open_forwarder(up_port)
     try:
         # Several queries on one connection, each relayed over TCP, answered in turn.
         reader, writer = await tcp_connect(port)
@@ -213,8 +227,7 @@ async def test_forwarder_over_tcp(tcp_upstream: tuple[list[bytes], int]) -> None
 
 async def test_tcp_connection_idle_too_long_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(egress, "TCP_IDLE_S", 0.2)
-    port = free_udp_port()
-    forwarder = await egress.DnsForwarder.open("127.0.0.1", port, ["127.0.0.1"], free_udp_port())
+    forwarder, port = await open_forwarder(free_udp_port())
     try:
         reader, writer = await tcp_connect(port)
         writer.write(b"\x00")  # half a length prefix, then nothing
