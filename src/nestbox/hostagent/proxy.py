@@ -173,7 +173,8 @@ class _Pool:
 @dataclass(slots=True)
 class _Rescan:
     ended: anyio.Event = field(default_factory=anyio.Event)
-    ended_at: float | None = None
+    ended_at: float = 0.0
+    """Set just before `ended`."""
 
 
 class PortProxy:
@@ -301,12 +302,13 @@ class PortProxy:
         `RESCAN_BOUND_S`; a failure is only logged."""
         assert self._rescan is not None
         last = self._rescans.get(capsule_id)
-        if last is not None and last.ended_at is None:
-            with anyio.move_on_after(RESCAN_BOUND_S):
-                await last.ended.wait()
-            return
-        if last is not None and self._clock() - (last.ended_at or 0.0) < RESCAN_EVERY_S:
-            return
+        if last is not None:
+            if not last.ended.is_set():
+                with anyio.move_on_after(RESCAN_BOUND_S):
+                    await last.ended.wait()
+                return
+            if self._clock() - last.ended_at < RESCAN_EVERY_S:
+                return
         mine = self._rescans[capsule_id] = _Rescan()
         try:
             with anyio.move_on_after(RESCAN_BOUND_S):
