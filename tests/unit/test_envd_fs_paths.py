@@ -22,16 +22,11 @@ from nestbox.envd.errors import (
     os_error,
 )
 from nestbox.envd.filesystem.atomic import TEMP_PREFIX, AtomicFile
-from nestbox.envd.filesystem.paths import (
-    basic_auth_user,
-    ensure_dirs,
-    requested_user,
-    resolve,
-)
+from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
 from nestbox.envd.filesystem.watch import WatcherRegistry
 from nestbox.envd.settings import EnvdSettings
 from nestbox.envd.state import Runtime
-from nestbox.envd.users import User, lookup_user
+from nestbox.envd.users import User, basic_auth_user, lookup_user
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
 
@@ -59,14 +54,14 @@ def test_basic_auth_user() -> None:
         basic_auth_user("Basic !!!not base64")
 
 
-def test_requested_user_precedence() -> None:
+async def test_requested_user_precedence() -> None:
     rt = runtime()
-    assert requested_user(rt, authorization=None).name == ME
-    assert requested_user(rt, authorization=basic(ME), username="").name == ME
+    assert (await requested_user(rt, authorization=None)).name == ME
+    assert (await requested_user(rt, authorization=basic(ME), username="")).name == ME
     with pytest.raises(UnknownUser):
-        requested_user(rt, authorization=basic("no-such-user-xyz"))
+        await requested_user(rt, authorization=basic("no-such-user-xyz"))
     with pytest.raises(UnknownUser):  # the query parameter wins over the header
-        requested_user(rt, authorization=basic(ME), username="no-such-user-xyz")
+        await requested_user(rt, authorization=basic(ME), username="no-such-user-xyz")
 
 
 def test_resolve() -> None:

@@ -14,11 +14,12 @@ from nestbox.envd.process.request import (
     MIN_KEEPALIVE_S,
     build_spec,
     keepalive_interval,
-    user_from_authorization,
+    request_user,
 )
 from nestbox.envd.process.signals import describe_exit
 from nestbox.envd.settings import EnvdSettings
 from nestbox.envd.state import Runtime
+from nestbox.envd.users import lookup_user
 from nestbox.protocol.gen.process.process_pb import PTY, ProcessConfig, StartRequest
 
 if TYPE_CHECKING:
@@ -46,20 +47,27 @@ def test_keepalive_interval(header: str | None, expected: float) -> None:
     assert keepalive_interval(headers) == expected
 
 
-def test_user_from_basic_authorization() -> None:
-    assert user_from_authorization(basic("nobody")["authorization"]) == "nobody"
-    assert user_from_authorization("Basic " + base64.b64encode(b":").decode()) is None
-    assert user_from_authorization("Bearer abc") is None
-    assert user_from_authorization(None) is None
+async def test_request_user_from_basic_authorization_else_default() -> None:
+    rt = runtime()
+    assert (await request_user(basic("nobody"), rt)).name == "nobody"
+    empty = {"authorization": "Basic " + base64.b64encode(b":").decode()}
+    assert (await request_user(empty, rt)).name == "root"
+    assert (await request_user({"authorization": "Bearer abc"}, rt)).name == "root"
+    assert (await request_user({}, rt)).name == "root"
     with pytest.raises(InvalidArgument):
-        user_from_authorization("Basic !!!")
+        await request_user({"authorization": "Basic !!!"}, rt)
+    with pytest.raises(UnknownUser):
+        await request_user(basic("no-such-user-x"), rt)
+
+
+ROOT = lookup_user("root")
 
 
 def test_env_layers_request_over_login_over_base() -> None:
     rt = runtime()
     rt.defaults.env = {"A": "base", "HOME": "/base-home", "KEEP": "1"}
     config = ProcessConfig(cmd="/bin/true", envs={"A": "request"})
-    spec = build_spec(StartRequest(process=config), {}, rt)
+    spec = build_spec(StartRequest(process=config), rt, ROOT)
     assert spec.env["A"] == "request"
     assert spec.env["KEEP"] == "1"
     assert spec.env["HOME"] == "/root"  # login env beats the base env
@@ -68,39 +76,38 @@ def test_env_layers_request_over_login_over_base() -> None:
     assert spec.user.name == "root"
 
 
-def test_user_from_header_and_unknown_user() -> None:
-    rt = runtime()
-    spec = build_spec(StartRequest(process=ProcessConfig(cmd="id")), basic("nobody"), rt)
+def test_spec_for_another_user() -> None:
+    spec = build_spec(
+        StartRequest(process=ProcessConfig(cmd="id")), runtime(), lookup_user("nobody")
+    )
     assert spec.user.name == "nobody"
     assert spec.cwd == "/"  # nobody's home does not exist
-    with pytest.raises(UnknownUser):
-        build_spec(StartRequest(process=ProcessConfig(cmd="id")), basic("no-such-user-x"), rt)
 
 
 def test_cwd_resolution(tmp_path: Path) -> None:
     rt = runtime()
-    spec = build_spec(StartRequest(process=ProcessConfig(cmd="pwd", cwd="~")), {}, rt)
+    spec = build_spec(StartRequest(process=ProcessConfig(cmd="pwd", cwd="~")), rt, ROOT)
     assert spec.cwd == "/root"
-    spec = build_spec(StartRequest(process=ProcessConfig(cmd="pwd", cwd=str(tmp_path))), {}, rt)
+    spec = build_spec(StartRequest(process=ProcessConfig(cmd="pwd", cwd=str(tmp_path))), rt, ROOT)
     assert spec.cwd == str(tmp_path)
     rt.defaults.workdir = str(tmp_path)
-    assert build_spec(StartRequest(process=ProcessConfig(cmd="pwd")), {}, rt).cwd == str(tmp_path)
+    assert build_spec(StartRequest(process=ProcessConfig(cmd="pwd")), rt, ROOT).cwd == str(tmp_path)
     missing = ProcessConfig(cmd="pwd", cwd=str(tmp_path / "missing"))
     with pytest.raises(InvalidArgument, match="not an existing directory"):
-        build_spec(StartRequest(process=missing), {}, rt)
+        build_spec(StartRequest(process=missing), rt, ROOT)
 
 
 def test_pty_sets_term_and_size() -> None:
     request = StartRequest(
         process=ProcessConfig(cmd="sh"), pty=PTY(size=PTY.Size(cols=90, rows=30))
     )
-    spec = build_spec(request, {}, runtime())
+    spec = build_spec(request, runtime(), ROOT)
     assert spec.pty is not None
     assert (spec.pty.cols, spec.pty.rows) == (90, 30)
     assert spec.env["TERM"] == "xterm-256color"
     zero = StartRequest(process=ProcessConfig(cmd="sh"), pty=PTY(size=PTY.Size(cols=0, rows=3)))
     with pytest.raises(InvalidArgument):
-        build_spec(zero, {}, runtime())
+        build_spec(zero, runtime(), ROOT)
 
 
 @pytest.mark.parametrize(
@@ -110,14 +117,14 @@ def test_pty_sets_term_and_size() -> None:
 )  # fmt: skip
 def test_invalid_requests(config: ProcessConfig) -> None:
     with pytest.raises(InvalidArgument):
-        build_spec(StartRequest(process=config), {}, runtime())
+        build_spec(StartRequest(process=config), runtime(), ROOT)
 
 
 def test_tag_and_stdin_flags() -> None:
     rt = runtime()
-    plain = build_spec(StartRequest(process=ProcessConfig(cmd="x")), {}, rt)
+    plain = build_spec(StartRequest(process=ProcessConfig(cmd="x")), rt, ROOT)
     assert (plain.tag, plain.stdin) == (None, False)
-    tagged = build_spec(StartRequest(process=ProcessConfig(cmd="x"), tag="t", stdin=True), {}, rt)
+    tagged = build_spec(StartRequest(process=ProcessConfig(cmd="x"), tag="t", stdin=True), rt, ROOT)
     assert (tagged.tag, tagged.stdin) == ("t", True)
 
 

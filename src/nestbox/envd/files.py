@@ -65,9 +65,9 @@ def error_response(err: EnvdError) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=err.http_status)
 
 
-def _user(request: Request) -> tuple[Runtime, User]:
+async def _user(request: Request) -> tuple[Runtime, User]:
     runtime: Runtime = request.app.state.runtime
-    user = requested_user(
+    user = await requested_user(
         runtime,
         authorization=request.headers.get("authorization"),
         username=request.query_params.get("username"),
@@ -81,7 +81,7 @@ def _user(request: Request) -> tuple[Runtime, User]:
 async def download(request: Request) -> Response:
     """`GET /files?path=&username=`: the file's bytes."""
     try:
-        runtime, user = _user(request)
+        runtime, user = await _user(request)
         path = resolve(runtime, user, request.query_params.get("path", ""))
         fd, size = await anyio.to_thread.run_sync(_open_regular, user, path)
     except EnvdError as err:
@@ -144,7 +144,7 @@ async def upload(request: Request) -> Response:
     sink: _Sink | None = None
     done = False
     try:
-        runtime, user = _user(request)
+        runtime, user = await _user(request)
         sink = _sink_for(request, runtime, user)
         await _pump(body, sink, _Decoder(request.headers.get("content-encoding", "")))
         done = True

@@ -36,7 +36,7 @@ from nestbox.envd import guest
 from nestbox.envd.errors import EnvdError, InvalidArgument, UnknownUser
 from nestbox.envd.metrics import read_metrics
 from nestbox.envd.state import MachineUpdate
-from nestbox.envd.users import lookup_user
+from nestbox.envd.users import user_named
 from nestbox.protocol.envd import ENVD_VERSION, LOG_LINES, InitRequest, LogPage
 
 if TYPE_CHECKING:
@@ -200,9 +200,9 @@ async def init(request: Request) -> Response:
         req = _parse_init(body)
         host_ns = _timestamp_ns(req.timestamp)
         entropy = _entropy(req.entropy)
-        if req.default_user:  # `lookup_user` caches: a clone's repeated default user is cheap
+        if req.default_user:  # cached: a clone's repeated default user is cheap
             try:
-                lookup_user(req.default_user)
+                await user_named(req.default_user)
             except UnknownUser as err:
                 raise InvalidArgument(err.message) from err
     except EnvdError as err:

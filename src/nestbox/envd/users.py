@@ -6,11 +6,15 @@ root). Outside a VM it may run unprivileged; then it can act only as itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
 
 from nestbox.envd.errors import InvalidArgument, PermissionDenied, UnknownUser
 
@@ -87,6 +91,38 @@ def cached_user(name: str) -> User | None:
         return None
     _check_acting_as(cached[1], name)
     return cached[1]
+
+
+async def user_named(name: str) -> User:
+    """`lookup_user(name)` without blocking the loop: from the cache on the loop, else looked up
+    in a worker thread (NSS may read files or ask a directory). The one way a request's user is
+    found: a worker-thread hop per request made 50 Starts at once in a TCG guest wait on each
+    other (thread start-up, GIL hand-offs) longer than the host waits for a response head.
+
+    :raise UnknownUser, PermissionDenied: see `lookup_user`.
+    """
+    user = cached_user(name)
+    if user is None:
+        user = await anyio.to_thread.run_sync(lookup_user, name)
+    return user
+
+
+def basic_auth_user(header: str | None) -> str | None:
+    """The user name in `Authorization: Basic base64("user:")` (what E2B's SDK sends); None for
+    no header, another scheme or an empty name.
+
+    :raise UnknownUser: the Basic credentials cannot be decoded.
+    """
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise UnknownUser("malformed Basic Authorization header") from None
+    return decoded.partition(":")[0] or None
 
 
 def _check_acting_as(user: User, name: str) -> None:

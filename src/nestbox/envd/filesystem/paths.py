@@ -8,14 +8,12 @@ default workdir when one is set, else at the user's home (E2B's `ExpandAndResolv
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import stat
 from typing import TYPE_CHECKING
 
-from nestbox.envd.errors import InvalidArgument, PermissionDenied, UnknownUser, os_error
-from nestbox.envd.users import User, lookup_user, may_access, resolve_path
+from nestbox.envd.errors import InvalidArgument, PermissionDenied, os_error
+from nestbox.envd.users import User, basic_auth_user, may_access, resolve_path, user_named
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,33 +21,15 @@ if TYPE_CHECKING:
     from nestbox.envd.state import Runtime
 
 
-def requested_user(
+async def requested_user(
     runtime: Runtime, *, authorization: str | None, username: str | None = None
 ) -> User:
-    """The user a request acts for.
+    """The user a request acts for (see the module docstring); NSS only off the loop.
 
     :raise UnknownUser: no such user, or a malformed `Authorization` header.
     :raise PermissionDenied: envd is not root and the user is someone else.
     """
-    name = username or basic_auth_user(authorization) or runtime.defaults.user
-    return lookup_user(name)
-
-
-def basic_auth_user(header: str | None) -> str | None:
-    """The user name in `Authorization: Basic base64("user:")`; None for no or another scheme.
-
-    :raise UnknownUser: the Basic credentials cannot be decoded.
-    """
-    if not header:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise UnknownUser("malformed Basic Authorization header") from None
-    return decoded.partition(":")[0] or None
+    return await user_named(username or basic_auth_user(authorization) or runtime.defaults.user)
 
 
 def resolve(runtime: Runtime, user: User, raw: str) -> Path:

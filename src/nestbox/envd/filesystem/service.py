@@ -76,22 +76,22 @@ class FilesystemService(Filesystem):
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
 
-    def _target(self, headers: Headers, raw: str) -> tuple[User, Path]:
-        user = requested_user(self._rt, authorization=headers.get("authorization"))
+    async def _target(self, headers: Headers, raw: str) -> tuple[User, Path]:
+        user = await requested_user(self._rt, authorization=headers.get("authorization"))
         return user, resolve(self._rt, user, raw)
 
     async def stat(
         self, request: StatRequest, ctx: RequestContext[StatRequest, StatResponse]
     ) -> StatResponse:
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             return StatResponse(entry=await anyio.to_thread.run_sync(_stat, user, path))
 
     async def list_dir(
         self, request: ListDirRequest, ctx: RequestContext[ListDirRequest, ListDirResponse]
     ) -> ListDirResponse:
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             depth = max(request.depth, 1)
             entries = await anyio.to_thread.run_sync(_list_dir, user, path, depth)
             return ListDirResponse(entries=entries)
@@ -100,14 +100,14 @@ class FilesystemService(Filesystem):
         self, request: MakeDirRequest, ctx: RequestContext[MakeDirRequest, MakeDirResponse]
     ) -> MakeDirResponse:
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             return MakeDirResponse(entry=await anyio.to_thread.run_sync(_make_dir, user, path))
 
     async def move(
         self, request: MoveRequest, ctx: RequestContext[MoveRequest, MoveResponse]
     ) -> MoveResponse:
         with connect_errors():
-            user, source = self._target(ctx.request_headers, request.source)
+            user, source = await self._target(ctx.request_headers, request.source)
             destination = resolve(self._rt, user, request.destination)
             entry = await anyio.to_thread.run_sync(_move, user, source, destination)
             return MoveResponse(entry=entry)
@@ -116,7 +116,7 @@ class FilesystemService(Filesystem):
         self, request: RemoveRequest, ctx: RequestContext[RemoveRequest, RemoveResponse]
     ) -> RemoveResponse:
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             await anyio.to_thread.run_sync(_remove, user, path)
             return RemoveResponse()
 
@@ -126,7 +126,7 @@ class FilesystemService(Filesystem):
         """A `start` event once the watch is in place, then filesystem events, with a
         keepalive after every quiet interval (`Keepalive-Ping-Interval` seconds)."""
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             await anyio.to_thread.run_sync(_check_watchable, user, path)
             interval = _keepalive_interval(ctx.request_headers.get(KEEPALIVE_HEADER))
             async with self._rt.watchers.stream(
@@ -145,7 +145,7 @@ class FilesystemService(Filesystem):
         ctx: RequestContext[CreateWatcherRequest, CreateWatcherResponse],
     ) -> CreateWatcherResponse:
         with connect_errors():
-            user, path = self._target(ctx.request_headers, request.path)
+            user, path = await self._target(ctx.request_headers, request.path)
             await anyio.to_thread.run_sync(_check_watchable, user, path)
             watcher_id = await self._rt.watchers.create(
                 path, recursive=request.recursive, include_entry=request.include_entry

@@ -8,14 +8,12 @@ else the runtime's default workdir, else the user's home, else `/`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from typing import TYPE_CHECKING
 
-from nestbox.envd.errors import InvalidArgument
+from nestbox.envd.errors import InvalidArgument, UnknownUser
 from nestbox.envd.process.proc import ProcessSpec, PtySize
-from nestbox.envd.users import User, lookup_user, resolve_path
+from nestbox.envd.users import User, basic_auth_user, resolve_path, user_named
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -41,57 +39,28 @@ def keepalive_interval(headers: Mapping[str, str]) -> float:
     return max(value, MIN_KEEPALIVE_S)
 
 
-def user_from_authorization(value: str | None) -> str | None:
-    """The user name in `Basic base64("name:")`, or None if there is no Basic credential.
-
-    :raise InvalidArgument: the Basic credential is not valid base64 UTF-8.
-    """
-    if not value:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("malformed Basic Authorization header") from None
-    return decoded.partition(":")[0] or None
-
-
-def request_user_name(headers: Mapping[str, str], runtime: Runtime) -> str:
-    """The name of the user a request acts as.
+async def request_user(headers: Mapping[str, str], runtime: Runtime) -> User:
+    """The user a Start acts as (see the module docstring); NSS only off the loop.
 
     :raise InvalidArgument: a malformed Basic credential.
+    :raise UnknownUser, PermissionDenied: see `users.lookup_user`.
     """
-    return user_from_authorization(headers.get("authorization")) or runtime.defaults.user
+    try:
+        name = basic_auth_user(headers.get("authorization"))
+    except UnknownUser as err:
+        raise InvalidArgument(err.message) from None
+    return await user_named(name or runtime.defaults.user)
 
 
-def request_user(headers: Mapping[str, str], runtime: Runtime) -> User:
-    """The user a request acts as. Blocking (NSS look-up): call it from a worker thread.
-
-    :raise UnknownUser, PermissionDenied, InvalidArgument: see `users.lookup_user`.
-    """
-    return lookup_user(request_user_name(headers, runtime))
-
-
-def build_spec(
-    request: StartRequest,
-    headers: Mapping[str, str],
-    runtime: Runtime,
-    *,
-    user: User | None = None,
-) -> ProcessSpec:
-    """Validate a Start request for `user` (else the request's user, looked up: blocking).
-    With `user` given it does a `stat` or two (the working directory), no NSS look-up.
+def build_spec(request: StartRequest, runtime: Runtime, user: User) -> ProcessSpec:
+    """Validate a Start request for `user`: a `stat` or two (the working directory), no NSS.
 
     :raise InvalidArgument: no command, NUL bytes, a bad env name or `cwd`, a zero PTY size.
-    :raise UnknownUser: the user does not exist.
     """
     config = request.process
     if config is None or not config.cmd:
         raise InvalidArgument("process.cmd is required")
     _check_strings(config)
-    user = user or request_user(headers, runtime)
     env = {**runtime.base_env(), **user.login_env(), **config.envs}
     size = None
     if request.pty is not None:

@@ -19,15 +19,13 @@ import signal
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Literal
 
-import anyio.to_thread
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
 from nestbox.envd.errors import InvalidArgument, NotFound, connect_errors
 from nestbox.envd.process.fanout import EndInfo, Output, TooSlow
-from nestbox.envd.process.request import build_spec, keepalive_interval, request_user_name
-from nestbox.envd.users import cached_user, lookup_user
+from nestbox.envd.process.request import build_spec, keepalive_interval, request_user
 from nestbox.protocol.gen.process.process_connect import Process
 from nestbox.protocol.gen.process.process_pb import (
     CloseStdinResponse,
@@ -96,13 +94,8 @@ class ProcessService(Process):
     ) -> AsyncIterator[StartResponse]:
         headers = dict(ctx.request_headers)
         with connect_errors():
-            # On the loop unless the user must be looked up (NSS may read files or ask a
-            # directory): a hop to a worker thread per Start made 50 Starts at once in a TCG
-            # guest wait on each other (thread start-up, GIL hand-offs) longer than the host
-            # waits for a response head.
-            name = request_user_name(headers, self._runtime)
-            user = cached_user(name) or await anyio.to_thread.run_sync(lookup_user, name)
-            spec = build_spec(request, headers, self._runtime, user=user)
+            user = await request_user(headers, self._runtime)
+            spec = build_spec(request, self._runtime, user)
             proc, sub = await self._registry.start(spec)
         async with aclosing(_follow(proc, sub, keepalive_interval(headers))) as events:
             async for event in events:
