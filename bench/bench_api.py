@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import re
 import secrets
@@ -39,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -226,7 +228,8 @@ def bench_creates(stack: Stack, table: Table, profile: list[str], n: int,
         with concurrent_pool(concurrent) as pool:
             cp0, agent0 = programs_cpu(stack)
             t0 = time.monotonic()
-            tried = list(pool.map(one, clients))
+            with HostTimeline() as timeline:
+                tried = list(pool.map(one, clients))
             wall = time.monotonic() - t0
             cp1, agent1 = programs_cpu(stack)
     finally:
@@ -251,6 +254,7 @@ def bench_creates(stack: Stack, table: Table, profile: list[str], n: int,
     profile.append(f"  {concurrent} concurrent: {batch.total:.1f} CPU s in {wall:.1f} s wall = "
                    f"{batch.total / wall:.2f} of {cores} cores busy with the creates "
                    f"(load {loadavg()})")  # fmt: skip
+    profile.extend(timeline.lines(cores))
     table.add(f"{concurrent} concurrent creates (wall)", wall, concurrent * single,
               f"{concurrent} x the single create's p50 (target <= 0.6x); "
               f"{failed} of them failed")  # fmt: skip
@@ -262,6 +266,57 @@ def bench_creates(stack: Stack, table: Table, profile: list[str], n: int,
               "its wall time (CP + agent + its commands + QEMU)")  # fmt: skip
     table.add(f"  bound: {concurrent} x CPU / {cores} cores", concurrent * one_cpu.total / cores,
               concurrent * single, f"{concurrent} x the single create's p50")  # fmt: skip
+
+
+def host_jiffies() -> tuple[int, int, int]:
+    """All cores' busy, idle and iowait time so far, in clock ticks (`/proc/stat`; guest time
+    counts in user, so QEMU's vCPUs are busy)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal, idle, iowait
+
+
+class HostTimeline:
+    """The whole host's CPU (every process: the bench itself, earlier capsules' guests, kernel
+    threads) sampled every `every` s in a thread while the batch runs: where it was idle, and
+    whether it waited on the disk."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every = every
+        self.samples: list[tuple[float, tuple[int, int, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostTimeline:
+        self.samples.append((time.monotonic(), host_jiffies()))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic(), host_jiffies()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append((time.monotonic(), host_jiffies()))
+
+    def lines(self, cores: int) -> list[str]:
+        """One line for the whole batch, then one per sample: cores busy / idle / in iowait."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cell(
+            a: tuple[float, tuple[int, int, int]], b: tuple[float, tuple[int, int, int]]
+        ) -> str:
+            wall = max(b[0] - a[0], 1e-9)
+            busy, idle, iowait = ((y - x) / tick / wall for x, y in zip(a[1], b[1], strict=True))
+            return f"busy {busy:4.2f}  idle {idle:4.2f}  iowait {iowait:4.2f} of {cores} cores"
+
+        t0 = self.samples[0][0]
+        out = [f"  whole host over the batch: {cell(self.samples[0], self.samples[-1])}"]
+        for a, b in itertools.pairwise(self.samples):
+            out.append(f"    {a[0] - t0:5.1f}-{b[0] - t0:5.1f} s  {cell(a, b)}")
+        return out
 
 
 @contextlib.contextmanager
