@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import os
@@ -349,3 +350,58 @@ async def test_disk_full_answers_507_and_leaves_nothing(
         assert r.json()["error"]["code"] == "not_enough_space"
     assert names(small_tmpfs) == ["keep.txt"]
     assert (small_tmpfs / "keep.txt").read_bytes() == b"old"
+
+
+async def _head(reader: asyncio.StreamReader) -> dict[str, str]:
+    """A response head read off the wire: status line and headers (names lower-cased)."""
+    raw = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = raw.decode("latin-1").split("\r\n")[:-2]
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+    headers[":status"] = status.split()[1]
+    return headers
+
+
+def _open_fds(pid: int) -> set[str]:
+    """The files `pid` holds open (their targets)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(fd))
+    return out
+
+
+async def test_a_download_cut_short_closes_the_connection_and_the_file(
+    tmp_path: Path, envd: EnvdProcess
+) -> None:
+    """A file that shrinks under a download ends it early with the connection closed (never a
+    response that lies about its length and goes on); a client that leaves mid-download leaves
+    no file open in envd."""
+    path = tmp_path / "big.bin"
+    size = 64 * MiB
+    with path.open("wb") as f:
+        for chunk in pattern(size):
+            f.write(chunk)
+    before = _open_fds(envd.pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", envd.port, limit=MiB)
+    writer.write(f"GET /files?path={path} HTTP/1.1\r\nHost: envd\r\n\r\n".encode())
+    head = await _head(reader)
+    assert int(head["content-length"]) == size
+    await reader.readexactly(MiB)  # the download is under way, held up by our slow reading
+    os.truncate(path, 2 * MiB)
+    got = MiB
+    while chunk := await reader.read(MiB):
+        got += len(chunk)
+    assert got < size  # the end of the stream came before the promised length
+    writer.close()
+    await eventually(lambda: str(path) not in _open_fds(envd.pid), what="the file closed")
+
+    path.write_bytes(b"".join(pattern(size)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", envd.port, limit=MiB)
+    writer.write(f"GET /files?path={path} HTTP/1.1\r\nHost: envd\r\n\r\n".encode())
+    await _head(reader)
+    await reader.readexactly(MiB)
+    writer.transport.abort()  # gone mid-download
+    await eventually(lambda: _open_fds(envd.pid) <= before, what="the file closed, client gone")
+    async with httpx.AsyncClient(base_url=envd.url, timeout=60) as http:  # envd serves on
+        sha, n = await download_sha(http, path)
+    assert (sha, n) == (sha_of(pattern(size)), size)

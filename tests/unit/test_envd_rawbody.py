@@ -21,7 +21,15 @@ from nestbox.envd import files
 from nestbox.envd.conntrack import ConnTracker
 from nestbox.envd.filesystem.atomic import TEMP_PREFIX
 from nestbox.envd.filesystem.watch import WatcherRegistry
-from nestbox.envd.rawbody import CHUNK, EXTENSION, MIN_LENGTH, RawBody, _Framing, raw_body_protocol
+from nestbox.envd.rawbody import (
+    CHUNK,
+    EXTENSION,
+    MIN_LENGTH,
+    SENDFILE,
+    RawBody,
+    _Framing,
+    raw_body_protocol,
+)
 from nestbox.envd.settings import EnvdSettings
 from nestbox.envd.state import Runtime
 from tests.conftest import eventually
@@ -32,10 +40,12 @@ if TYPE_CHECKING:
 
 
 class Server:
-    def __init__(self, port: int, raw: list[bool]) -> None:
+    def __init__(self, port: int, raw: list[bool], sent: list[bool]) -> None:
         self.port = port
         self.raw = raw
         """For each upload, whether its body came through the raw path."""
+        self.sent = sent
+        """For each download, whether it was offered sendfile(2)."""
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
@@ -48,12 +58,17 @@ async def server() -> AsyncIterator[Server]:
                  watchers=WatcherRegistry(), tracker=none, ports=none)  # fmt: skip
     rt.defaults.user = pwd.getpwuid(os.geteuid()).pw_name
     raw: list[bool] = []
+    sent: list[bool] = []
 
     async def upload(request: Any) -> Any:
         raw.append(EXTENSION in request.scope.get("extensions", {}))
         return await files.upload(request)
 
-    app = Starlette(routes=[Route("/files", files.download, methods=["GET"]),
+    async def download(request: Any) -> Any:
+        sent.append(SENDFILE in request.scope.get("extensions", {}))
+        return await files.download(request)
+
+    app = Starlette(routes=[Route("/files", download, methods=["GET"]),
                             Route("/files", upload, methods=["POST"])])  # fmt: skip
     app.state.runtime = rt
     config = uvicorn.Config(app=app, http=raw_body_protocol(ConnTracker(), frozenset({"/files"})),
@@ -63,7 +78,7 @@ async def server() -> AsyncIterator[Server]:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await eventually(lambda: server.started, what="uvicorn started")
     try:
-        yield Server(sock.getsockname()[1], raw)
+        yield Server(sock.getsockname()[1], raw, sent)
     finally:
         server.should_exit = True
         await task
@@ -302,3 +317,23 @@ def test_framing_in_any_split(step: int) -> None:
     framing = _Framing(len(data))
     got, used = read_all(framing, data + b"NEXT", step)
     assert (got, used, framing.done()) == (data, len(data), True)
+
+
+async def test_downloads_are_sent_by_the_kernel_on_one_kept_connection(
+    server: Server, tmp_path: Path
+) -> None:
+    """sendfile(2) sends the file and h11 still counts it: the connection takes the next
+    request; a HEAD answers the length without a body."""
+    data = os.urandom(3 * CHUNK + 5)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    reader, writer = await server.connect()
+    for name, method in [("f", "GET"), ("empty", "GET"), ("f", "HEAD"), ("f", "GET")]:
+        writer.write(head(tmp_path / name, "", method=method))
+        if method == "HEAD":
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            continue
+        status, _, body = await response(reader)
+        assert (status, body) == (200, data if name == "f" else b"")
+    assert server.sent == [True, True, False, True]  # a HEAD has no body to send
+    await close(writer)

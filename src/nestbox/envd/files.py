@@ -1,7 +1,8 @@
 """`GET /files` (download) and `POST /files` (upload), streamed both ways.
 
-Neither direction holds a file in memory: downloads read `CHUNK` (1 MiB) at a time in a worker
-thread; uploads (multipart/form-data parts named `file`, or a raw `application/octet-stream`
+Neither direction holds a file in memory: downloads are sent by the kernel (sendfile(2), under
+envd's server: `rawbody.SendFile`) or else read `CHUNK` (1 MiB) at a time in a worker thread;
+uploads (multipart/form-data parts named `file`, or a raw `application/octet-stream`
 body, optionally `Content-Encoding: gzip`) are decoded and written as they arrive, up to `CHUNK`
 per worker-thread hop, to a hidden temporary file that is renamed over the target only when
 complete (see `filesystem.atomic`). Under envd's server a bulk body comes straight off the
@@ -32,6 +33,7 @@ from nestbox.envd.errors import EnvdError, InvalidArgument, os_error
 from nestbox.envd.filesystem.atomic import AtomicFile
 from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
 from nestbox.envd.rawbody import EXTENSION as RAW_BODY
+from nestbox.envd.rawbody import SENDFILE, SendFile
 from nestbox.envd.users import check_access
 from nestbox.protocol.envd import FileEntryView
 from nestbox.protocol.errors import ErrorBody, ErrorCode
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
     from starlette.requests import Request
+    from starlette.types import Receive, Scope, Send
 
     from nestbox.envd.state import Runtime
     from nestbox.envd.users import User
@@ -89,9 +92,33 @@ async def download(request: Request) -> Response:
     except OSError as err:
         return error_response(os_error(err, "download"))
     headers = {"Content-Length": str(size), "Content-Disposition": _attachment(path.name)}
+    sendfile = request.scope.get("extensions", {}).get(SENDFILE)
+    if sendfile is not None:
+        return _SentFile(fd, size, sendfile["send"], headers)
     return StreamingResponse(
         _read_chunks(fd, size), media_type="application/octet-stream", headers=headers
     )
+
+
+class _SentFile(Response):
+    """The first `size` bytes of `fd` (closed once sent), sent by the kernel."""
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, fd: int, size: int, send_file: SendFile, headers: dict[str, str]) -> None:
+        super().__init__(headers=headers)
+        self._fd, self._size, self._send_file = fd, size, send_file
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
+            await self._send_file(self._fd, 0, self._size)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientDisconnect:
+            return  # the connection is closed; nobody is listening
+        finally:
+            os.close(self._fd)
 
 
 def _open_regular(user: User, path: Path) -> tuple[int, int]:
