@@ -105,7 +105,14 @@ async def test_signed_webhook_deliveries(settings: CPSettings) -> None:
         assert got.json["resource"]["id"] == capsule
         assert got.json["team_id"] == ann.team_id
         assert got.headers["content-type"] == "application/json"
-        deliveries = (await c.client.get(f"/v1/channels/{cid_}/deliveries", headers=key)).json()
+
+        async def settled() -> list[dict[str, Any]] | None:
+            # The receiver has the request before the sender has recorded its answer.
+            r = await c.client.get(f"/v1/channels/{cid_}/deliveries", headers=key)
+            found: list[dict[str, Any]] = r.json()
+            return found if found and all(d["status"] != "pending" for d in found) else None
+
+        deliveries = await eventually(settled, what="the delivery's answer recorded")
         assert [(d["event"], d["status"], d["attempts"], d["response_status"])
                 for d in deliveries] == [("capsule.create", "delivered", 1, 200)]  # fmt: skip
         assert deliveries[0]["id"] == got.headers["x-wrenn-delivery"]
