@@ -17,7 +17,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from nestbox.envd import files
+from nestbox.envd import files, splice
 from nestbox.envd.conntrack import ConnTracker
 from nestbox.envd.filesystem.atomic import TEMP_PREFIX
 from nestbox.envd.filesystem.watch import WatcherRegistry
@@ -26,11 +26,11 @@ from nestbox.envd.rawbody import (
     EXTENSION,
     MIN_LENGTH,
     SENDFILE,
-    RawBody,
     _Framing,
     raw_body_protocol,
 )
 from nestbox.envd.settings import EnvdSettings
+from nestbox.envd.splice import Collector
 from nestbox.envd.state import Runtime
 from tests.conftest import eventually
 
@@ -46,13 +46,15 @@ class Server:
         """For each upload, whether its body came through the raw path."""
         self.sent = sent
         """For each download, whether it was offered sendfile(2)."""
+        self.spliced: list[int] = []
+        """For each upload body moved by splice(2), the bytes written."""
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[Server]:
+async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Server]:
     none = cast("Any", None)
     rt = Runtime(settings=EnvdSettings(), in_vm=False, processes=none,
                  watchers=WatcherRegistry(), tracker=none, ports=none)  # fmt: skip
@@ -78,7 +80,16 @@ async def server() -> AsyncIterator[Server]:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await eventually(lambda: server.started, what="uvicorn started")
     try:
-        yield Server(sock.getsockname()[1], raw, sent)
+        made = Server(sock.getsockname()[1], raw, sent)
+        splice_body = splice.splice_body
+
+        def counted(*args: Any) -> int:
+            written = splice_body(*args)
+            made.spliced.append(written)
+            return written
+
+        monkeypatch.setattr(splice, "splice_body", counted)
+        yield made
     finally:
         server.should_exit = True
         await task
@@ -144,6 +155,8 @@ async def test_chunked_upload_is_read_raw_and_the_connection_kept(
     assert status == 200, answer
     assert headers.get("connection") != "close"
     assert target.read_bytes() == data
+    assert len(server.spliced) == 1  # the kernel moved the body, framing read by peeking
+    assert 0 < server.spliced[0] <= len(data)
     # The same connection serves the next request.
     writer.write(head(target, "", method="GET"))
     status, _, got = await response(reader)
@@ -287,13 +300,7 @@ async def test_the_rest_of_a_body_answered_early_is_dropped_and_the_connection_k
 
 def read_all(framing: _Framing, wire: bytes, step: int) -> tuple[bytes, int]:
     """Feed `wire` `step` bytes at a time; (body bytes, wire bytes used)."""
-    got = bytearray()
-
-    class Sink(RawBody):
-        def add(self, piece: memoryview) -> None:
-            got.extend(piece)
-
-    sink, used = Sink(lambda: None, lambda: None), 0
+    sink, used = Collector(), 0
     while used < len(wire) and not framing.done():
         piece = memoryview(wire)[used : used + step]
         n = framing.feed(piece, sink)
@@ -301,7 +308,7 @@ def read_all(framing: _Framing, wire: bytes, step: int) -> tuple[bytes, int]:
         used += n
         if n < len(piece):
             break
-    return bytes(got), used
+    return b"".join(sink.pieces), used
 
 
 @pytest.mark.parametrize("step", [1, 2, 5, 1000, 10**6])

@@ -33,7 +33,7 @@ from nestbox.envd.errors import EnvdError, InvalidArgument, os_error
 from nestbox.envd.filesystem.atomic import AtomicFile
 from nestbox.envd.filesystem.paths import ensure_dirs, requested_user, resolve
 from nestbox.envd.rawbody import EXTENSION as RAW_BODY
-from nestbox.envd.rawbody import SENDFILE, SendFile
+from nestbox.envd.rawbody import SENDFILE, RawBody, SendFile
 from nestbox.envd.users import check_access
 from nestbox.protocol.envd import FileEntryView
 from nestbox.protocol.errors import ErrorBody, ErrorCode
@@ -173,7 +173,11 @@ async def upload(request: Request) -> Response:
     try:
         runtime, user = await _user(request)
         sink = _sink_for(request, runtime, user)
-        await _pump(body, sink, _Decoder(request.headers.get("content-encoding", "")))
+        decoder = _Decoder(request.headers.get("content-encoding", ""))
+        if isinstance(body, RawBody) and isinstance(sink, _RawSink) and decoder.identity:
+            await sink.take(body)  # the kernel moves the bytes (`splice`)
+        else:
+            await _pump(body, sink, decoder)
         done = True
     except ClientDisconnect:
         return Response(status_code=400)  # nobody is listening any more
@@ -243,6 +247,7 @@ class _Decoder:
         if encoding not in ("", "identity", "gzip", "x-gzip"):
             raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}")
         self._gzip = encoding in ("gzip", "x-gzip")
+        self.identity = not self._gzip
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._in_member = False  # inside a gzip member whose end we have not seen
 
@@ -337,6 +342,15 @@ class _RawSink:
         if self._file is None:
             self._file = self._open()
         _write(self._file, data)
+
+    async def take(self, body: RawBody) -> None:
+        """The whole body into the file by the kernel, then `finish`."""
+        self._file = await anyio.to_thread.run_sync(self._open)
+        try:
+            self._file.grew(await body.write_to(self._file.fileno()))
+        except OSError as err:
+            raise os_error(err, self._file.requested) from err
+        await anyio.to_thread.run_sync(self.finish)
 
     def finish(self) -> None:
         if self._file is None:  # an empty body is an empty file

@@ -31,18 +31,24 @@ dropped, as uvicorn does. Malformed framing answers 400 as uvicorn does for h11'
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import threading
 from typing import TYPE_CHECKING, ClassVar
 
+import anyio
 import h11
 from starlette.requests import ClientDisconnect
 
+from nestbox.envd import splice
 from nestbox.envd.conntrack import ConnTracker, TrackingH11Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from uvicorn.protocols.http.h11_impl import RequestResponseCycle
+
+    from nestbox.envd.splice import Collector
 
 EXTENSION = "nestbox.raw_body"
 """The ASGI scope extension holding the request's `RawBody`."""
@@ -58,9 +64,17 @@ HEAD_LIMIT = 16 * 1024
 """How far into a read a head's end is looked for (h11's limit on an incomplete head)."""
 TRAILER_LIMIT = 16 * 1024
 """The most trailer bytes taken (as h11 takes for a head)."""
+SPLICES_AT_ONCE = 4
+"""Uploads spliced at once, each in a worker thread of its own pool: a client that stalls
+mid-body holds one of these, never one of the threads the rest of envd needs."""
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head (its `blank_line_regex`)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?\r\n")
 _BAD = "Invalid HTTP request received."  # uvicorn's answer to a malformed request
+
+
+@functools.cache
+def _splice_limiter() -> anyio.CapacityLimiter:
+    return anyio.CapacityLimiter(SPLICES_AT_ONCE)
 
 
 class RawBody:
@@ -71,9 +85,15 @@ class RawBody:
     :raise ClientDisconnect: (from iterating) the connection closed or the framing was malformed.
     """
 
-    def __init__(self, resume: Callable[[], None], first_read: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        resume: Callable[[], None],
+        first_read: Callable[[], None],
+        splice: Callable[[list[memoryview], int], Awaitable[int]],
+    ) -> None:
         self._resume = resume
         self._first_read: Callable[[], None] | None = first_read
+        self._splice = splice
         self._pieces: list[memoryview] = []
         self._held = 0
         self._ended = False
@@ -111,6 +131,23 @@ class RawBody:
 
     def __aiter__(self) -> RawBody:
         return self
+
+    async def write_to(self, fd: int) -> int:
+        """The whole body (what is held, then the rest) written to `fd` by the kernel
+        (`splice.splice_body`), instead of iterating; returns the bytes written.
+
+        :raise ClientDisconnect: the connection closed or the framing was malformed.
+        :raise OSError: writing `fd` failed (ENOSPC included).
+        """
+        if self._first_read is not None:
+            first_read, self._first_read = self._first_read, None
+            first_read()
+        if self._failed:
+            raise ClientDisconnect
+        held, self._pieces, self._held = self._pieces, [], 0
+        if self._ended:  # all of it had arrived already
+            return await anyio.to_thread.run_sync(splice.write_all, fd, held)
+        return await self._splice(held, fd)
 
     async def __anext__(self) -> list[memoryview]:
         if self._first_read is not None:  # `Expect: 100-continue`: the client waits for this
@@ -202,7 +239,18 @@ class _Framing:
     def done(self) -> bool:
         return self._state == "done"
 
-    def feed(self, data: memoryview, body: RawBody) -> int:
+    def in_data(self) -> bool:
+        return self._state == "data"
+
+    def took(self, n: int) -> None:
+        """`n` bytes of the current run of data were moved past us (spliced)."""
+        assert self._state == "data"
+        assert 0 <= n <= self.remaining
+        self.remaining -= n
+        if not self.remaining:
+            self._state = "crlf" if self.chunked else "done"
+
+    def feed(self, data: memoryview, body: RawBody | Collector) -> int:
         """Hand `data`'s body bytes to `body`; returns how many bytes of `data` were used.
 
         :raise ValueError: malformed framing.
@@ -334,7 +382,7 @@ class RawBodyProtocol(TrackingH11Protocol):
                 return
             self.end_keep_alive()  # h11 will never see this body end
         self._framing = _Framing(length)
-        self._body = RawBody(self.flow.resume_reading, self._send_continue)
+        self._body = RawBody(self.flow.resume_reading, self._send_continue, self._splice_rest)
         scope.setdefault("extensions", {})[EXTENSION] = {"body": self._body}
 
     def _feed_body(self, view: memoryview) -> int:
@@ -359,6 +407,49 @@ class RawBodyProtocol(TrackingH11Protocol):
                 self.conn.receive_data(bytes(framing.trailer))
                 self.handle_events()
         return used
+
+    async def _splice_rest(self, held: list[memoryview], fd: int) -> int:
+        """`RawBody.write_to`: reading paused, `held` and the rest of the body go to `fd` from
+        a worker thread (`splice.splice_body`); then the request ends for h11 as in
+        `_feed_body`, and reading resumes."""
+        framing, body = self._framing, self._body
+        assert framing is not None
+        assert body is not None
+        self.flow.pause_reading()
+        sock_fd = self.transport.get_extra_info("socket").fileno()
+        stop, finished = threading.Event(), threading.Event()
+
+        def work() -> int:
+            try:
+                return splice.splice_body(sock_fd, framing, held, fd, stop)
+            finally:
+                finished.set()
+
+        try:
+            written = await anyio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=_splice_limiter()
+            )
+        except OSError:  # the file's (ENOSPC, ...): the framing is whole, the rest can be
+            raise  # read and dropped as for any early answer (reading resumes when it is)
+        except BaseException as err:
+            stop.set()  # a cancelled wait leaves the thread running: it must stop touching fd
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
+            body.fail()
+            if isinstance(err, ValueError):  # malformed framing
+                self._bad_request()
+                raise ClientDisconnect from err
+            if isinstance(err, splice.ClientGone):
+                self.transport.close()
+                raise ClientDisconnect from err
+            raise
+        body.end()
+        if framing.chunked:  # h11 completes the request, and may take the next one
+            self._framing = self._body = None
+            self.conn.receive_data(bytes(framing.trailer))
+            self.handle_events()
+        self.flow.resume_reading()
+        return written
 
     def _bad_request(self) -> None:
         cycle = self.cycle

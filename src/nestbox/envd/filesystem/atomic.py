@@ -56,6 +56,15 @@ class AtomicFile:
             view = view[n:]
             self.size += n
 
+    def fileno(self) -> int:
+        """The temporary file's descriptor, for writes made elsewhere (`grew` counts them)."""
+        assert self._fd is not None, "fileno after commit or abort"
+        return self._fd
+
+    def grew(self, n: int) -> None:
+        """`n` more bytes were written at `fileno()`'s position by someone else (splice)."""
+        self.size += n
+
     def commit(self) -> None:
         """Rename the finished file over the target, keeping the target's mode if it existed."""
         assert self._fd is not None, "commit after commit or abort"
