@@ -108,3 +108,25 @@ async def test_a_new_host_name_reaches_etc_hosts_before_the_first_use_only(
         await c.get("/files", params={"path": str(hosts), "username": me})
     assert fake.calls.count(("pin_in_hosts", "cl-new")) == 1
     assert rt.hosts_pin is None
+
+
+async def test_only_requests_that_may_start_a_program_keep_the_port_scanner_busy(
+    tmp_path: Path,
+) -> None:
+    """A create's `/init`, health and metrics probes and refused requests leave the scanner
+    idle (each new capsule scanned every second for a minute); a request that may start a
+    program (here: reading a file) wakes it."""
+    marks: list[str] = []
+    rt = runtime(tmp_path)
+    rt.ports = cast(Any, SimpleNamespace(activity=lambda: marks.append("active")))
+    async with client(rt) as c:
+        assert (await c.post("/init", json={"accessToken": "t0ken"})).status_code == 204
+        for path in ("/health", "/metrics", "/envs"):
+            await c.get(path, headers={"X-Access-Token": "t0ken"})
+        assert (await c.get("/files", params={"path": "/etc/hostname"})).status_code == 401
+        assert marks == []
+        r = await c.get(
+            "/files", params={"path": str(tmp_path)}, headers={"X-Access-Token": "t0ken"}
+        )
+        assert r.status_code == 400  # a directory: refused, but the request was the user's
+    assert marks == ["active"]

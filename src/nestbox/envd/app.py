@@ -115,7 +115,6 @@ class EnvdApp:
         if scope["type"] != "http":  # uvicorn runs with ws="none"; refuse whatever else comes
             await send({"type": "websocket.close", "code": 1008})
             return
-        self.runtime.ports.activity()  # the port scanner's short period (`ports.py`)
         path: str = scope["path"]
         if not self._authorised(scope) and (scope["method"], path) not in OPEN:
             if scope["method"] == "OPTIONS":
@@ -123,6 +122,11 @@ class EnvdApp:
             else:
                 await _deny(scope, receive, send)
             return
+        if path not in lifecycle.NO_GUEST_USE:
+            # The port scanner's short period (`ports.py`): only for requests that may start
+            # a program. A create's `/init`, health and metrics probes kept each new capsule
+            # scanning every second for a minute (10-20 ms of TCG guest CPU a second each).
+            self.runtime.ports.activity()
         lifecycle.pin_hostname(self.runtime, path)  # a clone's new host name, before any use
         for prefix, app in self.rpc.items():
             if path.startswith(prefix):

@@ -2,8 +2,9 @@
 reach them: a scanner reads /proc/net/tcp{,6} every interval and keeps one `socat` per loopback
 listener, bound to the forward address (the guest's eth0 IPv4 in a VM).
 
-The interval is `scan_interval` (1 s) while envd is in use (a request within the last
-`active_s`, 60 s: envd calls `activity()` for each). After that the scanner sleeps until the
+The interval is `scan_interval` (1 s) while envd is in use (an authorised request that may
+start a program within the last `active_s`, 60 s: envd calls `activity()` for each; `/init`,
+`/health`, `/metrics` and the like do not count, `lifecycle.NO_GUEST_USE`). After that the scanner sleeps until the
 next request (`idle_interval` 0, the default) or polls every `idle_interval` seconds: an idle
 guest that wakes for nothing costs the host nothing, and a 5 s scan was most of what an idle
 capsule cost beyond a bare guest (`make bench-density`: envd SIGSTOPped, a capsule cost what the
