@@ -4,13 +4,14 @@ listener, bound to the forward address (the guest's eth0 IPv4 in a VM).
 
 The interval is `scan_interval` (1 s) while envd is in use (an authorised request that may
 start a program within the last `active_s`, 60 s: envd calls `activity()` for each; `/init`,
-`/health`, `/metrics` and the like do not count, `lifecycle.NO_GUEST_USE`). After that the scanner sleeps until the
-next request (`idle_interval` 0, the default) or polls every `idle_interval` seconds: an idle
-guest that wakes for nothing costs the host nothing, and a 5 s scan was most of what an idle
-capsule cost beyond a bare guest (`make bench-density`: envd SIGSTOPped, a capsule cost what the
-bare guest did). A server that starts listening on loopback while envd is idle is found by the
-first request, or by `scan_now()` (`POST /ports/scan`), which the host's port proxy sends when a
-dial into the capsule is refused: it scans, waits until each new socat listens, and answers.
+`/health`, `/metrics` and the like do not count, `lifecycle.NO_GUEST_USE`). After that the
+scanner sleeps until the next such request (`idle_interval` 0, the default) or polls every
+`idle_interval` seconds: an idle guest that wakes for nothing costs the host nothing, and a 5 s
+scan was most of what an idle capsule cost beyond a bare guest (`make bench-density`: envd
+SIGSTOPped, a capsule cost what the bare guest did). A server that starts listening on loopback
+while envd is idle is found by the first such request, or by `scan_now()` (`POST /ports/scan`),
+which the host's port proxy sends when a dial into the capsule is refused: it scans, waits until
+each new socat listens, and answers.
 
 The subsystem stops before a snapshot (no socat survives into the memory image) and restarts on
 post-restore recovery. It never touches envd's HTTP connections (that is `conntrack.py`).
