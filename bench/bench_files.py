@@ -11,8 +11,9 @@ side by side in one run (root; a real control plane, agent and TCG guest).
                 client stream / server stream) -> envd `/files` -> the guest's disk.
 
 The breakdown measures the same transfer at each hop, so the gaps between them say where the
-time goes: raw TCP into a file in the guest (the guest's disk under TCG), envd's `/files`
-straight from the host (envd's HTTP and write path), the agent's `WriteFileStream` /
+time goes: raw TCP into a file in the guest (the guest's disk under TCG: received and written by
+the stdlib server, and spliced socket -> pipe -> file, the kernel alone, as envd does), envd's
+`/files` straight from the host (envd's HTTP and write path), the agent's `WriteFileStream` /
 `ReadFileStream` (the agent's relay and its Connect messages), the control plane's route (its
 multipart parsing and its Connect client). Each cell also gives the CPU seconds the control
 plane, the agent and the guest's QEMU (the guest's whole work, under TCG) spent on the transfer:
@@ -71,7 +72,7 @@ GUEST_DIR = "/root/bench"
 TARGET_RATIO, RSS_LIMIT_MIB = 0.5, 64
 
 RAW_SERVER = r"""
-import os, socket, sys
+import fcntl, os, socket, sys
 buf = bytearray(1 << 20)
 out = memoryview(bytes(1 << 20))
 srv = socket.socket()
@@ -86,7 +87,22 @@ while True:
             head += conn.recv(1)
         verb, n, *path = head.decode().split()
         n = int(n)
-        if verb in ("W", "F"):
+        if verb == "S":  # spliced socket -> pipe -> file: what the guest's kernel alone does
+            fd = os.open(path[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            r, w = os.pipe()
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+            while n:
+                got = os.splice(conn.fileno(), w, min(n, 1 << 20))
+                if not got:
+                    break
+                left = got
+                while left:
+                    left -= os.splice(r, fd, left)
+                n -= got
+            for x in (fd, r, w):
+                os.close(x)
+            conn.sendall(b"OK\n")
+        elif verb in ("W", "F"):
             f = open(path[0], "wb") if verb == "F" else None
             view = memoryview(buf)
             while n:
@@ -176,9 +192,11 @@ def payload() -> Iterator[memoryview]:
 # ── the hops, each one transfer of SIZE bytes ─────────────────────────────────────────────
 
 
-def raw_up(address: str, path: str | None = None) -> None:
+def raw_up(address: str, path: str | None = None, verb: str = "F") -> None:
+    """`SIZE` bytes into the raw server: dropped, or into the file `path` (`verb` F: received
+    and written; S: spliced)."""
     with connect_raw(address) as s:
-        s.sendall(f"F {SIZE} {path}\n".encode() if path else f"W {SIZE}\n".encode())
+        s.sendall(f"{verb} {SIZE} {path}\n".encode() if path else f"W {SIZE}\n".encode())
         for chunk in payload():
             s.sendall(chunk)
         assert s.recv(3) == b"OK\n"
@@ -359,6 +377,7 @@ def measure(stack: Stack, capsule_id: str, rounds: int) -> Figures:
         ("raw TCP", lambda: timed(lambda: raw_up(address)),
          lambda: timed(lambda: raw_down(address))),
         ("raw TCP to a file", lambda: timed(lambda: raw_up(address, f)), lambda: 0.0),
+        ("raw TCP spliced", lambda: timed(lambda: raw_up(address, f, "S")), lambda: 0.0),
         ("envd /files", lambda: timed(lambda: envd_up(address, token, f)),
          lambda: timed(lambda: envd_down(address, token, f))),
         ("agent RPC", lambda: timed(lambda: agent_up(stack, capsule_id, f)),
@@ -410,7 +429,8 @@ def report(figures: Figures, load_before: str) -> str:
         "",
         f"breakdown: the same {SIZE // MIB} MiB at each hop (MiB/s, median; % of raw TCP)",
     ]
-    for hop in ("raw TCP", "raw TCP to a file", "envd /files", "agent RPC", "api"):
+    for hop in ("raw TCP", "raw TCP to a file", "raw TCP spliced", "envd /files", "agent RPC",
+                "api"):  # fmt: skip
         cells = []
         for way, raw in (("up", raw_up_rate), ("down", raw_down_rate)):
             if (hop, way) in figures.seconds:
