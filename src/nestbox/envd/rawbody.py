@@ -210,9 +210,10 @@ class SendFile:
         try:
             for part in parts:
                 if part is span:
+                    # (where the kernel cannot, asyncio reads and writes the file itself)
                     with open(fd, "rb", closefd=False) as file:  # noqa: ASYNC230 (no I/O here)
                         sent = await asyncio.get_running_loop().sendfile(
-                            proto.transport, file, offset, count, fallback=False
+                            proto.transport, file, offset, count, fallback=True
                         )
                 else:
                     proto.transport.write(part)  # type: ignore[arg-type]
