@@ -344,3 +344,25 @@ async def test_downloads_are_sent_by_the_kernel_on_one_kept_connection(
         assert (status, body) == (200, data if name == "f" else b"")
     assert server.sent == [True, True, False, True]  # a HEAD has no body to send
     await close(writer)
+
+
+async def test_more_uploads_at_once_than_splice_threads_all_finish(
+    server: Server, tmp_path: Path
+) -> None:
+    """Six bodies stalled mid-way: four hold the splice threads, two wait for one; once the
+    clients send the rest, every upload completes."""
+    data = [os.urandom(200_000 + i) for i in range(6)]
+    conns = [await server.connect() for _ in data]
+    for i, ((_, writer), body) in enumerate(zip(conns, data, strict=True)):
+        writer.write(head(tmp_path / f"f{i}", "Transfer-Encoding: chunked\r\n"))
+        writer.write(b"%x\r\n" % len(body) + body[:1000])
+        await writer.drain()
+    await eventually(lambda: len(list(tmp_path.glob(f"{TEMP_PREFIX}*"))) == 6, what="6 uploads")
+    for (_, writer), body in zip(conns, data, strict=True):
+        writer.write(body[1000:] + b"\r\n0\r\n\r\n")
+    for i, (reader, writer) in enumerate(conns):
+        status, _, answer = await response(reader)
+        assert status == 200, answer
+        assert (tmp_path / f"f{i}").read_bytes() == data[i]
+        await close(writer)
+    assert len(server.spliced) == 6

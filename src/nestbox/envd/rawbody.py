@@ -31,9 +31,9 @@ dropped, as uvicorn does. Malformed framing answers 400 as uvicorn does for h11'
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import threading
+import weakref
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -72,9 +72,18 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?\r\n")
 _BAD = "Invalid HTTP request received."  # uvicorn's answer to a malformed request
 
 
-@functools.cache
+_splice_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _splice_limiter() -> anyio.CapacityLimiter:
-    return anyio.CapacityLimiter(SPLICES_AT_ONCE)
+    """The running loop's (a limiter's waiters belong to the loop they wait on)."""
+    loop = asyncio.get_running_loop()
+    limiter = _splice_limiters.get(loop)
+    if limiter is None:
+        limiter = _splice_limiters[loop] = anyio.CapacityLimiter(SPLICES_AT_ONCE)
+    return limiter
 
 
 class RawBody:
