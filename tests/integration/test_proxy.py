@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from nestbox.hostagent.proxy import PortProxy
-from tests.conftest import free_port
+from tests.conftest import HANG_S, free_port
 from tests.fakes.targets import FakeTargets
 from tests.integration.asgi_server import LOOPBACK, serve
 
@@ -216,7 +216,7 @@ async def test_client_disconnect_stops_the_upstream_stream(
     async with client.stream("GET", f"/proxy/cl-a/{port}/endless") as response:
         async for _ in response.aiter_raw():
             break
-    with anyio.fail_after(10):
+    with anyio.fail_after(HANG_S):
         await up.stream_closed.wait()
 
 
@@ -307,7 +307,7 @@ async def test_503_while_draining(
             results.append((await client.get(f"/proxy/cl-a/{port}/slow")).text)
 
         tg.start_soon(in_flight)
-        with anyio.fail_after(10):
+        with anyio.fail_after(HANG_S):
             while tracker.statistics().active == 0:  # noqa: ASYNC110 (the state has no event to wait on)
                 await anyio.sleep(0.01)
 
@@ -315,7 +315,7 @@ async def test_503_while_draining(
             results.append(await tracker.drain(timeout_s=10))
 
         tg.start_soon(drain)
-        with anyio.fail_after(10):
+        with anyio.fail_after(HANG_S):
             while not tracker.statistics().draining:  # noqa: ASYNC110 (the state has no event to wait on)
                 await anyio.sleep(0.01)
         refused = await client.get(f"/proxy/cl-a/{port}/echo/x")
@@ -390,7 +390,7 @@ async def test_websocket_echo_and_close_both_ways(proxy: tuple[PortProxy, str]) 
             await ws.send("ping")
             assert await ws.recv() == "ping"
             await ws.close(4002, "client done")
-        with anyio.fail_after(5):
+        with anyio.fail_after(HANG_S):
             while (4002, "client done") not in closes:  # noqa: ASYNC110 (the state has no event to wait on)
                 await anyio.sleep(0.01)
 

@@ -42,7 +42,7 @@ from nestbox.protocol.hosts import (
     HostStatus,
     HostView,
 )
-from tests.conftest import free_port
+from tests.conftest import HANG_S, free_port
 from tests.integration.asgi_server import LOOPBACK, serve
 
 MACHINE = MachineInfo(arch="x86_64", cpu_cores=4, memory_mb=8192, disk_gb=100)
@@ -143,7 +143,7 @@ async def fixed_load() -> HeartbeatRequest:
 
 
 async def wait_for_beats(fake: FakeControlPlane, count: int) -> None:
-    with anyio.fail_after(10):
+    with anyio.fail_after(HANG_S):
         while len(fake.heartbeats) < count:  # noqa: ASYNC110 (the state has no event to wait on)
             await anyio.sleep(0.01)
 
@@ -245,7 +245,7 @@ async def test_heartbeats_retry_quietly_through_an_outage(
     caplog.set_level(logging.DEBUG, logger="nestbox.hostagent.registration")
     async with anyio.create_task_group() as tg:
         await tg.start(heartbeat_loop, creds, 0.02, fixed_load)
-        with anyio.fail_after(10):
+        with anyio.fail_after(HANG_S):
             while sum("heartbeat to" in r.message for r in caplog.records) < 4:  # noqa: ASYNC110 (the state has no event to wait on)
                 await anyio.sleep(0.01)
         async with serve(fake.app, port):

@@ -22,7 +22,7 @@ from nestbox.controlplane.app import create_app
 from nestbox.controlplane.db import Database
 from nestbox.controlplane.services.bootstrap import bootstrap_admin
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
-from tests.conftest import eventually
+from tests.conftest import HANG_S, eventually
 from tests.fakes.agent import event, serve_fake_agent
 from tests.integration.cp.cluster import LOAD, Cluster, cluster
 from tests.integration.cp.harness import RunningCP, running, signup
@@ -270,10 +270,10 @@ async def test_cancel_mid_run(settings: CPSettings) -> None:
         made = await submit(c, recipe=["RUN sleep 1000"])
         await eventually(lambda: agent.stream_requests, what="the RUN started")
         assert len(agent.capsules) == 1
-        with anyio.fail_after(5):
+        with anyio.fail_after(HANG_S):
             r = await c.client.post(f"{BUILDS}/{made['id']}/cancel", headers=c.admin)
             assert r.status_code == 200, r.text
-            build = await finished(c, made["id"], within=5)
+            build = await finished(c, made["id"], within=HANG_S)
         assert (build["status"], build["error"]) == ("cancelled", "cancelled")
         [entry] = build["logs"]  # the step cut short, with its output so far
         assert (entry["ok"], entry["exit"], entry["stdout"]) == (False, None, "working\n")

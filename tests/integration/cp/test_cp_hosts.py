@@ -13,6 +13,7 @@ from sqlalchemy import select
 from nestbox.controlplane.db.models import HostRow, HostTokenRow
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.hosts import HOST_TOKEN_HEADER
+from tests.conftest import HANG_S
 from tests.integration.cp.cluster import cluster
 
 pytestmark = pytest.mark.postgres  # touches database behaviour (CONTRIBUTING.md)
@@ -152,7 +153,7 @@ async def test_silent_host_makes_capsules_missing(settings: CPSettings) -> None:
         await c.client.post(f"/v1/capsules/{paused}/pause", headers=key)
         silent_holds_paused = paused in silent.agent.capsules
 
-        with anyio.fail_after(10):
+        with anyio.fail_after(HANG_S):
             while True:
                 await c.heartbeat(alive)  # the other host keeps beating
                 r = await c.client.get(f"/v1/capsules/{cid}", headers=key)
@@ -224,7 +225,7 @@ async def test_heartbeat_counts_that_disagree_trigger_a_reconcile(settings: CPSe
         cid = (await c.create(key))["id"]
         host.agent.auto_pause(cid)  # e.g. the agent paused everything as it stopped
         await c.heartbeat(host)  # reports 0 running, 1 paused; the database says 1 running
-        with anyio.fail_after(10):
+        with anyio.fail_after(HANG_S):
             while True:
                 r = await c.client.get(f"/v1/capsules/{cid}", headers=key)
                 if r.json()["status"] == "paused":

@@ -17,6 +17,7 @@ from nestbox.controlplane.app import create_app
 from nestbox.controlplane.db.models import CapsuleRow, HostRow
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from tests.conftest import HANG_S
 from tests.integration.cp.cluster import Cluster, cluster
 from tests.integration.cp.harness import running
 
@@ -122,6 +123,6 @@ async def test_a_starting_control_plane_settles_at_once(settings: CPSettings) ->
         later = settings.model_copy(update={"reconcile_interval_s": 3600})
         async with running(create_app(later)):  # a second control plane on the same database
             # The row is in the database the other app writes: nothing to wait on but it.
-            with anyio.fail_after(10):
+            with anyio.fail_after(HANG_S):
                 while await _status(c, cid) != "paused":  # noqa: ASYNC110
                     await anyio.sleep(0.05)

@@ -12,6 +12,7 @@ import pytest
 
 from nestbox.controlplane.settings import CPSettings
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from tests.conftest import HANG_S
 from tests.integration.cp.cluster import cluster
 from tests.integration.cp.harness import Account, signup
 
@@ -118,7 +119,7 @@ async def test_a_create_finishing_after_the_deletion_leaves_no_vm(settings: CPSe
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(make)
-            with anyio.fail_after(60):  # a bound for a hang only (loaded CI: seconds)
+            with anyio.fail_after(HANG_S):
                 while not entered.is_set():
                     assert not answers, f"answered before the agent was asked: {answers[0].text}"
                     await anyio.sleep(0.02)

@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from nestbox.hostagent.network import plan_slot
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
+from tests.conftest import HANG_S
 from tests.integration.vm.agent_process import HEADER_TIMEOUT_S, agent_leftovers, reset_agent
 from tests.integration.vm.conftest import qemu_pids
 
@@ -208,7 +209,7 @@ async def test_zombie_connections_do_not_delay_exec_after_resume(agent: AgentPro
         assert (await anext(stream)).event.event.field == "started"
         assert (await anext(stream)).event.event.field == "stdout"
         await rpc.pause_capsule(pb.PauseCapsuleRequest(capsule_id=cid))
-        with anyio.fail_after(10), pytest.raises(ConnectError) as cut:
+        with anyio.fail_after(HANG_S), pytest.raises(ConnectError) as cut:
             async for _ in stream:
                 pass
         assert "paused" in cut.value.message
