@@ -308,13 +308,18 @@ async def _events(c: Cluster, build_id: str, seen: list[dict[str, Any]],
                     return
 
 
-async def test_the_event_stream_shows_output_before_the_step_ends(settings: CPSettings) -> None:
+@pytest.mark.parametrize("late", [False, True], ids=["subscribed-early", "subscribed-late"])
+async def test_the_event_stream_shows_output_before_the_step_ends(
+    settings: CPSettings, late: bool
+) -> None:
     async with cluster(quick(settings)) as c:
         agent = c.hosts[0].agent
         guest(agent)
         gate, opened = anyio.Event(), anyio.Event()
         agent.stream_hook = stream(b"half", b" way\nsecond ", gate=gate, start=opened)
         made = await submit(c, recipe=["RUN ./long-step"])
+        if late:  # the worker began the step (its exec was asked for) before the stream opens
+            await eventually(lambda: agent.stream_requests, what="the step's exec")
         seen: list[dict[str, Any]] = []
         step_output = anyio.Event()
         with anyio.fail_after(30):
@@ -331,10 +336,13 @@ async def test_the_event_stream_shows_output_before_the_step_ends(settings: CPSe
         # `step_start` reaches the stream only when it subscribed before the worker began the
         # step (the worker may be first: then the opening `build` view shows it running, no
         # step done yet).
+        if late:
+            assert "step_start" not in kinds
         if "step_start" in kinds:
             assert kinds.index("step_start") < kinds.index("output")
         else:
-            assert (seen[0]["status"], seen[0]["current_step"]) == ("running", 0), seen[0]
+            opening = seen[0]["build"]  # the BuildView
+            assert (opening["status"], opening["current_step"]) == ("running", 0), seen[0]
         lines = [d["line"] for d in seen if d["type"] == "output"]
         assert lines == ["half way", "second "]
         end = next(d for d in seen if d["type"] == "step_end")
