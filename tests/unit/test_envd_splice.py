@@ -92,3 +92,19 @@ def test_malformed_framing_raises(
     theirs.sendall(b"zz\r\nhello\r\n")
     with (tmp_path / "f").open("wb") as f, pytest.raises(ValueError, match="chunk size"):
         splice_body(ours.fileno(), _Framing(None), [], f.fileno(), threading.Event())
+
+
+def test_size_lines_and_trailers_longer_than_a_peek(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    ours, theirs = pair
+    data = os.urandom(5000)
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 90) for i in range(40))
+    wire = b"1388;" + b"e" * 1500 + b"\r\n" + data + b"\r\n0\r\n" + trailers + b"\r\nNEXT"
+    theirs.sendall(wire)
+    framing = _Framing(None)
+    with (tmp_path / "f").open("wb") as f:
+        assert splice_body(ours.fileno(), framing, [], f.fileno(), threading.Event()) == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+    assert len(framing.trailer) > 3000  # every trailer line, for h11
+    assert ours.recv(10) == b"NEXT"

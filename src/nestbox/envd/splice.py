@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 PIPE_SIZE = 1024 * 1024
 """The pipe's capacity asked for (the kernel's `pipe-max-size` default): one splice moves up to
 this much."""
-PEEK = 64 * 1024
-"""Bytes peeked at a time when the framing is not inside a run of data."""
+PEEK = 512
+"""Bytes peeked at a time when the framing is not inside a run of data: enough for a chunk's
+end and the next size line, so little data goes the slow way (peeked, read, written: three
+copies); a longer size line or trailer takes a few more peeks."""
+WAKE_AT = 256 * 1024
+"""Inside a run of data, the thread wakes once this much is queued (`SO_RCVLOWAT`): fewer,
+larger splices; each wake-up costs the guest the same whatever it moves."""
 POLL_MS = 250
 """How often the thread looks at its stop flag while the client sends nothing."""
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -87,9 +92,16 @@ def splice_body(
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
         poller = select.poll()
         poller.register(sock_fd, select.POLLIN | select.POLLRDHUP)
+        lowat = 1
         while not framing.done():
             if stop.is_set():
                 raise ClientGone
+            # Wake for a batch, not for every segment: at most what the current run still
+            # needs, so the run's last bytes always wake us (the end of a body never waits).
+            want = min(framing.remaining, WAKE_AT) if framing.in_data() else 1
+            if want != lowat:
+                peeker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                lowat = want
             if not poller.poll(POLL_MS):
                 continue
             if framing.in_data():
@@ -100,6 +112,9 @@ def splice_body(
             else:
                 written += _take_framing(peeker, framing, out_fd)
     finally:
+        if lowat != 1:  # the socket is the connection's: leave it as the loop expects
+            with contextlib.suppress(OSError):
+                peeker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         peeker.close()  # the duplicate only: the connection stays open
         os.close(read_fd)
         os.close(write_fd)
