@@ -100,8 +100,11 @@ def splice_body(
             # needs, so the run's last bytes always wake us (the end of a body never waits).
             want = min(framing.remaining, WAKE_AT) if framing.in_data() else 1
             if want != lowat:
-                peeker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                lowat = want
+                try:
+                    peeker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    lowat = want
+                except OSError:  # a socket without it: a wake-up per segment, as before
+                    pass
             if not poller.poll(POLL_MS):
                 continue
             if framing.in_data():
