@@ -3,8 +3,9 @@
 In a TCG guest every byte copied costs emulated instructions: receiving into a buffer and
 writing it out (two copies, Python between them) got about a third of the TCP rate into the
 guest, splicing socket -> pipe -> file about half (`make bench-files`). `splice_body` runs in a
-worker thread, on a connection whose reading the event loop has paused: it polls the socket,
-splices each run of body bytes through a pipe into the file, and reads the framing between runs
+worker thread, on a connection whose reading the event loop has paused: it polls the socket
+(woken once `WAKE_AT` bytes are queued, `SO_RCVLOWAT`), splices each run of body bytes through a
+pipe into the file, and reads the framing between runs
 (a chunked body's size lines, its trailers) by peeking, taking from the socket exactly the bytes
 the framing used, so nothing after the body (a pipelined request) is read.
 """
