@@ -8,7 +8,7 @@ import io
 import stat
 import struct
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import anyio
 import pytest
@@ -18,9 +18,6 @@ from nestbox.hostagent.image.commands import run
 from nestbox.hostagent.image.errors import ImageBuildError
 from nestbox.hostagent.image.progress import Progress
 from tests.conftest import eventually
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 # --- kernel command line ------------------------------------------------------------------
 
@@ -260,9 +257,21 @@ async def test_cancelling_run_stops_the_process(tmp_path: Path) -> None:
         tg.start_soon(run, [sys.executable, "-c", code])
         # Cancelled once the child runs (it wrote its pid), however long it took to start.
         text = await eventually(lambda: pidfile.exists() and pidfile.read_text(), what="the pid")
+        started = _start_time(int(text))
+        assert started is not None
         tg.cancel_scope.cancel()
-    pid = int(text)
-    assert not await anyio.Path(f"/proc/{pid}").exists()
+    # A cancel that lands while asyncio still connects the pipes kills the child there, and it
+    # is reaped a moment later: gone soon (or its pid taken by another process since).
+    await eventually(lambda: _start_time(int(text)) != started, what="the process gone")
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of the process (or thread) `pid` now, None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 # --- progress -----------------------------------------------------------------------------
