@@ -247,9 +247,13 @@ class _Decoder:
         if encoding not in ("", "identity", "gzip", "x-gzip"):
             raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}")
         self._gzip = encoding in ("gzip", "x-gzip")
-        self.identity = not self._gzip
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._in_member = False  # inside a gzip member whose end we have not seen
+
+    @property
+    def identity(self) -> bool:
+        """Bytes pass as they are (they may go to the file without Python: `splice`)."""
+        return not self._gzip
 
     def feed(self, data: Chunk) -> Iterator[Chunk]:
         if not self._gzip:

@@ -5,9 +5,9 @@ writing it out (two copies, Python between them) got about a third of the TCP ra
 guest, splicing socket -> pipe -> file about half (`make bench-files`). `splice_body` runs in a
 worker thread, on a connection whose reading the event loop has paused: it polls the socket
 (woken once `WAKE_AT` bytes are queued, `SO_RCVLOWAT`), splices each run of body bytes through a
-pipe into the file, and reads the framing between runs
-(a chunked body's size lines, its trailers) by peeking, taking from the socket exactly the bytes
-the framing used, so nothing after the body (a pipelined request) is read.
+pipe into the file, and reads the framing between runs (a chunked body's size lines, its
+trailers) by peeking, taking from the socket exactly the bytes the framing used, so nothing after
+the body (a pipelined request) is read.
 """
 
 from __future__ import annotations
