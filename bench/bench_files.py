@@ -17,9 +17,11 @@ the stdlib server, and spliced socket -> pipe -> file, the kernel alone, as envd
 `ReadFileStream` (the agent's relay and its Connect messages), the control plane's route (its
 multipart parsing and its Connect client). Each cell also gives the CPU seconds the control
 plane, the agent and the guest's QEMU (the guest's whole work, under TCG) spent on the transfer:
-on a loaded machine they vary far less than the rates. The control plane's and the agent's RSS
-growth (peak, VmHWM reset before each transfer) is printed for the public route; the target is
-< 64 MiB.
+on a loaded machine they vary far less than the rates; and `vcpu`, the share of the transfer's
+time the QEMU's busiest thread (the guest's one vCPU) ran: near 100%, the guest's own work is
+what bounds that hop, and every byte of guest work a hop adds lowers its rate. The control
+plane's and the agent's RSS growth (peak, VmHWM reset before each transfer) is printed for the
+public route; the target is < 64 MiB.
 
 The stack is the end-to-end tier's (`tests/e2e/stack.py`, its pytest fixtures: one `minimal`
 template cold boot, a control plane on SQLite, one agent), so this script runs itself under
@@ -131,7 +133,9 @@ class Figures:
         self.rss: dict[tuple[str, str], list[tuple[float, float]]] = {}
         self.last_cpu: tuple[float, ...] = ()
         self.cpu: dict[tuple[str, str], list[tuple[float, ...]]] = {}
-        """CPU seconds of (control plane, agent, the guest's QEMU) during each transfer."""
+        """CPU seconds of (control plane, agent, the guest's QEMU) during each transfer, and the
+        share of the transfer's time the QEMU's busiest thread ran: under TCG a one-vCPU guest
+        runs all its code (kernel and envd) on one thread, so near 100% the guest is the bound."""
 
     def add(self, hop: str, way: str, seconds: float) -> None:
         self.seconds.setdefault((hop, way), []).append(seconds)
@@ -333,10 +337,23 @@ def rss(pid: int) -> tuple[float, float]:
 # ── the run ───────────────────────────────────────────────────────────────────────────────
 
 
+def _stat_cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU time of each of the process's threads so far."""
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            seconds[task.name] = _stat_cpu(task / "stat")
+    return seconds
 
 
 def qemu_of(capsule_id: str) -> int:
@@ -358,11 +375,14 @@ def measure(stack: Stack, capsule_id: str, rounds: int) -> Figures:
     pids = (cp_pid, agent_pid, qemu_of(capsule_id))
 
     def timed(fn: Callable[[], None]) -> float:
-        cpu = [cpu_seconds(p) for p in pids]
+        cpu, threads = [cpu_seconds(p) for p in pids], thread_seconds(pids[2])
         started = time.perf_counter()
         fn()
         seconds = time.perf_counter() - started
         figures.last_cpu = tuple(cpu_seconds(p) - c for p, c in zip(pids, cpu, strict=True))
+        after = thread_seconds(pids[2])
+        busiest = max(after[t] - threads.get(t, 0.0) for t in after)
+        figures.last_cpu += (busiest / seconds,)
         return seconds
 
     def api(way: str, fn: Callable[[], None]) -> float:
@@ -435,9 +455,10 @@ def report(figures: Figures, load_before: str) -> str:
         for way, raw in (("up", raw_up_rate), ("down", raw_down_rate)):
             if (hop, way) in figures.seconds:
                 rate = figures.rate(hop, way)
-                cpu = [statistics.median(c[k] for c in figures.cpu[(hop, way)]) for k in range(3)]
+                cpu = [statistics.median(c[k] for c in figures.cpu[(hop, way)]) for k in range(4)]
                 cells.append(f"{way} {rate:6.1f} ({rate / raw:4.0%}) cpu s cp/agent/qemu "
-                             + "/".join(f"{c:.1f}" for c in cpu))  # fmt: skip
+                             + "/".join(f"{c:.1f}" for c in cpu[:3])
+                             + f" vcpu {cpu[3]:4.0%}")  # fmt: skip
         lines.append(f"  {hop:<18}" + "  ".join(cells))
     return "\n".join(lines)
 
