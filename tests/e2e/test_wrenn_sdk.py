@@ -38,6 +38,11 @@ def test_wrenn_sdk_end_to_end(stack: Stack) -> None:
         assert r.status_code in (204, 404), r.text
 
     assert seen["created"] == {"status": "running", "template": "minimal", "aware": True}
+    # the platform template it came from is made on the host at first use: its size is the
+    # one the host's create answer gave
+    listed = stack.api.get("/v1/snapshots")
+    assert listed.status_code == 200, listed.text
+    assert {t["name"]: t["size_bytes"] for t in listed.json()}["minimal"] > 0
     assert seen["run"] == {"stdout": "hello\n", "stderr": "oops\n", "exit_code": 0}
     assert seen["exit7"] == 7
     assert seen["envs_cwd"] == "hi from /tmp\n"

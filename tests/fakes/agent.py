@@ -16,7 +16,7 @@ import json
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,6 +129,8 @@ class FakeAgent(HostAgentService):
         self.templates: dict[str, tuple[int, int]] = {
             "minimal": (1, 256), "base": (1, 512), "minimal-base": (1, 256),
         }  # fmt: skip
+        self.template_sizes: dict[str, int] = {}
+        """What a create says its template takes on this host (absent: 0, not said)."""
         self.base_templates: set[str] = {"minimal-base"}
         """Base templates: a capsule gets the size its create asks for (else the shape)."""
         self.capsules: dict[str, FakeCapsule] = {}
@@ -136,6 +138,9 @@ class FakeAgent(HostAgentService):
         self.exec_requests: list[pb.ExecRequest] = []
         self.calls: list[str] = []
         self.fail_create: str | None = None
+        self.create_hook: Callable[[pb.CreateCapsuleRequest], Awaitable[None]] | None = None
+        """Set: a create awaits it before it does anything (e.g. to hold it in flight). A hook
+        and not a replaced method: the RPC app binds the service's methods at its first call."""
         self.create_requests: list[pb.CreateCapsuleRequest] = []
         self.stream_requests: list[pb.ExecStreamRequest] = []
         self.stream_hook: (
@@ -181,6 +186,8 @@ class FakeAgent(HostAgentService):
     async def create_capsule(
         self, request: pb.CreateCapsuleRequest, ctx: Any
     ) -> pb.CreateCapsuleResponse:
+        if self.create_hook is not None:
+            await self.create_hook(request)
         self.calls.append("create")
         self.create_requests.append(request)
         if self.fail_create:
@@ -202,7 +209,9 @@ class FakeAgent(HostAgentService):
             else pb.TemplateKind.SNAPSHOT,
         )  # fmt: skip
         self.capsules[capsule.capsule_id] = capsule
-        return pb.CreateCapsuleResponse(capsule=capsule.view())
+        return pb.CreateCapsuleResponse(
+            capsule=capsule.view(), template_size_bytes=self.template_sizes.get(request.template, 0)
+        )
 
     async def destroy_capsule(
         self, request: pb.DestroyCapsuleRequest, ctx: Any

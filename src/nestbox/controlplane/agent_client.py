@@ -148,10 +148,11 @@ class AgentClient:
 
     # ── lifecycle ──
 
-    async def create_capsule(self, request: pb.CreateCapsuleRequest) -> pb.Capsule:
+    async def create_capsule(self, request: pb.CreateCapsuleRequest) -> tuple[pb.Capsule, int]:
+        """The capsule, and the bytes its template takes on the host (0: not said)."""
         answer = await self._unary(self._rpc.create_capsule(
             request, headers=self._headers, timeout_ms=self._ms(LIFECYCLE_TIMEOUT_S)))  # fmt: skip
-        return _capsule(answer.capsule)
+        return _capsule(answer.capsule), answer.template_size_bytes
 
     async def destroy_capsule(self, capsule_id: str) -> None:
         await self._unary(self._rpc.destroy_capsule(

@@ -66,7 +66,11 @@ class AgentService(HostAgentService):
             vcpus=request.vcpus, memory_mib=request.memory_mb,
             default_workdir=request.default_workdir,
         )  # fmt: skip
-        return pb.CreateCapsuleResponse(capsule=views.capsule(await self.m.create(spec)))
+        view = await self.m.create(spec)
+        return pb.CreateCapsuleResponse(
+            capsule=views.capsule(view),
+            template_size_bytes=await self.m.template_size(view.template_id),
+        )
 
     async def destroy_capsule(
         self, request: pb.DestroyCapsuleRequest, ctx: Ctx

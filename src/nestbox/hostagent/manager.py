@@ -206,6 +206,18 @@ class CapsuleManager(GuestCalls):
         log.info("capsule created", extra={"capsule_id": cid, "template_id": template_id})
         return self.view(capsule.id)
 
+    async def template_size(self, template_id: str) -> int:
+        """Bytes the template's current version takes on this host; 0 if it is gone or cannot
+        be read (a few `stat`s, in a worker thread)."""
+
+        def size() -> int:
+            try:
+                return tpl.load_template(self.settings.templates_dir, template_id).size_bytes()
+            except (tpl.TemplateNotFound, OSError):
+                return 0
+
+        return await anyio.to_thread.run_sync(size)
+
     def _check_size(self, spec: CreateSpec) -> None:
         """A base template's capsule gets the size asked for, within this host's limits.
         :raise BadRequest:"""

@@ -22,6 +22,42 @@ async def test_base_template_gets_the_size_asked_a_snapshot_its_own(settings: CP
         assert (got["vcpus"], got["template_type"]) == (2, "base")
 
 
+async def test_a_platform_templates_size_is_what_its_host_says(settings: CPSettings) -> None:
+    """The platform's templates are made on each host at first use: their rows start at 0
+    bytes and take the size a host's create answer gives; a team's own template keeps the size
+    it was made with, and an answer that says nothing (0) changes nothing."""
+
+    def sizes(listed: list[dict[str, object]]) -> dict[object, object]:
+        return {t["name"]: t["size_bytes"] for t in listed}
+
+    async with cluster(settings) as c:
+        _, key = await c.user("ann@example.com")
+        agent = c.hosts[0].agent
+        before = sizes((await c.client.get("/v1/snapshots", headers=key)).json())
+        assert before["minimal"] == 0
+        await c.create(key, template="minimal")  # the host does not say: unchanged
+        assert sizes((await c.client.get("/v1/snapshots", headers=key)).json())["minimal"] == 0
+        agent.template_sizes["minimal"] = 41 << 20
+        await c.create(key, template="minimal")
+        after = sizes((await c.client.get("/v1/snapshots", headers=key)).json())
+        assert after["minimal"] == 41 << 20
+        assert after["minimal-base"] == before["minimal-base"]  # not created from: unchanged
+        agent.template_sizes["minimal"] = 42 << 20  # remade after an upgrade: the latest wins
+        await c.create(key, template="minimal")
+        assert sizes((await c.client.get("/v1/snapshots", headers=key)).json())["minimal"] == (
+            42 << 20
+        )
+        # a team's own template: made with its size; a create's answer does not touch it
+        source = (await c.create(key))["id"]
+        r = await c.client.post("/v1/snapshots", json={"sandbox_id": source, "name": "mine"},
+                                headers=key)  # fmt: skip
+        assert r.status_code == 201, r.text
+        made = sizes((await c.client.get("/v1/snapshots", headers=key)).json())["mine"]
+        agent.template_sizes["mine"] = 7 << 20
+        await c.create(key, template="mine")
+        assert sizes((await c.client.get("/v1/snapshots", headers=key)).json())["mine"] == made
+
+
 BAD = [
     ({"vcpus": 9}, "vcpus must be between 1 and 8"),
     ({"vcpus": 0}, "vcpus"),

@@ -103,14 +103,15 @@ async def test_a_create_finishing_after_the_deletion_leaves_no_vm(settings: CPSe
         team, _, key = await _team_with_key(c.client, owner, "Doomed")
         agent = c.hosts[0].agent
         entered, release = anyio.Event(), anyio.Event()
-        create = agent.create_capsule
 
-        async def slow_create(request: pb.CreateCapsuleRequest, ctx: object) -> object:
+        async def hold(request: pb.CreateCapsuleRequest) -> None:
             entered.set()
             await release.wait()
-            return await create(request, ctx)
 
-        agent.create_capsule = slow_create  # type: ignore[assignment,method-assign]
+        # the reconciler has called the agent already, as it may when the machine is busy
+        await c.services.reconciler.run_once()
+        assert agent.calls or c.hosts[0].app.rpcs, "the reconciler asked the agent nothing"
+        agent.create_hook = hold
         answers = []
 
         async def make() -> None:

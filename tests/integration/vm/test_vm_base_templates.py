@@ -97,6 +97,9 @@ async def test_base_has_what_code_expects(agent: AgentProcess) -> None:
         capsule = response.capsule
         assert capsule.template_kind == SNAPSHOT
         assert (capsule.vcpus, capsule.memory_mb) == (1, 512)
+        # made at this first use: the answer says what it takes on disk (the control plane
+        # shows the platform's templates with the size their hosts say)
+        assert response.template_size_bytes > 1 << 20
         # Each tool's first run in a fresh guest is slow under TCG (node, cc1): a long timeout.
         done = await rpc.sh(
             capsule.capsule_id,

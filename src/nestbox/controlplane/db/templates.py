@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case, select
+from sqlalchemy import case, select, update
 
 from nestbox.controlplane.db.models import TemplateRow
 from nestbox.protocol.ids import IdPrefix, zero_id
@@ -131,6 +131,11 @@ class TemplateRepo:
         await self._s.flush()
         await self._s.refresh(row)
         return _record(row)
+
+    async def set_size(self, template_id: str, size_bytes: int) -> None:
+        await self._s.execute(
+            update(TemplateRow).where(TemplateRow.id == template_id).values(size_bytes=size_bytes)
+        )
 
     async def delete(self, template_id: str) -> None:
         row = await self._s.get(TemplateRow, template_id)

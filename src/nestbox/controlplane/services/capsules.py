@@ -173,7 +173,7 @@ class CapsuleService:
             default_workdir=str(template.metadata.get("default_workdir") or ""),
         )  # fmt: skip
         with anyio.CancelScope(shield=True):
-            view = await self._start(principal, capsule, host, request)
+            view = await self._start(principal, capsule, host, request, template)
         return view
 
     async def _place(
@@ -192,12 +192,17 @@ class CapsuleService:
         return next(h for h in hosts if h.id == chosen.host_id)
 
     async def _start(
-        self, principal: Principal, capsule: Capsule, host: Host, request: pb.CreateCapsuleRequest
+        self,
+        principal: Principal,
+        capsule: Capsule,
+        host: Host,
+        request: pb.CreateCapsuleRequest,
+        template: Template,
     ) -> CapsuleView:
         event = principal.audit("capsule.create", "capsule", capsule.id, host_id=host.id,
                                 template=capsule.template)  # fmt: skip
         try:
-            started = await self._targets.agent(host).create_capsule(request)
+            started, template_size = await self._targets.agent(host).create_capsule(request)
         except (AgentCallError, HostUnavailable) as err:
             await self._forget_failed(capsule, host)
             failed = replace(event, status="error", metadata={**event.metadata, "error": err.code})
@@ -219,8 +224,17 @@ class CapsuleService:
             # lost): the VM must not outlive the row.
             await self._destroy_on(host, capsule.id)
             raise NotFound("capsule", capsule.id)
+        await self._learn_size(template, template_size)
         log.info("capsule created", extra={"capsule_id": capsule.id, "host_id": host.id})
         return capsule_view(fresh)
+
+    async def _learn_size(self, template: Template, size: int) -> None:
+        """A platform template is made on each host at its first use, so only a host can say
+        its size: the row takes the latest a host reported (hosts of one version differ by a
+        few blocks). A team's templates got theirs when they were made."""
+        if template.platform and size and size != template.size_bytes:
+            async with self._db.transaction() as tx:
+                await tx.templates.set_size(template.id, size)
 
     async def _forget_failed(self, capsule: Capsule, host: Host) -> None:
         """A create failed: make sure the agent has nothing left, hide the row."""
