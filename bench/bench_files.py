@@ -27,7 +27,10 @@ The stack is the end-to-end tier's (`tests/e2e/stack.py`, its pytest fixtures: o
 template cold boot, a control plane on SQLite, one agent), so this script runs itself under
 pytest; slots from `NESTBOX_TEST_SLOT_FIRST` (default 3001) + 200. The machine may be loaded by
 other work: compare the ratios of one run, and read the load averages printed with them.
-Every round alternates the order of the hops; the figures are medians over `--rounds`.
+Every round alternates the order of the hops; the figures are medians over `--rounds`. Before
+each upload the guest writes back what earlier transfers left dirty (`sync`, untimed): a 256 MiB
+guest starts writing back after ~15 MiB are dirty and throttles the writer after ~23 MiB, so a
+hop that followed another upload paid for the writes of the hop before it.
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ while True:
             if f:
                 f.close()
             conn.sendall(b"OK\n")
+        elif verb == "Y":  # sync: what earlier writes left dirty is written back
+            os.sync()
+            conn.sendall(b"OK\n")
         elif verb == "R":
             while n:
                 k = min(n, len(out))
@@ -203,6 +209,14 @@ def raw_up(address: str, path: str | None = None, verb: str = "F") -> None:
         s.sendall(f"{verb} {SIZE} {path}\n".encode() if path else f"W {SIZE}\n".encode())
         for chunk in payload():
             s.sendall(chunk)
+        assert s.recv(3) == b"OK\n"
+
+
+def settle(address: str) -> None:
+    """Untimed, before each upload: the guest writes back what earlier transfers left dirty
+    (`sync`), so each hop pays for its own writes, not for the hop before it."""
+    with connect_raw(address) as s:
+        s.sendall(b"Y 0\n")
         assert s.recv(3) == b"OK\n"
 
 
@@ -412,6 +426,8 @@ def measure(stack: Stack, capsule_id: str, rounds: int) -> Figures:
         order = hops if i % 2 else hops[::-1]
         for hop, up, down in order:
             for way, fn in (("up", up), ("down", down)):
+                if way == "up":
+                    settle(address)
                 seconds = fn()
                 if i and seconds:
                     print(f"    {hop} {way}: {SIZE / MIB / seconds:.1f} MiB/s", flush=True)
