@@ -48,7 +48,10 @@ def output_until(ws: ClientConnection, needle: bytes) -> bytes:
     seen = b""
     deadline = time.monotonic() + WITHIN_S
     while needle not in seen:
-        message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"no {needle!r} in {WITHIN_S} s; the output: {seen!r}") from None
         if isinstance(message, bytes):
             seen += message
         else:

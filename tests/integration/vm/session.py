@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def vm_settings() -> Iterator[AgentSettings]:
+def vm_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentSettings]:
     from nestbox.hostagent.network import cleanup_leftovers
     from nestbox.hostagent.settings import AgentSettings
     from nestbox.hostagent.system import RealSystem
@@ -73,6 +73,12 @@ def vm_settings() -> Iterator[AgentSettings]:
         _kill_our_qemus(data_dir)
         anyio.run(lambda: cleanup_leftovers(RealSystem(), settings, set()))
         remove_cgroups(settings)
+        # The agents' logs outlive the data directory, beside the control planes' (pytest keeps
+        # its last three base directories): a failure seen only in CI can be read afterwards.
+        kept = tmp_path_factory.getbasetemp() / "agent-logs"
+        kept.mkdir(exist_ok=True)
+        for log in data_dir.glob("agent-*.log"):
+            shutil.copy2(log, kept / log.name)
         shutil.rmtree(data_dir, ignore_errors=True)
         for cidr in (SLOT_CIDR, VETH_CIDR):
             if cidr not in existing:
