@@ -3,6 +3,9 @@ agents: what the control plane asks of its host, checks and shows)."""
 
 from __future__ import annotations
 
+from sqlalchemy import update
+
+from nestbox.controlplane.db.models import HostRow
 from nestbox.controlplane.settings import CPSettings
 from tests.integration.cp.cluster import cluster
 
@@ -56,6 +59,32 @@ async def test_a_platform_templates_size_is_what_its_host_says(settings: CPSetti
         agent.template_sizes["mine"] = 7 << 20
         await c.create(key, template="mine")
         assert sizes((await c.client.get("/v1/snapshots", headers=key)).json())["mine"] == made
+
+
+async def test_a_team_host_does_not_set_a_platform_templates_size(settings: CPSettings) -> None:
+    """A BYOC host is its team's machine: what it says a platform template takes is not shown
+    to every team."""
+
+    async def minimal_size(headers: dict[str, str]) -> object:
+        listed = (await c.client.get("/v1/snapshots", headers=headers)).json()
+        return next(t["size_bytes"] for t in listed if t["name"] == "minimal")
+
+    async with cluster(settings, hosts=0) as c:
+        ann, key = await c.user("ann@example.com")
+        own = await c.add_host("ann's")
+        # made ann's team's own (a BYOC host may not register a loopback address: set here)
+        async with c.services.db.transaction() as tx:
+            await tx.session.execute(update(HostRow).where(HostRow.id == own.host_id)
+                                     .values(type="byoc", team_id=ann.team_id))  # fmt: skip
+        own.agent.template_sizes["minimal"] = 1
+        made = await c.create(key, template="minimal")
+        assert made["host_id"] == own.host_id
+        assert await minimal_size(key) == 0
+        shared = await c.add_host("shared")
+        shared.agent.template_sizes["minimal"] = 5 << 20
+        _, bob = await c.user("bob@example.com")  # another team: only the shared host takes it
+        assert (await c.create(bob, template="minimal"))["host_id"] == shared.host_id
+        assert await minimal_size(key) == await minimal_size(bob) == 5 << 20
 
 
 BAD = [

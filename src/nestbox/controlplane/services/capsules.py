@@ -224,15 +224,16 @@ class CapsuleService:
             # lost): the VM must not outlive the row.
             await self._destroy_on(host, capsule.id)
             raise NotFound("capsule", capsule.id)
-        await self._learn_size(template, template_size)
+        await self._learn_size(template, host, template_size)
         log.info("capsule created", extra={"capsule_id": capsule.id, "host_id": host.id})
         return capsule_view(fresh)
 
-    async def _learn_size(self, template: Template, size: int) -> None:
+    async def _learn_size(self, template: Template, host: Host, size: int) -> None:
         """A platform template is made on each host at its first use, so only a host can say
-        its size: the row takes the latest a host reported (hosts of one version differ by a
-        few blocks). A team's templates got theirs when they were made."""
-        if template.platform and size and size != template.size_bytes:
+        its size: the row takes the latest a shared host reported (hosts of one version differ
+        by a few blocks). A team's own (BYOC) host is that team's machine: what it says never
+        changes a row every team sees. A team's templates got their sizes when they were made."""
+        if host.team_id is None and template.platform and size and size != template.size_bytes:
             async with self._db.transaction() as tx:
                 await tx.templates.set_size(template.id, size)
 
