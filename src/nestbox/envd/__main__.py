@@ -8,7 +8,6 @@ import json
 import logging
 
 from nestbox.common.logging import configure
-from nestbox.envd import priority
 from nestbox.envd.settings import EnvdSettings, in_vm
 
 log = logging.getLogger("nestbox.envd")
@@ -61,11 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     configure(settings.log_level)
     from nestbox.envd.server import build_runtime, serve
 
-    vm = in_vm(settings)
-    raised = vm and priority.raise_envd()  # before any thread exists (see `priority`)
-    runtime = build_runtime(settings, in_vm=vm)
-    log.info("envd starting on [%s]:%d (in_vm=%s, nice %s)", settings.host, settings.port,
-             runtime.in_vm, priority.ENVD_NICE if raised else "unchanged")  # fmt: skip
+    runtime = build_runtime(settings, in_vm=in_vm(settings))
+    log.info("envd starting on [%s]:%d (in_vm=%s)", settings.host, settings.port, runtime.in_vm)
     asyncio.run(serve(runtime))
 
 

@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nestbox.envd import priority
-
 log = logging.getLogger(__name__)
 
 TCP_LISTEN = 0x0A  # `st` column of /proc/net/tcp: include/net/tcp_states.h TCP_LISTEN
@@ -295,7 +293,6 @@ class PortSubsystem:
         except OSError as err:
             self._warn_once(port, f"cannot start socat for port {port}: {err}")
             return
-        priority.as_program(proc.pid)  # it carries the programs' traffic: their priority
         self._socats[port] = proc
         log.info("forwarding %s:%d to loopback (socat pid %d)", bind, port, proc.pid)
 

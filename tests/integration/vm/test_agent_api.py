@@ -91,9 +91,6 @@ async def test_create_exec_destroy(agent: AgentProcess) -> None:
         assert r.stdout.startswith(b"Linux ")
         ids = await rpc.out(cid, "echo $NESTBOX_CAPSULE_ID $NESTBOX_TEMPLATE_ID")
         assert ids.split() == [cid, "minimal"]
-        # envd runs above the programs it starts (`envd/priority.py`): its nice -5, theirs 0
-        nice = await rpc.out(cid, "cut -d' ' -f19 /proc/$PPID/stat /proc/$$/stat")
-        assert nice.split() == ["-5", "0"], nice
         print(f"create {create_ms:.0f} ms, exec {exec_ms:.0f} ms")
         await rpc.destroy_capsule(pb.DestroyCapsuleRequest(capsule_id=cid))
         assert cid not in await rpc.capsules()

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nestbox.envd import priority
 from nestbox.envd.errors import InvalidArgument
 from nestbox.envd.process import pty
 from nestbox.envd.process.fanout import EndInfo, Fanout, Output, StreamName, Subscription
@@ -193,7 +192,6 @@ class ManagedProcess:
             raise
         finally:
             _close_all(fds.child)
-        priority.as_program(popen.pid)
         try:
             # Opened before anything reaps the child, so it always refers to this process.
             pidfd = os.pidfd_open(popen.pid)
