@@ -69,7 +69,7 @@ class AgentService(HostAgentService):
         view = await self.m.create(spec)
         return pb.CreateCapsuleResponse(
             capsule=views.capsule(view),
-            template_size_bytes=await self.m.template_size(view.template_id),
+            template_size_bytes=self.m.platform_size(view.template_id),
         )
 
     async def destroy_capsule(

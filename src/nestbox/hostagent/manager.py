@@ -118,6 +118,9 @@ class CapsuleManager(GuestCalls):
         (`_is_stale`)."""
         self._envd_versions: dict[Path, str] = {}
         """envd's version by template version directory (`_learn_envd_version`)."""
+        self._platform_sizes: dict[str, tuple[Path, int]] = {}
+        """Each platform template's version directory last used here and the bytes it takes
+        (`platform_size`): sized once per version, a published version never changes."""
         runtime.on_run_end = on_evict
 
     # ── queries ─────────────────────────────────────────────────────────────────────────
@@ -203,20 +206,30 @@ class CapsuleManager(GuestCalls):
                 egress_allow=spec.egress_allow, default_workdir=spec.default_workdir or None,
             )  # fmt: skip
         await self._learn_envd_version(capsule)
+        await self._learn_platform_size(template)
         log.info("capsule created", extra={"capsule_id": cid, "template_id": template_id})
         return self.view(capsule.id)
 
-    async def template_size(self, template_id: str) -> int:
-        """Bytes the template's current version takes on this host; 0 if it is gone or cannot
-        be read (a few `stat`s, in a worker thread)."""
+    def platform_size(self, template_id: str) -> int:
+        """Bytes the platform template's version last used here takes; 0 for any other
+        template (the control plane has a team's template's size from when it was made)."""
+        known = self._platform_sizes.get(template_id)
+        return known[1] if known else 0
 
-        def size() -> int:
-            try:
-                return tpl.load_template(self.settings.templates_dir, template_id).size_bytes()
-            except (tpl.TemplateNotFound, OSError):
-                return 0
-
-        return await anyio.to_thread.run_sync(size)
+    async def _learn_platform_size(self, template: tpl.Template) -> None:
+        """Size a platform template's version the first time a capsule comes from it (a few
+        `stat`s in a worker thread); a version that cannot be read stays unknown."""
+        template_id, root = template.template_id, template.dir.root
+        if template_id not in PLATFORM_TEMPLATES:
+            return
+        known = self._platform_sizes.get(template_id)
+        if known is not None and known[0] == root:
+            return
+        try:
+            size = await anyio.to_thread.run_sync(template.size_bytes)
+        except OSError:
+            return
+        self._platform_sizes[template_id] = (root, size)
 
     def _check_size(self, spec: CreateSpec) -> None:
         """A base template's capsule gets the size asked for, within this host's limits.

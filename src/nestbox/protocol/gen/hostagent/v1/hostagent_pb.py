@@ -308,9 +308,9 @@ class CreateCapsuleResponse(Message[_CreateCapsuleResponseFields]):
             optional hostagent.v1.Capsule capsule = 1;
             ```
         template_size_bytes:
-            Bytes the capsule's template takes on this host (Template.size_bytes); 0 if unknown. The
-            platform's templates are made on each host at first use: the control plane learns their
-            sizes from this.
+            Bytes the capsule's template takes on this host (Template.size_bytes) when it is one of the
+            platform's, which are made on each host at first use: the control plane learns their sizes
+            from this. 0 for a team's template (its size came with it) or when unknown.
 
             ```proto
             uint64 template_size_bytes = 2;
