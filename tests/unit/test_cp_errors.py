@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nestbox.controlplane.agent_client import map_error
 from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
 from nestbox.controlplane.errors import HostHasCapsules, InvalidState, NotFound
 from nestbox.protocol.errors import HTTP_STATUS, ErrorCode
+from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
 
 SDK_CODES = {"invalid_request", "unauthorized", "forbidden", "not_found", "invalid_state",
              "conflict", "host_has_capsules", "host_unavailable", "agent_error",
@@ -60,3 +67,20 @@ async def test_the_handler() -> None:
         r = await client.post("/missing")
         assert r.status_code == 405
         assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_agent_call_errors_keep_the_agents_code_and_log_only_real_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    detail = pb.ErrorInfo(code=ErrorCode.NOT_FOUND.value)
+    found = ConnectError(Code.NOT_FOUND, "no such file", details=[detail])
+    assert map_error(found, "host-1").code is ErrorCode.NOT_FOUND
+    with caplog.at_level(logging.WARNING):
+        # the control plane's own call cancelled (its client left): not the host's failure
+        cancelled = map_error(ConnectError(Code.CANCELED, "Request was cancelled"), "host-1")
+        assert caplog.records == []
+        broken = map_error(ConnectError(Code.INTERNAL, "boom"), "host-1")
+    assert (cancelled.code, broken.code) == (ErrorCode.AGENT_ERROR, ErrorCode.AGENT_ERROR)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    gone = map_error(ConnectError(Code.UNAVAILABLE, "refused"), "host-1")
+    assert gone.code is ErrorCode.HOST_UNAVAILABLE

@@ -73,6 +73,10 @@ def map_error(err: ConnectError, host_id: str) -> AgentCallError:
         return AgentCallError(
             ErrorCode.HOST_UNAVAILABLE, f"host {host_id} is not answering", host_id=host_id
         )
+    if err.code is Code.CANCELED:
+        # This side cancelled the call (its client left): nothing went wrong with the host.
+        return AgentCallError(ErrorCode.AGENT_ERROR, f"the call to host {host_id} was cancelled",
+                              host_id=host_id)  # fmt: skip
     log.error("host %s failed a call: %s %s", host_id, err.code, err.message,
               extra={"host_id": host_id})  # fmt: skip
     if err.code is Code.UNAUTHENTICATED:

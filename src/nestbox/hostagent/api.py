@@ -8,12 +8,12 @@ as activity and are cut with `unavailable` when the capsule is paused under them
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from nestbox import __version__
 from nestbox.hostagent import fork, idle, views
 from nestbox.hostagent.errors import BadRequest
-from nestbox.hostagent.guestcalls import events_of
 from nestbox.hostagent.manager import CreateSpec
 from nestbox.protocol.envd import LOG_LINES
 from nestbox.protocol.gen.hostagent.v1 import hostagent_pb as pb
@@ -21,10 +21,11 @@ from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentService
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+    from contextlib import AbstractAsyncContextManager
 
     from connectrpc.request import RequestContext
 
-    from nestbox.hostagent.envdconn import CapsuleEnvd, Event
+    from nestbox.hostagent.envdconn import CapsuleEnvd, EventStream
     from nestbox.hostagent.manager import CapsuleManager
 
 Ctx: TypeAlias = "RequestContext[Any, Any]"
@@ -168,11 +169,11 @@ class AgentService(HostAgentService):
     ) -> AsyncIterator[pb.ExecStreamResponse]:
         _require(request.cmd, "cmd")
 
-        def source(envd: CapsuleEnvd) -> AsyncIterator[Event]:
-            return events_of(envd.exec_stream(
+        def source(envd: CapsuleEnvd) -> AbstractAsyncContextManager[EventStream]:
+            return envd.exec_stream(
                 request.cmd, request.args, envs=request.envs, cwd=request.cwd or None,
                 user=request.user or None, tag=request.tag or None,
-            ))  # fmt: skip
+            )  # fmt: skip
 
         async for event in self.m.relay(request.capsule_id, source):
             yield pb.ExecStreamResponse(event=views.process_event(event))
@@ -209,7 +210,7 @@ class AgentService(HostAgentService):
         self, request: pb.ConnectProcessRequest, ctx: Ctx
     ) -> AsyncIterator[pb.ConnectProcessResponse]:
         selector = _selector(request.selector)
-        source = lambda envd: events_of(envd.connect_process(selector))  # noqa: E731
+        source = lambda envd: envd.connect_process(selector)  # noqa: E731
         async for event in self.m.relay(request.capsule_id, source):
             yield pb.ConnectProcessResponse(event=views.process_event(event))
 
@@ -228,12 +229,12 @@ class AgentService(HostAgentService):
     async def pty_attach(
         self, request: pb.PtyAttachRequest, ctx: Ctx
     ) -> AsyncIterator[pb.PtyAttachResponse]:
-        def source(envd: CapsuleEnvd) -> AsyncIterator[Event]:
-            return events_of(envd.pty_attach(
+        def source(envd: CapsuleEnvd) -> AbstractAsyncContextManager[EventStream]:
+            return envd.pty_attach(
                 request.cmd or None, request.args, tag=request.tag or None,
                 cols=request.cols or 80, rows=request.rows or 24, envs=request.envs,
                 cwd=request.cwd or None, user=request.user or None,
-            ))  # fmt: skip
+            )  # fmt: skip
 
         async for event in self.m.relay(request.capsule_id, source):
             yield pb.PtyAttachResponse(event=views.process_event(event))
@@ -297,7 +298,9 @@ class AgentService(HostAgentService):
         self, request: pb.ReadFileStreamRequest, ctx: Ctx
     ) -> AsyncIterator[pb.ReadFileStreamResponse]:
         _require(request.path, "path")
-        source = lambda envd: envd.read_file_stream(request.path, user=request.user or None)  # noqa: E731
+        source = lambda envd: aclosing(  # noqa: E731
+            envd.read_file_stream(request.path, user=request.user or None)
+        )
         # envd's chunks are `envdconn.CHUNK` at most: the message limit needs no re-split
         async for chunk in self.m.relay(request.capsule_id, source):
             yield pb.ReadFileStreamResponse(chunk=chunk)
@@ -340,8 +343,8 @@ class AgentService(HostAgentService):
         self, request: pb.WatchDirRequest, ctx: Ctx
     ) -> AsyncIterator[pb.WatchDirResponse]:
         _require(request.path, "path")
-        source = lambda envd: envd.watch_dir(  # noqa: E731
-            request.path, recursive=request.recursive, user=request.user or None
+        source = lambda envd: aclosing(  # noqa: E731
+            envd.watch_dir(request.path, recursive=request.recursive, user=request.user or None)
         )
         async for event in self.m.relay(request.capsule_id, source):
             yield pb.WatchDirResponse(type=event.type, name=event.name)

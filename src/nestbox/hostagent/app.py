@@ -58,7 +58,8 @@ RPC_PREFIX = "/hostagent.v1.HostAgentService/"
 
 
 class AgentApp:
-    """ASGI entry of the host agent. `on_stop` is set by the server (Terminate calls it)."""
+    """ASGI entry of the host agent. `on_stop` is set by the server; Terminate calls it, and so
+    does a failure of the background work while serving (`_lifespan`)."""
 
     def __init__(
         self,
@@ -75,6 +76,8 @@ class AgentApp:
         self.manager: CapsuleManager | None = None
         self.on_stop: Callable[[], None] = lambda: None
         self.startup_error: BaseException | None = None
+        self.failure: BaseException | None = None
+        """What ended the agent's background work while it was serving (`serve` raises it)."""
         self.proxy = PortProxy(self, rescan=self._scan_ports)
         self.envd_gateway = EnvdGateway(auth, lambda: self.manager)
         service = AgentService(self._require_manager, lambda: self.on_stop())
@@ -147,7 +150,12 @@ class AgentApp:
                 log.error("agent start-up failed: %r", err)
                 await send({"type": "lifespan.startup.failed", "message": repr(err)})
                 return
-            log.error("agent stopped on an error: %r", err)
+            # The manager's task group failed: without it the agent could only answer "starting
+            # or stopping". Stop serving, so that the process exits with an error and its
+            # supervisor starts it again (its capsules were paused just now, and are re-adopted).
+            log.error("agent stopped on an error: %r", err, exc_info=err)
+            self.failure = err
+            self.on_stop()
             await send({"type": "lifespan.shutdown.failed", "message": repr(err)})
             return
         await send({"type": "lifespan.shutdown.complete"})

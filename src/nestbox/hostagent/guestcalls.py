@@ -9,6 +9,12 @@ A relayed stream (exec stream, PTY, process connect, file download) is read from
 receives from a small bounded channel. So no cancel scope or task group ever spans a `yield`
 of the handler, and backpressure still flows end to end: a slow RPC client blocks the
 handler, the channel fills, the pump stops reading, envd's own bounded buffer decides.
+
+The pump enters its source as an async context manager in its own frame (an envd event stream
+holds a task group; a file download, an `aclosing` generator), never through a generator that
+yields inside one: closing such a generator from a `finally` under a new (shielding) cancel
+scope exits its task group under the wrong scope, which anyio refuses with a `RuntimeError`
+that escaped the pump and took the manager's task group, so the whole agent, down with it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 
 from nestbox.hostagent.capsule import CapsuleState, InvalidState
-from nestbox.hostagent.envdconn.events import aclose_quietly
 from nestbox.hostagent.errors import CapsuleFailed, StreamInterrupted
 
 if TYPE_CHECKING:
@@ -78,9 +83,12 @@ class GuestCalls:
         raise StreamInterrupted(f"capsule {capsule_id}: the call was cut")
 
     async def relay(
-        self, capsule_id: str, source: Callable[[CapsuleEnvd], AsyncIterator[T]]
+        self,
+        capsule_id: str,
+        source: Callable[[CapsuleEnvd], AbstractAsyncContextManager[AsyncIterator[T]]],
     ) -> AsyncIterator[T]:
-        """The items of `source(envd)`, read by a pump task (see the module docstring).
+        """The items of the iterator `source(envd)` opens, read by a pump task (see the module
+        docstring): an envd event stream, or a generator in `contextlib.aclosing`.
 
         Raises what the source raised (`EnvdCallError`...), or `StreamInterrupted` when a
         pause or destroy cut it. Closing this generator stops the pump.
@@ -121,21 +129,19 @@ def call_scope(entry: Capsule) -> Iterator[anyio.CancelScope]:
 async def _pump(
     entry: Capsule,
     scope: anyio.CancelScope,
-    items: AsyncIterator[T],
+    source: AbstractAsyncContextManager[AsyncIterator[T]],
     send: MemoryObjectSendStream[T | Exception],
 ) -> None:
-    """Move `items` into `send` until they end, the receiver leaves or `scope` is cancelled.
-    Never raises: whatever went wrong goes to the receiver."""
+    """Move the items `source` opens into `send` until they end, the receiver leaves or `scope`
+    is cancelled. Never raises: whatever went wrong goes to the receiver."""
     gone = (anyio.BrokenResourceError, anyio.ClosedResourceError)
     with send:
         try:
             with scope:
-                try:
+                async with source as items:
                     async for item in items:
                         entry.touch()
                         await send.send(item)
-                finally:
-                    await aclose_quietly(items)
         except gone:
             return
         except Exception as err:
@@ -146,11 +152,3 @@ async def _pump(
             with contextlib.suppress(*gone):
                 cut = f"capsule {entry.id} was paused or stopped; the stream ended"
                 await send.send(StreamInterrupted(cut))
-
-
-async def events_of(cm: AbstractAsyncContextManager[AsyncIterator[T]]) -> AsyncIterator[T]:
-    """An async context manager yielding an iterator (envdconn's event streams) as a plain
-    async iterator, for `relay`."""
-    async with cm as stream:
-        async for item in stream:
-            yield item

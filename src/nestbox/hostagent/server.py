@@ -92,7 +92,10 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 async def serve(app: AgentApp, settings: AgentSettings) -> None:
-    """Serve `app` on `settings.listen` until SIGTERM/SIGINT or `app` asks to stop."""
+    """Serve `app` on `settings.listen` until SIGTERM/SIGINT or `app` asks to stop.
+
+    :raise AgentFailed: the app stopped because its background work failed.
+    """
     host, port = split_listen(settings.listen)
     config = uvicorn.Config(
         app=app,
@@ -112,3 +115,9 @@ async def serve(app: AgentApp, settings: AgentSettings) -> None:
     await server.serve()
     if app.startup_error is not None:
         raise app.startup_error
+    if app.failure is not None:
+        raise AgentFailed(f"the agent stopped on an error: {app.failure!r}") from app.failure
+
+
+class AgentFailed(Exception):
+    """The agent's background work failed while it served; it stopped (exit status 1)."""
