@@ -4,14 +4,17 @@ reaper's decisions (with a fake manager), and the request-head timeout of the se
 from __future__ import annotations
 
 import hashlib
+import logging
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 
-from nestbox.hostagent import reaper
+from nestbox.hostagent import reaper, views
 from nestbox.hostagent.auth import AgentAuth, local_auth, read_or_create_secret
 from nestbox.hostagent.capsule import CapsuleNotFound, CapsuleState, InvalidState
 from nestbox.hostagent.envdconn.errors import DeadlineExceeded, NotEnoughSpace, NotFound
@@ -168,3 +171,40 @@ async def test_reaper_pauses_expired_and_destroys_what_cannot_pause() -> None:
     assert fake.auto == ["a"]
     assert fake.destroyed == ["b"]  # pause failed: destroyed, as in the seed
     assert await reaper.reap_once(FakeManager([])) == []  # type: ignore[arg-type]
+
+
+@dataclass
+class _Method:
+    name: str
+
+
+@dataclass
+class _Ctx:
+    method: _Method
+
+
+async def test_slow_unary_calls_are_logged_with_how_they_ended(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(views, "SLOW_CALL_S", 0.05)
+    mapper = views.ErrorMapper()
+
+    async def quick(request: str, ctx: object) -> str:
+        return request
+
+    async def slow(request: str, ctx: object) -> str:
+        await anyio.sleep(0.1)
+        if request == "bad":
+            raise NotFound("no such file")
+        return request
+
+    with caplog.at_level(logging.INFO, logger="nestbox.hostagent.views"):
+        assert await mapper.intercept_unary(quick, "a", _Ctx(_Method("Quick"))) == "a"
+        assert await mapper.intercept_unary(slow, "b", _Ctx(_Method("PtyResize"))) == "b"
+        with pytest.raises(ConnectError) as raised:
+            await mapper.intercept_unary(slow, "bad", _Ctx(_Method("ReadFile")))
+    assert raised.value.code is Code.NOT_FOUND
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("PtyResize answered after 0.")
+    assert lines[1].startswith("ReadFile failed after 0.")

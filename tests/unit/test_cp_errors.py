@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import httpx
 import pytest
 from connectrpc.code import Code
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nestbox.controlplane import agent_client
 from nestbox.controlplane.agent_client import map_error
 from nestbox.controlplane.api.errors import EXCEPTION_HANDLERS
 from nestbox.controlplane.errors import HostHasCapsules, InvalidState, NotFound
@@ -84,3 +86,25 @@ def test_agent_call_errors_keep_the_agents_code_and_log_only_real_failures(
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     gone = map_error(ConnectError(Code.UNAVAILABLE, "refused"), "host-1")
     assert gone.code is ErrorCode.HOST_UNAVAILABLE
+
+
+async def test_slow_agent_calls_are_logged_with_their_method(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(agent_client, "SLOW_CALL_S", 0.05)
+    client = agent_client.AgentClient("host-1", "127.0.0.1:9", "token")
+
+    async def pty_resize() -> str:
+        await anyio.sleep(0.1)
+        return "resized"
+
+    async def ping() -> str:
+        return "pong"
+
+    with caplog.at_level(logging.INFO, logger="nestbox.controlplane.agent_client"):
+        assert await client._unary(ping()) == "pong"
+        assert await client._unary(pty_resize()) == "resized"
+    await client.aclose()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "pty_resize took 0." in lines[0]

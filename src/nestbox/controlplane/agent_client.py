@@ -15,9 +15,10 @@ client, one `AgentClient` (and one connection pool) per host.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -30,7 +31,7 @@ from nestbox.protocol.gen.hostagent.v1.hostagent_connect import HostAgentService
 from nestbox.protocol.hosts import AGENT_TOKEN_HEADER
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable
+    from collections.abc import AsyncIterator, Coroutine
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ LIFECYCLE_TIMEOUT_S = 300.0
 and the agent may first build the `minimal` template (one cold boot)."""
 TEMPLATE_TIMEOUT_S = 600.0
 FILE_TIMEOUT_S = 600.0
+SLOW_CALL_S = 5.0
+"""A unary call that takes longer is logged (a lifecycle call or a long exec may)."""
 EXEC_GRACE_S = 15.0
 """A foreground exec may take its own timeout plus this before the call itself gives up."""
 
@@ -132,11 +135,19 @@ class AgentClient:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def _unary(self, call: Awaitable[T]) -> T:
+    async def _unary(self, call: Coroutine[Any, Any, T]) -> T:
+        """One unary call; one that takes over `SLOW_CALL_S` is logged with its method."""
+        start = time.monotonic()
         try:
             return await call
         except ConnectError as err:
             raise map_error(err, self.host_id) from err
+        finally:
+            took = time.monotonic() - start
+            if took > SLOW_CALL_S:
+                method = getattr(call, "__qualname__", "a call")
+                log.info("host %s: %s took %.1f s", self.host_id, method, took,
+                         extra={"host_id": self.host_id})  # fmt: skip
 
     async def _stream(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from connectrpc.code import Code
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from nestbox.hostagent.storage.templates import Template
 
 log = logging.getLogger(__name__)
+
+SLOW_CALL_S = 5.0
+"""A unary RPC that takes longer is logged (a lifecycle call or a long exec may; a resize
+should not)."""
 
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
@@ -102,13 +107,25 @@ class ErrorMapper:
         ctx: Ctx,
         /,
     ) -> RES:
-        """Unary and client-streaming calls alike (`request` is then the message iterator)."""
+        """Unary and client-streaming calls alike (`request` is then the message iterator).
+        A call that takes over `SLOW_CALL_S` is logged, with how it ended."""
+        start = time.monotonic()
+        outcome = "answered"
         try:
             return await call_next(request, ctx)
         except ConnectError:
+            outcome = "failed"
             raise
         except Exception as err:
+            outcome = "failed"
             raise connect_error(err, ctx.method.name) from err
+        except BaseException:
+            outcome = "was cancelled"
+            raise
+        finally:
+            took = time.monotonic() - start
+            if took > SLOW_CALL_S:
+                log.info("%s %s after %.1f s", ctx.method.name, outcome, took)
 
     intercept_client_stream = intercept_unary
 
