@@ -20,6 +20,9 @@ from typing import TypeVar
 import anyio
 import pytest
 
+# A test still running at twice its timeout ends the session (stacks dumped), never hangs it.
+from tests.hang_guard import pytest_runtest_protocol  # noqa: F401
+
 # The VM session fixtures, registered here so that the VM tier and the end-to-end tier
 # (tests/e2e) share one `minimal` template per session (see that module).
 from tests.integration.vm.session import guest_image, minimal_template, vm_settings  # noqa: F401
