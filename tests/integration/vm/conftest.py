@@ -10,7 +10,10 @@ directory holding vmlinux, initramfs.cpio.gz and rootfs.ext4 (for debugging a gu
 
 Slots use test-only ranges (10.233/16 for veths, 10.234/16 for capsule addresses), blackholed
 while the tests run and un-blackholed after, and an agent id unique to the session, so nothing
-here can touch a real agent's capsules. `leftovers()` lists everything of ours on the host.
+here can touch a real agent's capsules. Each session takes its own band of slots
+(`slot_band.py`), so a second session on the machine plans other addresses; the network tests'
+decoy ranges (`test_network.py`, `test_vm_egress_on.py`) are fixed, so those two modules are
+not for two sessions at once. `leftovers()` lists everything of ours on the host.
 
 The session fixtures themselves (`vm_settings`, `guest_image`, `minimal_template`) are in
 `session.py`, registered by `tests/conftest.py`, so the VM tier and the end-to-end tier
@@ -37,6 +40,7 @@ from nestbox.hostagent.settings import AgentSettings
 from nestbox.hostagent.system import RealSystem
 from nestbox.hostagent.vmm import confine
 from nestbox.hostagent.vmm.cgroups import Cgroups
+from tests.integration.vm.slot_band import claim_slot_first
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -45,9 +49,10 @@ if TYPE_CHECKING:
     from tests.integration.vm.agent_process import AgentProcess
 
 SLOT_CIDR, VETH_CIDR = "10.234.0.0/16", "10.233.0.0/16"
-SLOT_FIRST = int(os.environ.get("NESTBOX_TEST_SLOT_FIRST", "1"))
-"""Slots 1-40 go to the runtime tests, 41-70 to the agent process; two sessions running at
-once on one machine need different values (e.g. 1001 for the second)."""
+SLOT_FIRST = claim_slot_first()
+"""The session's band (tests/integration/vm/slot_band.py): its first 40 slots go to the runtime
+tests, the next 30 to the agent process, +80 to +89 to the warm-slot agent, +200 to +399 to the
+end-to-end tier."""
 AGENT_ID = "v" + secrets.token_hex(3)
 
 

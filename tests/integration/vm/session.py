@@ -3,7 +3,8 @@ tier (`tests/e2e`): `tests/conftest.py` registers them, so one session builds on
 template (one cold boot) whichever tiers it runs.
 
 - `vm_settings`: the session's agent settings over a temporary NESTBOX_DIR (test-only slot
-  ranges, blackholed while the session runs); skips with `vm_skip_reason()` where QEMU
+  ranges, blackholed while the session runs; the session's band of slots is its own, see
+  `tests/integration/vm/slot_band.py`); skips with `vm_skip_reason()` where QEMU
   microVMs cannot run. Afterwards every QEMU, network, cgroup and file of the session is gone.
 - `guest_image`: the guest image of the current sources from the shared cache.
 - `minimal_template`: the `minimal` snapshot template every capsule of the session is cloned
@@ -50,6 +51,7 @@ def vm_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentSetti
         sh,
         vm_skip_reason,
     )
+    from tests.integration.vm.slot_band import sole_session
 
     reason = vm_skip_reason()
     if reason:
@@ -80,8 +82,9 @@ def vm_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentSetti
         for log in data_dir.glob("agent-*.log"):
             shutil.copy2(log, kept / log.name)
         shutil.rmtree(data_dir, ignore_errors=True)
+        # Another session on this machine (its own slot band) may still need them.
         for cidr in (SLOT_CIDR, VETH_CIDR):
-            if cidr not in existing:
+            if cidr not in existing and sole_session():
                 subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
 
 
