@@ -29,7 +29,7 @@ sys.stdin.read()  # holds the band until the parent closes our stdin
 def bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("NESTBOX_TEST_SLOT_FIRST", raising=False)
     monkeypatch.setattr(slot_band, "LOCK_DIR", tmp_path / "locks")
-    monkeypatch.setattr(slot_band, "_held", {})
+    monkeypatch.setattr(slot_band, "_claimed", None)
     return tmp_path / "locks"
 
 

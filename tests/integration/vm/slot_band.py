@@ -12,7 +12,6 @@ session ends, however it ends.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -23,49 +22,52 @@ BANDS = [1 + BAND * k for k in range(16) if k not in (3, 4)]
 """1 + 1000k: the highest slot a session plans (its first + 399) stays under the limit of a
 /16 veth range (16383 slots of four addresses)."""
 
-_held: dict[int, int] = {}
-"""Band -> the descriptor holding its lock, for the life of the process."""
+_claimed: tuple[int, int] | None = None
+"""(first slot, the descriptor holding its band's lock), for the life of the process."""
+
+
+def _try_lock(first: int) -> int | None:
+    """A descriptor holding the lock of band `first`, or None when another session holds it."""
+    fd = os.open(LOCK_DIR / f"slots-{first}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def claim_slot_first() -> int:
     """The first slot of this session's band (the same band on every call)."""
+    global _claimed
     chosen = os.environ.get("NESTBOX_TEST_SLOT_FIRST")
     if chosen:
         return int(chosen)
-    if _held:
-        return next(iter(_held))
+    if _claimed:
+        return _claimed[0]
     try:
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return BANDS[0]  # not root: the VM tiers skip (or fail) for that reason, not this one
     for first in BANDS:
-        fd = os.open(LOCK_DIR / f"slots-{first}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        _held[first] = fd
-        return first
+        fd = _try_lock(first)
+        if fd is not None:
+            _claimed = (first, fd)
+            return first
     raise RuntimeError(f"every test slot band is in use ({len(BANDS)} sessions at once)")
 
 
 def sole_session() -> bool:
     """Whether no other session holds a band: only then may this one remove the blackhole
     routes the sessions share."""
+    if not LOCK_DIR.is_dir():
+        return True
+    ours = _claimed[0] if _claimed else None
     for first in BANDS:
-        if first in _held:
+        if first == ours:
             continue
-        path = LOCK_DIR / f"slots-{first}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = _try_lock(first)
+        if fd is None:
             return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        os.close(fd)
     return True
